@@ -1,0 +1,248 @@
+//! Build script: compile the pinned llama.cpp with cmake and generate its raw
+//! bindings with bindgen.
+//!
+//! Source discovery, in order:
+//! 1. `LLAMA_CPP_DIR`: a llama.cpp tree of the user's own (the llama.cpp they
+//!    ship; plugin builds use this);
+//! 2. `vendor/llama.cpp`, materialised by `vendor/fetch-llama-cpp.sh`;
+//! 3. otherwise a clear error naming that script. This script never downloads.
+//!
+//! Environment variables (each read through [`env`], which prints its rerun line):
+//! - `LLAMA_CPP_DIR`: see above.
+//! - `SNAPKV_CMAKE_ARGS`: extra `-DNAME=VALUE` options for llama.cpp's cmake,
+//!   separated by whitespace (e.g. `-DGGML_AVX512=ON`).
+//! - `SNAPKV_CMAKE_JOBS`: parallel compile jobs (defaults to cargo's `NUM_JOBS`).
+
+use std::env as stdenv;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Headers whose declarations we bind. llama.h pulls in ggml.h, ggml-cpu.h,
+/// ggml-backend.h and ggml-opt.h.
+const BOUND_HEADERS: &[&str] = &["include/llama.h", "ggml/include/gguf.h"];
+
+/// Directories of the llama.cpp tree whose changes require a rebuild.
+const WATCHED_DIRS: &[&str] = &[
+    "CMakeLists.txt",
+    "cmake",
+    "include",
+    "src",
+    "ggml/CMakeLists.txt",
+    "ggml/include",
+    "ggml/src",
+];
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    let src = locate_llama_cpp();
+    watch_tree(&src);
+    let prefix = build_llama_cpp(&src);
+    link_llama_cpp(&prefix);
+    generate_bindings(&src);
+    export_pin(&src);
+}
+
+/// Reads an environment variable and tells cargo to rerun when it changes.
+fn env(name: &str) -> Option<String> {
+    println!("cargo:rerun-if-env-changed={name}");
+    stdenv::var(name).ok().filter(|v| !v.is_empty())
+}
+
+fn feature(name: &str) -> bool {
+    stdenv::var(format!("CARGO_FEATURE_{}", name.to_uppercase().replace('-', "_"))).is_ok()
+}
+
+fn locate_llama_cpp() -> PathBuf {
+    if let Some(dir) = env("LLAMA_CPP_DIR") {
+        let dir = PathBuf::from(dir);
+        if !dir.join("include/llama.h").is_file() {
+            panic!(
+                "LLAMA_CPP_DIR={} is not a llama.cpp source tree (no include/llama.h)",
+                dir.display()
+            );
+        }
+        return dir;
+    }
+    let manifest = PathBuf::from(stdenv::var("CARGO_MANIFEST_DIR").unwrap());
+    let vendored = manifest.join("vendor/llama.cpp");
+    if vendored.join("include/llama.h").is_file() {
+        return vendored;
+    }
+    panic!(
+        "\n\nllama.cpp sources not found.\n\
+         Run `vendor/fetch-llama-cpp.sh` to fetch the pinned tree into vendor/llama.cpp,\n\
+         or set LLAMA_CPP_DIR to a llama.cpp source tree of your own.\n\n"
+    );
+}
+
+/// Reruns on the tree's directories (cargo scans them recursively), never on
+/// each file: a second build after touching only Rust code does not rebuild
+/// llama.cpp.
+fn watch_tree(src: &Path) {
+    for rel in WATCHED_DIRS {
+        println!("cargo:rerun-if-changed={}", src.join(rel).display());
+    }
+}
+
+/// Configures and builds llama.cpp out of tree in OUT_DIR; returns the
+/// install prefix.
+fn build_llama_cpp(src: &Path) -> PathBuf {
+    let mut cfg = cmake::Config::new(src);
+    let shared = feature("dynamic-link");
+    cfg.profile("Release")
+        .define("BUILD_SHARED_LIBS", on_off(shared))
+        .define("LLAMA_BUILD_COMMON", "OFF")
+        .define("LLAMA_BUILD_TESTS", "OFF")
+        .define("LLAMA_BUILD_TOOLS", "OFF")
+        .define("LLAMA_BUILD_EXAMPLES", "OFF")
+        .define("LLAMA_BUILD_SERVER", "OFF")
+        .define("LLAMA_BUILD_APP", "OFF")
+        .define("LLAMA_OPENSSL", "OFF")
+        .define("LLAMA_ALL_WARNINGS", "OFF")
+        .define("GGML_OPENMP", "OFF")
+        .define("CMAKE_INSTALL_LIBDIR", "lib")
+        .define("CMAKE_POSITION_INDEPENDENT_CODE", "ON");
+
+    if feature("native") {
+        cfg.define("GGML_NATIVE", "ON");
+    } else if stdenv::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
+        // An explicit, widely available instruction set. Never -march=native
+        // by default: some VMs advertise AMX and then refuse it.
+        cfg.define("GGML_NATIVE", "OFF")
+            .define("GGML_AVX", "ON")
+            .define("GGML_AVX2", "ON")
+            .define("GGML_FMA", "ON")
+            .define("GGML_F16C", "ON")
+            .define("GGML_BMI2", "ON");
+    } else {
+        cfg.define("GGML_NATIVE", "OFF");
+    }
+    cfg.define("GGML_CUDA", on_off(feature("cuda")))
+        .define("GGML_VULKAN", on_off(feature("vulkan")))
+        .define("GGML_METAL", on_off(feature("metal")));
+
+    if let Some(extra) = env("SNAPKV_CMAKE_ARGS") {
+        for arg in extra.split_whitespace() {
+            let Some((name, value)) = arg.strip_prefix("-D").and_then(|a| a.split_once('=')) else {
+                panic!("SNAPKV_CMAKE_ARGS: expected -DNAME=VALUE, got {arg:?}");
+            };
+            cfg.define(name, value);
+        }
+    }
+    if let Some(jobs) = env("SNAPKV_CMAKE_JOBS") {
+        stdenv::set_var("CMAKE_BUILD_PARALLEL_LEVEL", jobs);
+    } else if let Ok(jobs) = stdenv::var("NUM_JOBS") {
+        stdenv::set_var("CMAKE_BUILD_PARALLEL_LEVEL", jobs);
+    }
+    cfg.build()
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "ON"
+    } else {
+        "OFF"
+    }
+}
+
+fn link_llama_cpp(prefix: &Path) {
+    let lib = prefix.join("lib");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    // Exposed to dependents (links = "llama") and to our own tests.
+    println!("cargo:lib_dir={}", lib.display());
+    println!("cargo:include_dir={}", prefix.join("include").display());
+    println!("cargo:rustc-env=SNAPKV_LLAMA_LIB_DIR={}", lib.display());
+
+    let mut libs = vec!["llama", "ggml", "ggml-cpu", "ggml-base"];
+    if feature("cuda") {
+        libs.insert(2, "ggml-cuda");
+    }
+    if feature("vulkan") {
+        libs.insert(2, "ggml-vulkan");
+    }
+    if feature("metal") {
+        libs.insert(2, "ggml-metal");
+        libs.insert(3, "ggml-blas");
+    }
+    let kind = if feature("dynamic-link") { "dylib" } else { "static" };
+    for name in &libs {
+        println!("cargo:rustc-link-lib={kind}={name}");
+    }
+    if feature("dynamic-link") {
+        // Let our own binaries and tests find the freshly built libraries;
+        // a host program supplies its own libllama instead.
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    } else {
+        match stdenv::var("CARGO_CFG_TARGET_OS").as_deref() {
+            Ok("macos") | Ok("ios") => println!("cargo:rustc-link-lib=dylib=c++"),
+            Ok("windows") => {}
+            _ => println!("cargo:rustc-link-lib=dylib=stdc++"),
+        }
+    }
+    if feature("cuda") {
+        for name in ["cudart", "cublas", "cublasLt", "cuda"] {
+            println!("cargo:rustc-link-lib=dylib={name}");
+        }
+    }
+    if feature("vulkan") {
+        println!("cargo:rustc-link-lib=dylib=vulkan");
+    }
+    if feature("metal") {
+        for fw in ["Foundation", "Metal", "MetalKit", "Accelerate"] {
+            println!("cargo:rustc-link-lib=framework={fw}");
+        }
+    }
+}
+
+fn generate_bindings(src: &Path) {
+    let wrapper: String = BOUND_HEADERS
+        .iter()
+        .map(|h| format!("#include \"{}\"\n", src.join(h).display()))
+        .collect();
+    let bindings = bindgen::Builder::default()
+        .header_contents("snapkv_wrapper.h", &wrapper)
+        .clang_arg(format!("-I{}", src.join("include").display()))
+        .clang_arg(format!("-I{}", src.join("ggml/include").display()))
+        .allowlist_function("(llama|ggml|gguf)_.*")
+        .allowlist_type("(llama|ggml|gguf)_.*")
+        .allowlist_var("(LLAMA|GGML|GGUF)_.*")
+        .prepend_enum_name(false)
+        .derive_default(true)
+        .layout_tests(true)
+        .generate()
+        .expect("bindgen failed to generate llama.cpp bindings");
+    let out = PathBuf::from(stdenv::var("OUT_DIR").unwrap());
+    bindings
+        .write_to_file(out.join("llama_bindings.rs"))
+        .expect("failed to write bindings");
+}
+
+/// Exports what the bindings were made from, so that the library can report
+/// it and refuse a host llama.cpp that differs (plugin mode).
+fn export_pin(src: &Path) {
+    let ggml_cmake = fs::read_to_string(src.join("ggml/CMakeLists.txt")).unwrap_or_default();
+    let part = |key: &str| {
+        ggml_cmake
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("set({key} ")))
+            .map(|v| v.trim_end_matches(')').trim().to_string())
+            .unwrap_or_else(|| "0".into())
+    };
+    let ggml_version = format!(
+        "{}.{}.{}",
+        part("GGML_VERSION_MAJOR"),
+        part("GGML_VERSION_MINOR"),
+        part("GGML_VERSION_PATCH")
+    );
+    println!("cargo:rustc-env=SNAPKV_GGML_VERSION={ggml_version}");
+    let header = fs::read(src.join("include/llama.h")).expect("read llama.h");
+    println!("cargo:rustc-env=SNAPKV_LLAMA_H_FINGERPRINT={:016x}", fnv1a64(&header));
+    println!("cargo:rustc-env=SNAPKV_LLAMA_CPP_DIR={}", src.display());
+}
+
+/// FNV-1a: a dependency-free fingerprint of llama.h.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
