@@ -1,0 +1,93 @@
+//! Options shared by the subcommands, named as llama.cpp users know them.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use snapkv::{Budget, CacheType, FlashAttention, GqaAggregation, Pooling, SnapKvConfig};
+
+/// The default model: Qwen2.5-Coder-0.5B-Instruct, fetched by scripts/fetch-models.sh.
+pub const DEFAULT_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct.gguf";
+
+/// Model and context options.
+#[derive(Debug, Args)]
+pub struct ModelOptions {
+    /// GGUF model path.
+    #[arg(short = 'm', long, default_value = DEFAULT_MODEL)]
+    pub model: PathBuf,
+    /// Context size in cells (0 = fit the prompt and the generation).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 0)]
+    pub ctx_size: u32,
+    /// CPU threads (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<i32>,
+    /// Logical batch size for prompt evaluation.
+    #[arg(short = 'b', long = "batch-size", default_value_t = 2048)]
+    pub batch_size: u32,
+    /// Physical batch size.
+    #[arg(long = "ubatch-size", default_value_t = 512)]
+    pub ubatch_size: u32,
+    /// Flash attention: on, off or auto.
+    #[arg(long = "flash-attn", short_alias = 'F', default_value = "auto")]
+    pub flash_attn: FlashAttention,
+    /// K cache type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl).
+    #[arg(long = "cache-type-k", alias = "ctk", default_value = "f16", value_parser = parse_cache_type)]
+    pub cache_type_k: CacheType,
+    /// V cache type (quantized V needs flash attention).
+    #[arg(long = "cache-type-v", alias = "ctv", default_value = "f16", value_parser = parse_cache_type)]
+    pub cache_type_v: CacheType,
+}
+
+impl ModelOptions {
+    /// Threads to use.
+    pub fn threads(&self) -> i32 {
+        self.threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(4, |n| n.get()) as i32)
+    }
+}
+
+/// SnapKV options.
+#[derive(Debug, Args)]
+pub struct SnapKvOptions {
+    /// Cells kept per KV head, window included.
+    #[arg(long, default_value_t = 1024)]
+    pub budget: usize,
+    /// Budget as a fraction of the prompt instead (e.g. 0.125).
+    #[arg(long = "budget-fraction", conflicts_with = "budget")]
+    pub budget_fraction: Option<f64>,
+    /// Observation window: the last W prompt tokens.
+    #[arg(long, default_value_t = 32)]
+    pub window: usize,
+    /// Pooling kernel (odd).
+    #[arg(long, default_value_t = 7)]
+    pub kernel: usize,
+    /// Pooling: max or avg.
+    #[arg(long, default_value = "max")]
+    pub pool: Pooling,
+    /// Aggregation of query heads sharing a KV head: mean or max.
+    #[arg(long, default_value = "mean")]
+    pub gqa: GqaAggregation,
+}
+
+impl SnapKvOptions {
+    /// The configuration these options describe (validated by the library).
+    pub fn config(&self) -> SnapKvConfig {
+        let mut cfg = SnapKvConfig::default();
+        cfg.window = self.window;
+        cfg.kernel = self.kernel;
+        cfg.pooling = self.pool;
+        cfg.gqa = self.gqa;
+        cfg.budget = match self.budget_fraction {
+            Some(f) => Budget::Fraction(f),
+            None => Budget::Cells(self.budget),
+        };
+        cfg
+    }
+}
+
+/// Parses a cache type by its llama.cpp name (`f16`, `q8_0`, ...).
+pub fn parse_cache_type(s: &str) -> Result<CacheType, String> {
+    (0..64)
+        .filter_map(|id| CacheType::from_id(id).ok())
+        .find(|t| t.name() == s)
+        .ok_or_else(|| format!("unknown cache type {s:?} (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl)"))
+}

@@ -1,0 +1,378 @@
+//! The observation-window observer: a graph-evaluation callback that stays
+//! dormant except while the observation window is evaluated, then captures
+//! what SnapKV scoring needs for every layer.
+//!
+//! It captures the post-RoPE window queries (`Qcur-<layer>`, the node whose
+//! op is ROPE) in every attention mode, and the model's own attention
+//! probabilities (`kq_soft_max-<layer>`) when flash attention is off and the
+//! softmax is materialised. Asking for a tensor splits the graph, so while
+//! disarmed the observer asks for nothing.
+
+use std::ffi::{c_void, CStr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::sys;
+
+/// The callback signature of `llama_context_params::cb_eval`.
+type EvalCallback = unsafe extern "C" fn(*mut sys::ggml_tensor, bool, *mut c_void) -> bool;
+
+/// A callback the caller had installed before attaching the observer; it is
+/// still called for every tensor, as if the observer were not there.
+#[derive(Clone, Copy)]
+struct Chained {
+    callback: EvalCallback,
+    user_data: *mut c_void,
+}
+
+// SAFETY: the chained callback and its user data belong to the caller, who
+// installed them on a context that may be used from any one thread at a
+// time; we only pass them back to that callback on the decoding thread.
+unsafe impl Send for Chained {}
+
+/// What the engine asks the observer to capture during one window pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CaptureRequest {
+    /// Layers expected.
+    pub n_layer: usize,
+    /// Query heads per layer.
+    pub n_head: usize,
+    /// Query head size.
+    pub head_dim: usize,
+    /// Tokens in the window batch.
+    pub n_tokens: usize,
+}
+
+/// The model's attention probabilities of one layer: `[head][query][column]`.
+#[derive(Debug, Clone)]
+pub(crate) struct SoftmaxRows {
+    /// Columns per row (the cells attended over, padded).
+    pub n_cols: usize,
+    /// The probabilities.
+    pub data: Vec<f32>,
+}
+
+/// What one armed window pass captured.
+#[derive(Debug, Default)]
+pub(crate) struct Capture {
+    /// Per layer: post-RoPE queries `[token][head][dim]`.
+    pub queries: Vec<Option<Vec<f32>>>,
+    /// Per layer: attention probabilities (flash attention off only).
+    pub softmax: Vec<Option<SoftmaxRows>>,
+    /// The first problem met (shape, type, duplicate layer).
+    pub error: Option<String>,
+    /// Time spent copying tensors in the callback.
+    pub seconds: f64,
+}
+
+#[derive(Default)]
+struct State {
+    request: Option<CaptureRequest>,
+    capture: Capture,
+    chained_asked: bool,
+}
+
+/// Observes the observation window of a context. Create one with
+/// [`WindowObserver::new`], attach it through
+/// [`ContextParams::with_observer`](super::ContextParams::with_observer) (or
+/// the C ABI) before the context is created, and keep it alive for the
+/// context's life. One observer serves one context.
+pub struct WindowObserver {
+    armed: AtomicBool,
+    state: Mutex<State>,
+    chained: Mutex<Option<Chained>>,
+    /// Windows armed so far, and callbacks received while armed: a window
+    /// pass that saw no callback at all means the observer is not the
+    /// context's `cb_eval` (see [`WindowObserver::activity`]).
+    arms: AtomicU64,
+    armed_calls: AtomicU64,
+}
+
+/// How often an observer was armed and how many graph callbacks reached it
+/// while armed. Compare two readings taken around a compression: more arms
+/// but no more calls means the window was evaluated by a context this
+/// observer is not attached to (the C ABI reports that as
+/// `SNAPKV_ERR_OBSERVER_NOT_ATTACHED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Activity {
+    /// Times [`WindowObserver::arm`] was called.
+    pub arms: u64,
+    /// Callbacks received while armed.
+    pub armed_calls: u64,
+}
+
+impl Activity {
+    /// Whether a window was armed between `before` and `self` without any
+    /// callback reaching the observer.
+    pub(crate) fn missed_window_since(&self, before: Activity) -> bool {
+        self.arms > before.arms && self.armed_calls == before.armed_calls
+    }
+}
+
+impl std::fmt::Debug for WindowObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WindowObserver")
+            .field("armed", &self.armed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl WindowObserver {
+    /// A new, disarmed observer.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            armed: AtomicBool::new(false),
+            state: Mutex::new(State::default()),
+            chained: Mutex::new(None),
+            arms: AtomicU64::new(0),
+            armed_calls: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Installs the observer into raw context params, chaining the callback
+    /// already there. The params then point at `self`: the observer must
+    /// outlive the context created from them.
+    pub(crate) fn attach(self: &Arc<Self>, params: &mut sys::llama_context_params) {
+        let me = Arc::as_ptr(self) as *mut c_void;
+        if self.is_attached_to(params) {
+            return; // already attached to these params
+        }
+        let previous = params.cb_eval.map(|callback| Chained {
+            callback,
+            user_data: params.cb_eval_user_data,
+        });
+        *self.chained.lock().unwrap_or_else(|e| e.into_inner()) = previous;
+        params.cb_eval = Some(eval_trampoline);
+        params.cb_eval_user_data = me;
+    }
+
+    /// Whether `params` carry this observer.
+    pub(crate) fn is_attached_to(self: &Arc<Self>, params: &sys::llama_context_params) -> bool {
+        // Compared as addresses: the observer's user pointer is what makes
+        // the pair unique.
+        let ours = eval_trampoline as EvalCallback as usize;
+        params.cb_eval.map(|f| f as usize) == Some(ours) && params.cb_eval_user_data == Arc::as_ptr(self) as *mut c_void
+    }
+
+    /// Starts capturing for the next decode.
+    pub(crate) fn arm(&self, request: CaptureRequest) {
+        let mut st = self.lock();
+        st.request = Some(request);
+        st.capture = Capture {
+            queries: vec![None; request.n_layer],
+            softmax: vec![None; request.n_layer],
+            error: None,
+            seconds: 0.0,
+        };
+        self.arms.fetch_add(1, Ordering::SeqCst);
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// The observer's [`Activity`] counters.
+    pub(crate) fn activity(&self) -> Activity {
+        Activity {
+            arms: self.arms.load(Ordering::SeqCst),
+            armed_calls: self.armed_calls.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Stops capturing and hands over what was captured.
+    pub(crate) fn disarm(&self) -> Capture {
+        self.armed.store(false, Ordering::SeqCst);
+        let mut st = self.lock();
+        st.request = None;
+        std::mem::take(&mut st.capture)
+    }
+
+    /// Whether the observer is capturing.
+    pub fn is_armed(&self) -> bool {
+        self.armed.load(Ordering::Relaxed)
+    }
+}
+
+/// Which captured tensor a graph node is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    Query(usize),
+    Softmax(usize),
+}
+
+/// Classifies a node by name and op: `Qcur-<il>` with op ROPE, or
+/// `kq_soft_max-<il>`.
+///
+/// # Safety
+/// `t` must be a valid tensor.
+unsafe fn classify(t: *const sys::ggml_tensor) -> Option<Wanted> {
+    // SAFETY: valid tensor per the caller; the name is a NUL-terminated
+    // array inside the tensor.
+    let (name, op) = unsafe { (CStr::from_ptr((*t).name.as_ptr()), (*t).op) };
+    let name = name.to_str().ok()?;
+    let layer = |rest: &str| rest.parse::<usize>().ok();
+    if let Some(rest) = name.strip_prefix("Qcur-") {
+        if op == sys::GGML_OP_ROPE {
+            return layer(rest).map(Wanted::Query);
+        }
+    } else if let Some(rest) = name.strip_prefix("kq_soft_max-") {
+        return layer(rest).map(Wanted::Softmax);
+    }
+    None
+}
+
+/// Copies a contiguous f32 tensor to host memory.
+///
+/// # Safety
+/// `t` must be a computed, valid tensor.
+unsafe fn read_f32(t: *const sys::ggml_tensor) -> Result<Vec<f32>, String> {
+    // SAFETY: valid tensor per the caller.
+    unsafe {
+        if (*t).type_ != sys::GGML_TYPE_F32 {
+            return Err(format!("tensor type {} is not f32", (*t).type_));
+        }
+        if !sys::ggml_is_contiguous(t) {
+            return Err("tensor is not contiguous".into());
+        }
+        let n = sys::ggml_nelements(t) as usize;
+        let mut out = vec![0f32; n];
+        // ggml_backend_tensor_get works for host and device buffers; out
+        // holds exactly ggml_nbytes(t) bytes for a contiguous f32 tensor.
+        sys::ggml_backend_tensor_get(t, out.as_mut_ptr().cast(), 0, sys::ggml_nbytes(t));
+        Ok(out)
+    }
+}
+
+impl WindowObserver {
+    fn on_data(&self, t: *const sys::ggml_tensor, wanted: Wanted) {
+        let start = Instant::now();
+        let mut st = self.lock();
+        let Some(req) = st.request else { return };
+        // SAFETY: the scheduler hands us a computed, valid tensor.
+        let ne = unsafe { (*t).ne };
+        let result = match wanted {
+            Wanted::Query(il) => {
+                let want = [req.head_dim as i64, req.n_head as i64, req.n_tokens as i64, 1];
+                if il >= req.n_layer {
+                    Err(format!("Qcur-{il}: layer out of range"))
+                } else if ne != want {
+                    Err(format!("Qcur-{il}: shape {ne:?}, expected {want:?}"))
+                } else if st.capture.queries[il].is_some() {
+                    Err(format!(
+                        "Qcur-{il} seen twice: the window was split over several ubatches"
+                    ))
+                } else {
+                    // SAFETY: valid computed tensor.
+                    unsafe { read_f32(t) }
+                        .map(|q| st.capture.queries[il] = Some(q))
+                        .map_err(|e| format!("Qcur-{il}: {e}"))
+                }
+            }
+            Wanted::Softmax(il) => {
+                if il >= req.n_layer {
+                    Err(format!("kq_soft_max-{il}: layer out of range"))
+                } else if ne[1] != req.n_tokens as i64 || ne[2] != req.n_head as i64 || ne[3] != 1 {
+                    Err(format!("kq_soft_max-{il}: unexpected shape {ne:?}"))
+                } else if st.capture.softmax[il].is_some() {
+                    Err(format!("kq_soft_max-{il} seen twice"))
+                } else {
+                    // SAFETY: valid computed tensor.
+                    unsafe { read_f32(t) }
+                        .map(|data| {
+                            st.capture.softmax[il] = Some(SoftmaxRows {
+                                n_cols: ne[0] as usize,
+                                data,
+                            })
+                        })
+                        .map_err(|e| format!("kq_soft_max-{il}: {e}"))
+                }
+            }
+        };
+        if let Err(e) = result {
+            st.capture.error.get_or_insert(e);
+        }
+        st.capture.seconds += start.elapsed().as_secs_f64();
+    }
+}
+
+/// The `cb_eval` installed into llama.cpp. Never unwinds into C.
+unsafe extern "C" fn eval_trampoline(t: *mut sys::ggml_tensor, ask: bool, user_data: *mut c_void) -> bool {
+    let outcome = std::panic::catch_unwind(|| {
+        if user_data.is_null() || t.is_null() {
+            return !ask;
+        }
+        // SAFETY: user_data is the Arc<WindowObserver> pointer installed by
+        // `attach`; the observer outlives the context (documented contract).
+        let obs = unsafe { &*(user_data as *const WindowObserver) };
+        let chained = *obs.chained.lock().unwrap_or_else(|e| e.into_inner());
+        let wanted = if obs.armed.load(Ordering::Relaxed) {
+            obs.armed_calls.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: t is a valid graph node.
+            unsafe { classify(t) }
+        } else {
+            None
+        };
+        if ask {
+            // SAFETY: forwarding the scheduler's arguments to the callback the
+            // caller installed with them.
+            let chained_wants = chained.is_some_and(|c| unsafe { (c.callback)(t, true, c.user_data) });
+            obs.lock().chained_asked = chained_wants;
+            chained_wants || wanted.is_some()
+        } else {
+            if let Some(w) = wanted {
+                obs.on_data(t, w);
+            }
+            let chained_asked = std::mem::take(&mut obs.lock().chained_asked);
+            match chained {
+                // SAFETY: as above; the chained callback asked for this tensor.
+                Some(c) if chained_asked => unsafe { (c.callback)(t, false, c.user_data) },
+                _ => true,
+            }
+        }
+    });
+    // A panic (a bug) must not abort the host: report "not needed" /
+    // "continue", and leave the capture incomplete so the engine refuses it.
+    outcome.unwrap_or(!ask)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attach_chains_and_is_idempotent() {
+        unsafe extern "C" fn other(_: *mut sys::ggml_tensor, _: bool, _: *mut c_void) -> bool {
+            true
+        }
+        let obs = WindowObserver::new();
+        // SAFETY: default params have no preconditions.
+        let mut cp = unsafe { sys::llama_context_default_params() };
+        cp.cb_eval = Some(other);
+        obs.attach(&mut cp);
+        assert!(obs.is_attached_to(&cp));
+        obs.attach(&mut cp);
+        let chained = obs.chained.lock().unwrap().expect("previous callback chained");
+        assert_eq!(chained.callback as usize, other as EvalCallback as usize);
+    }
+
+    #[test]
+    fn arm_and_disarm_reset_the_capture() {
+        let obs = WindowObserver::new();
+        obs.arm(CaptureRequest {
+            n_layer: 3,
+            n_head: 2,
+            head_dim: 4,
+            n_tokens: 5,
+        });
+        assert!(obs.is_armed());
+        let cap = obs.disarm();
+        let seen = obs.activity();
+        assert_eq!((seen.arms, seen.armed_calls), (1, 0));
+        assert!(seen.missed_window_since(Activity::default()));
+        assert!(!obs.is_armed());
+        assert_eq!(cap.queries.len(), 3);
+        assert!(cap.queries.iter().all(Option::is_none));
+    }
+}
