@@ -1,0 +1,609 @@
+//! The compression engine: ties the observer, the scoring and the per-head
+//! compaction of llama.cpp's KV cache together.
+//!
+//! # What a compressed sequence looks like
+//!
+//! After compression a sequence holds `budget` cells per KV head, at the
+//! lowest free cell indices of the cache. The last `window` cells are the
+//! observation window with their true positions, so the sequence's highest
+//! position is unchanged and decoding continues at the prompt length. The
+//! other cells are *per-head composites*: cell `j` holds, for KV head `g`,
+//! the `j`-th prompt position that head `g` kept — different positions for
+//! different heads. Their keys carry the RoPE of their true positions, so
+//! attention over them is exact; their position metadata is nominal:
+//! consecutive values just below the window. Consequences:
+//!
+//! - `seq_pos_min` reports `P - budget`, not 0; positions of the compressed
+//!   cells do not identify prompt tokens.
+//! - `seq_rm` over a range of compressed positions removes composite cells
+//!   (parts of several tokens); removing from the window onwards is exact.
+//! - Shifting (`seq_add`) works: K rows are re-rotated by the same delta.
+//! - Prefix reuse by token comparison is not valid for the compressed part.
+//! - Models whose attention depends on cell positions (ALiBi) are refused.
+
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::llama::observer::{Capture, CaptureRequest};
+use crate::llama::{dequantize_row, CacheType, ContextRef, ModelRef, Pos, SeqId, Token, WindowObserver};
+use crate::snapkv::{
+    gather_keys, hadamard, pool_and_aggregate, position_order, rewrite, selector_by_name, CellOrder, ModelShape,
+    QueryScorer, SelectionShape, Selector, SeqState, SnapKvConfig, SnapKvSelector, Votes,
+};
+
+/// Model architectures whose graph naming (`Qcur-<il>` after RoPE,
+/// `kq_soft_max-<il>`) and attention scale snapkv has verified.
+pub const VERIFIED_ARCHS: &[&str] = &["llama", "qwen2", "qwen3"];
+
+/// Where the attention scores came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScoreSource {
+    /// The model's own softmax (flash attention off).
+    Softmax,
+    /// Captured window queries against the cached keys (flash attention on).
+    QueryKey,
+    /// The method needs no scores (streaming, random) or nothing was done.
+    None,
+}
+
+/// What a compression did and what it cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompressionStats {
+    /// Whether the cache was rewritten (false: the prompt fit the budget).
+    pub compressed: bool,
+    /// The selection method.
+    pub method: &'static str,
+    /// Where the scores came from.
+    pub score_source: ScoreSource,
+    /// Cells of the sequence before compression.
+    pub cells_before: usize,
+    /// Cells after (the budget, or `cells_before` for a no-op).
+    pub cells_after: usize,
+    /// Bytes of K/V data of the sequence before (from its state size).
+    pub bytes_before: usize,
+    /// Bytes after.
+    pub bytes_after: usize,
+    /// Seconds evaluating the prompt before the window (prefill path only).
+    pub prefill_seconds: f64,
+    /// Seconds evaluating the observation window with the observer armed.
+    pub window_seconds: f64,
+    /// Seconds the observer spent copying tensors (part of `window_seconds`).
+    pub observe_seconds: f64,
+    /// Seconds computing votes, pooling and aggregation.
+    pub score_seconds: f64,
+    /// Seconds selecting positions.
+    pub select_seconds: f64,
+    /// Seconds reading, rewriting and writing the sequence state.
+    pub compact_seconds: f64,
+}
+
+impl CompressionStats {
+    /// Time spent on compression beyond evaluating the prompt itself:
+    /// observing, scoring, selecting and compacting.
+    pub fn overhead_seconds(&self) -> f64 {
+        self.observe_seconds + self.score_seconds + self.select_seconds + self.compact_seconds
+    }
+}
+
+/// SnapKV compression for llama.cpp contexts: a validated configuration and a
+/// selection method.
+///
+/// ```no_run
+/// use snapkv::{init_backend, Compressor, Context, ContextParams, Model, ModelParams, SnapKvConfig, WindowObserver};
+/// # fn main() -> snapkv::Result<()> {
+/// let model = Model::load(init_backend(), "models/qwen2.5-coder-0.5b-instruct.gguf", &ModelParams::default())?;
+/// let observer = WindowObserver::new();
+/// let mut ctx = Context::new(&model, &ContextParams::default().with_n_ctx(8192).with_observer(observer))?;
+/// let tokens = model.tokenize("a long prompt ...", true, false)?;
+/// let compressor = Compressor::new(SnapKvConfig::default())?;
+/// let stats = compressor.prefill(&mut ctx, 0, &tokens)?;
+/// println!("kept {} of {} cells", stats.cells_after, stats.cells_before);
+/// # Ok(()) }
+/// ```
+pub struct Compressor {
+    config: SnapKvConfig,
+    selector: Box<dyn Selector>,
+}
+
+impl std::fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressor")
+            .field("config", &self.config)
+            .field("method", &self.selector.name())
+            .finish()
+    }
+}
+
+impl Compressor {
+    /// A SnapKV compressor (per-KV-head selection).
+    ///
+    /// # Errors
+    /// [`Error::Algo`] when the configuration is invalid.
+    pub fn new(config: SnapKvConfig) -> Result<Self> {
+        Self::with_selector(config, Box::new(SnapKvSelector))
+    }
+
+    /// A compressor with another selection method (baselines, ablations).
+    ///
+    /// # Errors
+    /// [`Error::Algo`] when the configuration is invalid.
+    pub fn with_selector(config: SnapKvConfig, selector: Box<dyn Selector>) -> Result<Self> {
+        config.validate()?;
+        Ok(Self { config, selector })
+    }
+
+    /// A compressor for a method by name: `snapkv`, `snapkv-shared-layer`,
+    /// `snapkv-shared-all`, `streaming`, `random`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown name; [`Error::Algo`] for an
+    /// invalid configuration.
+    pub fn with_method(config: SnapKvConfig, method: &str) -> Result<Self> {
+        let selector = selector_by_name(method).ok_or_else(|| Error::InvalidArgument {
+            param: "method",
+            reason: format!("unknown method {method:?}"),
+        })?;
+        Self::with_selector(config, selector)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SnapKvConfig {
+        &self.config
+    }
+
+    /// The selection method's name.
+    pub fn method(&self) -> &'static str {
+        self.selector.name()
+    }
+
+    /// Evaluates `tokens` into sequence `seq` (after what it already holds)
+    /// and compresses it: the prompt before the window is evaluated in
+    /// batches, the window with the observer armed, then the sequence is
+    /// compacted. No token is evaluated twice. The logits of the last token
+    /// are available afterwards (`logits_ith(-1)`).
+    ///
+    /// When the sequence fits the budget it is evaluated without the
+    /// observer and left untouched (`compressed == false`).
+    ///
+    /// # Errors
+    /// Invalid arguments, unsupported models, decode failures. If the
+    /// compression step fails, the sequence holds the full evaluated prompt.
+    pub fn prefill(&self, ctx: &mut crate::Context<'_>, seq: SeqId, tokens: &[Token]) -> Result<CompressionStats> {
+        let observer = ctx.observer().cloned().ok_or(Error::ObserverMissing)?;
+        self.prefill_with(ctx, &observer, seq, tokens)
+    }
+
+    /// [`prefill`](Self::prefill) for a context whose observer is held
+    /// elsewhere (borrowed contexts, the C ABI).
+    ///
+    /// # Errors
+    /// As [`prefill`](Self::prefill).
+    pub fn prefill_with(
+        &self,
+        ctx: &mut ContextRef,
+        observer: &WindowObserver,
+        seq: SeqId,
+        tokens: &[Token],
+    ) -> Result<CompressionStats> {
+        ctx.check_seq(seq)?;
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument {
+                param: "tokens",
+                reason: "empty prompt".into(),
+            });
+        }
+        let start = ctx.seq_pos_max(seq).map_or(0, |p| p + 1);
+        let cells_total = start as usize + tokens.len();
+        let w = self.config.window;
+        let Some(budget) = self.config.cells_to_keep(cells_total)? else {
+            let t0 = Instant::now();
+            ctx.decode_tokens(seq, tokens, start, true)?;
+            return Ok(self.noop_stats(cells_total, t0.elapsed().as_secs_f64()));
+        };
+        check_supported(ctx.model())?;
+        if tokens.len() < w {
+            return Err(Error::InvalidArgument {
+                param: "tokens",
+                reason: format!(
+                    "the observation window ({w}) must lie within the new tokens ({})",
+                    tokens.len()
+                ),
+            });
+        }
+        check_window_fits(ctx, w)?;
+        let split = tokens.len() - w;
+        let t0 = Instant::now();
+        ctx.decode_tokens(seq, &tokens[..split], start, false)?;
+        let prefill_seconds = t0.elapsed().as_secs_f64();
+        let (capture, window_seconds) =
+            self.observe_window(ctx, observer, seq, &tokens[split..], start + split as Pos)?;
+        let mut stats = self.compress_captured(ctx, seq, &capture, budget)?;
+        stats.prefill_seconds = prefill_seconds;
+        stats.window_seconds = window_seconds;
+        Ok(stats)
+    }
+
+    /// The hook for a sequence the caller already evaluated: re-evaluates
+    /// only its last `window` tokens with the observer armed (pass at least
+    /// the last `window` tokens of the sequence; extra leading tokens are
+    /// ignored), then compresses. The logits of the last token are
+    /// recomputed.
+    ///
+    /// # Errors
+    /// Invalid arguments, an empty sequence, unsupported models. On any
+    /// error the sequence is restored exactly as it was.
+    pub fn compress_after_prefill(
+        &self,
+        ctx: &mut crate::Context<'_>,
+        seq: SeqId,
+        window_tokens: &[Token],
+    ) -> Result<CompressionStats> {
+        let observer = ctx.observer().cloned().ok_or(Error::ObserverMissing)?;
+        self.compress_after_prefill_with(ctx, &observer, seq, window_tokens)
+    }
+
+    /// [`compress_after_prefill`](Self::compress_after_prefill) with an
+    /// explicit observer.
+    ///
+    /// # Errors
+    /// As [`compress_after_prefill`](Self::compress_after_prefill).
+    pub fn compress_after_prefill_with(
+        &self,
+        ctx: &mut ContextRef,
+        observer: &WindowObserver,
+        seq: SeqId,
+        window_tokens: &[Token],
+    ) -> Result<CompressionStats> {
+        ctx.check_seq(seq)?;
+        let w = self.config.window;
+        if window_tokens.len() < w {
+            return Err(Error::InvalidArgument {
+                param: "window_tokens",
+                reason: format!("need the last {w} tokens of the sequence, got {}", window_tokens.len()),
+            });
+        }
+        let window = &window_tokens[window_tokens.len() - w..];
+        let last = ctx.seq_pos_max(seq).ok_or(Error::EmptySequence { seq })?;
+        let snapshot = ctx.state_seq_get(seq)?;
+        let cells = SeqState::parse(&snapshot, &model_shape(ctx.model()))?.n_cells();
+        let Some(budget) = self.config.cells_to_keep(cells)? else {
+            return Ok(self.noop_stats(cells, 0.0));
+        };
+        check_supported(ctx.model())?;
+        check_window_fits(ctx, w)?;
+        let first = last + 1 - w as Pos;
+        if first < 0 {
+            return Err(Error::InvalidArgument {
+                param: "window_tokens",
+                reason: "the sequence is shorter than the window".into(),
+            });
+        }
+        let result = (|| {
+            if !ctx.seq_rm(seq, first, -1) {
+                return Err(Error::State {
+                    op: "set",
+                    reason: "llama.cpp could not remove the window for re-evaluation".into(),
+                });
+            }
+            let (capture, window_seconds) = self.observe_window(ctx, observer, seq, window, first)?;
+            let mut stats = self.compress_captured(ctx, seq, &capture, budget)?;
+            stats.window_seconds = window_seconds;
+            Ok(stats)
+        })();
+        result.or_else(|err| {
+            restore(ctx, seq, &snapshot, &err)?;
+            Err(err)
+        })
+    }
+
+    fn noop_stats(&self, cells: usize, prefill_seconds: f64) -> CompressionStats {
+        CompressionStats {
+            compressed: false,
+            method: self.selector.name(),
+            score_source: ScoreSource::None,
+            cells_before: cells,
+            cells_after: cells,
+            bytes_before: 0,
+            bytes_after: 0,
+            prefill_seconds,
+            window_seconds: 0.0,
+            observe_seconds: 0.0,
+            score_seconds: 0.0,
+            select_seconds: 0.0,
+            compact_seconds: 0.0,
+        }
+    }
+
+    /// Evaluates the window with the observer armed; returns the capture and
+    /// the seconds it took.
+    fn observe_window(
+        &self,
+        ctx: &mut ContextRef,
+        observer: &WindowObserver,
+        seq: SeqId,
+        window: &[Token],
+        start: Pos,
+    ) -> Result<(Capture, f64)> {
+        let model = ctx.model();
+        observer.arm(CaptureRequest {
+            n_layer: model.n_layer(),
+            n_head: model.n_head(),
+            head_dim: model.head_dim(),
+            n_tokens: window.len(),
+        });
+        let t0 = Instant::now();
+        let decoded = ctx.decode_tokens(seq, window, start, true);
+        ctx.synchronize();
+        let capture = observer.disarm();
+        decoded?;
+        Ok((capture, t0.elapsed().as_secs_f64()))
+    }
+
+    /// Scores, selects and compacts sequence `seq` from a window capture.
+    fn compress_captured(
+        &self,
+        ctx: &mut ContextRef,
+        seq: SeqId,
+        capture: &Capture,
+        budget: usize,
+    ) -> Result<CompressionStats> {
+        if let Some(e) = &capture.error {
+            return Err(Error::Capture(e.clone()));
+        }
+        let model = ctx.model();
+        let shape = model_shape(model);
+        let w = self.config.window;
+        let t_compact = Instant::now();
+        let blob = ctx.state_seq_get(seq)?;
+        let state = SeqState::parse(&blob, &shape)?;
+        let order = position_order(state.positions(), w)?;
+        let mut compact_seconds = t_compact.elapsed().as_secs_f64();
+        let n_keep = budget - w;
+
+        let t_score = Instant::now();
+        let (scores, source) = if self.selector.needs_scores() {
+            let (votes, source) = compute_votes(model, capture, &state, &order, w)?;
+            let scores = pool_and_aggregate(
+                &votes,
+                shape.n_head_kv,
+                self.config.kernel,
+                self.config.pooling,
+                self.config.gqa,
+            )?;
+            (Some(scores), source)
+        } else {
+            (None, ScoreSource::None)
+        };
+        let score_seconds = t_score.elapsed().as_secs_f64();
+
+        let t_select = Instant::now();
+        let sel_shape = SelectionShape {
+            n_layer: shape.n_layer,
+            n_head_kv: shape.n_head_kv,
+            prefix_len: order.prefix_len,
+        };
+        let selection = self.selector.select(scores.as_ref(), &sel_shape, n_keep)?;
+        let select_seconds = t_select.elapsed().as_secs_f64();
+
+        let t_rewrite = Instant::now();
+        let new_blob = rewrite(&state, &order, &selection)?;
+        let cells_before = state.n_cells();
+        drop(state);
+        if let Err(err) = ctx.state_seq_set(seq, &new_blob) {
+            restore(ctx, seq, &blob, &err)?;
+            return Err(err);
+        }
+        compact_seconds += t_rewrite.elapsed().as_secs_f64();
+        Ok(CompressionStats {
+            compressed: true,
+            method: self.selector.name(),
+            score_source: source,
+            cells_before,
+            cells_after: budget,
+            bytes_before: blob.len(),
+            bytes_after: new_blob.len(),
+            prefill_seconds: 0.0,
+            window_seconds: 0.0,
+            observe_seconds: capture.seconds,
+            score_seconds,
+            select_seconds,
+            compact_seconds,
+        })
+    }
+}
+
+/// Puts a sequence back as it was after a failed step.
+fn restore(ctx: &mut ContextRef, seq: SeqId, snapshot: &[u8], cause: &Error) -> Result<()> {
+    ctx.state_seq_set(seq, snapshot).map_err(|e| Error::RestoreFailed {
+        cause: cause.to_string(),
+        restore: e.to_string(),
+    })
+}
+
+/// The model's shape as the algorithm layer (state parsing) needs it.
+pub fn model_shape(model: &ModelRef) -> ModelShape {
+    ModelShape {
+        n_layer: model.n_layer(),
+        n_head: model.n_head(),
+        n_head_kv: model.n_head_kv(),
+        head_dim_k: model.head_dim(),
+        head_dim_v: model.head_dim_v(),
+    }
+}
+
+/// Refuses models on which per-head eviction is unsound or unverified.
+pub(crate) fn check_supported(model: &ModelRef) -> Result<()> {
+    let arch = model.arch();
+    let refuse = |why: String| Err(Error::Unsupported(format!("{arch}: {why}")));
+    if model.is_recurrent() || model.is_hybrid() {
+        return refuse("recurrent and hybrid models keep state that is not a KV cache".into());
+    }
+    if model.n_swa() > 0 {
+        return refuse("sliding-window layers keep a second cache that per-head eviction does not cover".into());
+    }
+    if model
+        .meta_f32(&format!("{arch}.attention.max_alibi_bias"))
+        .unwrap_or(0.0)
+        > 0.0
+    {
+        return refuse("ALiBi attention depends on cell positions, which compression makes nominal".into());
+    }
+    if model.meta_f32(&format!("{arch}.attn_logit_softcapping")).unwrap_or(0.0) > 0.0 {
+        return refuse("attention logit soft-capping is not modelled by the scorer".into());
+    }
+    if model.n_head_kv() == 0 || model.n_head() % model.n_head_kv() != 0 {
+        return refuse("query heads are not a multiple of KV heads".into());
+    }
+    if !VERIFIED_ARCHS.contains(&arch.as_str()) {
+        return refuse(format!(
+            "architecture not verified for per-head compression (verified: {})",
+            VERIFIED_ARCHS.join(", ")
+        ));
+    }
+    Ok(())
+}
+
+fn check_window_fits(ctx: &ContextRef, w: usize) -> Result<()> {
+    if w > ctx.n_ubatch() {
+        return Err(Error::InvalidArgument {
+            param: "window",
+            reason: format!(
+                "the window ({w}) must fit one micro-batch (n_ubatch = {})",
+                ctx.n_ubatch()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The attention scale of the model: `{arch}.attention.scale` when set,
+/// otherwise `1/sqrt(head_dim)`.
+fn attention_scale(model: &ModelRef) -> f32 {
+    match model.meta_f32(&format!("{}.attention.scale", model.arch())) {
+        Some(s) if s != 0.0 => s,
+        _ => 1.0 / (model.head_dim() as f32).sqrt(),
+    }
+}
+
+/// Votes from the model's softmax when every layer's was captured and its
+/// columns can be matched to the sequence's cells; otherwise from the
+/// captured queries and the cached keys.
+fn compute_votes(
+    model: &ModelRef,
+    capture: &Capture,
+    state: &SeqState<'_>,
+    order: &CellOrder,
+    w: usize,
+) -> Result<(Votes, ScoreSource)> {
+    let n_layer = model.n_layer();
+    let mut votes = Votes::new(n_layer, model.n_head(), order.prefix_len)?;
+    if capture.softmax.iter().all(Option::is_some) {
+        if let Some(prefix_col) = softmax_columns(capture, state, order, model.n_head(), w) {
+            for (layer, rows) in capture.softmax.iter().enumerate() {
+                let rows = rows.as_ref().expect("checked above");
+                add_votes_from_softmax_checked(&mut votes, layer, rows, w, &prefix_col)?;
+            }
+            return Ok((votes, ScoreSource::Softmax));
+        }
+        log::warn!("softmax columns could not be matched to the sequence's cells; scoring from queries and keys");
+    }
+    query_key_votes(model, capture, state, order, w, &mut votes)?;
+    Ok((votes, ScoreSource::QueryKey))
+}
+
+fn add_votes_from_softmax_checked(
+    votes: &mut Votes,
+    layer: usize,
+    rows: &crate::llama::observer::SoftmaxRows,
+    w: usize,
+    prefix_col: &[usize],
+) -> Result<()> {
+    crate::snapkv::add_votes_from_softmax(votes, layer, &rows.data, rows.n_cols, w, prefix_col)?;
+    Ok(())
+}
+
+/// Matches softmax columns (KV cell indices) to the sequence's cells: the
+/// last window query sees every cell of its sequence and nothing else, so
+/// its non-zero columns (over all layers and heads), in increasing order,
+/// are the sequence's cells in the state's (cell index) order. `None` when
+/// the count does not match.
+fn softmax_columns(
+    capture: &Capture,
+    state: &SeqState<'_>,
+    order: &CellOrder,
+    n_head: usize,
+    w: usize,
+) -> Option<Vec<usize>> {
+    let n_cols = capture.softmax.first()?.as_ref()?.n_cols;
+    let mut visible = vec![false; n_cols];
+    for rows in capture.softmax.iter().flatten() {
+        if rows.n_cols != n_cols {
+            return None;
+        }
+        for h in 0..n_head {
+            let row = &rows.data[(h * w + (w - 1)) * n_cols..][..n_cols];
+            for (v, &p) in visible.iter_mut().zip(row) {
+                *v |= p > 0.0;
+            }
+        }
+    }
+    let cols: Vec<usize> = (0..n_cols).filter(|&c| visible[c]).collect();
+    if cols.len() != state.n_cells() {
+        return None;
+    }
+    Some(
+        order.by_position[..order.prefix_len]
+            .iter()
+            .map(|&cell| cols[cell])
+            .collect(),
+    )
+}
+
+/// Votes from captured post-RoPE queries against the cached keys, layer by
+/// layer, accounting for llama.cpp's Hadamard rotation of quantized keys.
+fn query_key_votes(
+    model: &ModelRef,
+    capture: &Capture,
+    state: &SeqState<'_>,
+    order: &CellOrder,
+    w: usize,
+    votes: &mut Votes,
+) -> Result<()> {
+    let (n_head_kv, head_dim) = (model.n_head_kv(), model.head_dim());
+    let scale = attention_scale(model);
+    let mut scorer = QueryScorer::new(0);
+    let mut keys = Vec::new();
+    let mut rotated = Vec::new();
+    for (layer, queries) in capture.queries.iter().enumerate() {
+        let queries = queries.as_ref().ok_or_else(|| {
+            Error::Capture(format!(
+                "no query captured for layer {layer} (is the architecture's graph as expected?)"
+            ))
+        })?;
+        gather_keys(state, order, layer, &mut dequantize_row, &mut keys)?;
+        let queries = match k_rotation(state.k_type(layer), head_dim) {
+            Some(n) => {
+                rotated.clone_from(queries);
+                hadamard::rotate_blocks(&mut rotated, n);
+                &rotated
+            }
+            None => queries,
+        };
+        scorer.add_votes(votes, layer, queries, &keys, head_dim, n_head_kv, w, scale)?;
+    }
+    Ok(())
+}
+
+/// The Hadamard block llama.cpp rotates quantized keys with, if it does
+/// (quantized K, head size a multiple of 64, not disabled by
+/// `LLAMA_ATTN_ROT_DISABLE`).
+fn k_rotation(k_type: CacheType, head_dim: usize) -> Option<usize> {
+    let disabled = std::env::var("LLAMA_ATTN_ROT_DISABLE")
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .is_some_and(|v| v != 0);
+    if disabled || !k_type.is_quantized() {
+        return None;
+    }
+    hadamard::rotation_block(head_dim)
+}

@@ -1,0 +1,284 @@
+//! User-facing SnapKV parameters and the budget arithmetic.
+
+use std::fmt;
+use std::str::FromStr;
+
+use super::error::AlgoError;
+
+/// 1-D pooling applied to the votes over prefix positions, so that a
+/// selected position brings its neighbours along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Pooling {
+    /// Maximum of the in-range values in the kernel window (the default).
+    #[default]
+    Max,
+    /// Mean of the in-range values in the kernel window.
+    Avg,
+}
+
+/// How the scores of the query heads that share one KV head are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum GqaAggregation {
+    /// Arithmetic mean over the group (the default).
+    #[default]
+    Mean,
+    /// Maximum over the group.
+    Max,
+}
+
+/// How many cells each KV head keeps after compression (window included).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// A fixed number of cells per KV head.
+    Cells(usize),
+    /// A fraction in (0, 1] of the prompt length, rounded up.
+    Fraction(f64),
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::Cells(1024)
+    }
+}
+
+/// SnapKV parameters. Build with [`SnapKvConfig::default`] and adjust the
+/// fields; call [`SnapKvConfig::validate`] before use.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct SnapKvConfig {
+    /// Observation window: the last `window` prompt cells whose queries vote
+    /// and which are always kept. Default 32.
+    pub window: usize,
+    /// Cells kept per KV head, window included. Default 1024 cells.
+    pub budget: Budget,
+    /// Pooling kernel size; odd, 1 disables pooling. Default 7.
+    pub kernel: usize,
+    /// Pooling kind. Default max.
+    pub pooling: Pooling,
+    /// GQA aggregation. Default mean.
+    pub gqa: GqaAggregation,
+}
+
+impl Default for SnapKvConfig {
+    fn default() -> Self {
+        SnapKvConfig {
+            window: 32,
+            budget: Budget::default(),
+            kernel: 7,
+            pooling: Pooling::default(),
+            gqa: GqaAggregation::default(),
+        }
+    }
+}
+
+impl SnapKvConfig {
+    /// Checks every parameter.
+    ///
+    /// # Errors
+    /// [`AlgoError::InvalidConfig`] when `window` is 0, `kernel` is even or 0,
+    /// a `Cells` budget is not larger than the window, or a `Fraction` budget
+    /// is not a finite number in (0, 1].
+    pub fn validate(&self) -> Result<(), AlgoError> {
+        if self.window == 0 {
+            return Err(AlgoError::InvalidConfig {
+                param: "window",
+                reason: "must be at least 1 cell".into(),
+            });
+        }
+        if self.kernel == 0 || self.kernel % 2 == 0 {
+            return Err(AlgoError::InvalidConfig {
+                param: "kernel",
+                reason: format!("must be odd and >= 1 (1 disables pooling), got {}", self.kernel),
+            });
+        }
+        match self.budget {
+            Budget::Cells(cells) if cells <= self.window => Err(AlgoError::InvalidConfig {
+                param: "budget",
+                reason: format!(
+                    "{cells} cells leaves no room beside the {}-cell window; use more than {} cells",
+                    self.window, self.window
+                ),
+            }),
+            Budget::Fraction(f) if !(f.is_finite() && f > 0.0 && f <= 1.0) => Err(AlgoError::InvalidConfig {
+                param: "budget",
+                reason: format!("fraction must be in (0, 1], got {f}"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Cells kept per KV head (window included) for a prompt of `prompt_len`
+    /// cells (window included).
+    ///
+    /// Returns `Ok(None)` when the prompt already fits (`prompt_len <=`
+    /// budget): compression is then a no-op, not an error. The number of
+    /// prefix cells each head keeps is the returned value minus `window`.
+    /// A `Fraction` budget is `ceil(fraction * prompt_len)`.
+    ///
+    /// # Errors
+    /// [`AlgoError::InvalidConfig`] when the configuration is invalid (see
+    /// [`SnapKvConfig::validate`]) or when a `Fraction` budget comes to no
+    /// more than the window for this prompt.
+    pub fn cells_to_keep(&self, prompt_len: usize) -> Result<Option<usize>, AlgoError> {
+        self.validate()?;
+        let budget = match self.budget {
+            Budget::Cells(cells) => cells,
+            Budget::Fraction(f) => {
+                // f in (0, 1], so the product is at most prompt_len.
+                let cells = (f * prompt_len as f64).ceil();
+                (cells as usize).min(prompt_len)
+            }
+        };
+        if prompt_len <= budget {
+            return Ok(None);
+        }
+        if budget <= self.window {
+            return Err(AlgoError::InvalidConfig {
+                param: "budget",
+                reason: format!(
+                    "the fraction keeps {budget} of {prompt_len} cells, no more than the {}-cell window; raise the fraction or shrink the window",
+                    self.window
+                ),
+            });
+        }
+        Ok(Some(budget))
+    }
+}
+
+impl FromStr for Pooling {
+    type Err = AlgoError;
+
+    /// Parses `max` or `avg` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "max" => Ok(Pooling::Max),
+            "avg" => Ok(Pooling::Avg),
+            _ => Err(AlgoError::InvalidConfig {
+                param: "pooling",
+                reason: format!("expected `max` or `avg`, got `{s}`"),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for Pooling {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Pooling::Max => "max",
+            Pooling::Avg => "avg",
+        })
+    }
+}
+
+impl FromStr for GqaAggregation {
+    type Err = AlgoError;
+
+    /// Parses `mean` or `max` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "mean" => Ok(GqaAggregation::Mean),
+            "max" => Ok(GqaAggregation::Max),
+            _ => Err(AlgoError::InvalidConfig {
+                param: "gqa",
+                reason: format!("expected `mean` or `max`, got `{s}`"),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for GqaAggregation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GqaAggregation::Mean => "mean",
+            GqaAggregation::Max => "max",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(window: usize, budget: Budget, kernel: usize) -> SnapKvConfig {
+        SnapKvConfig {
+            window,
+            budget,
+            kernel,
+            ..SnapKvConfig::default()
+        }
+    }
+
+    fn refused_param(c: &SnapKvConfig) -> &'static str {
+        match c.validate() {
+            Err(AlgoError::InvalidConfig { param, .. }) => param,
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_as_documented() {
+        let c = SnapKvConfig::default();
+        assert_eq!(c.window, 32);
+        assert_eq!(c.budget, Budget::Cells(1024));
+        assert_eq!(c.kernel, 7);
+        assert_eq!(c.pooling, Pooling::Max);
+        assert_eq!(c.gqa, GqaAggregation::Mean);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn validation_refuses_bad_parameters() {
+        assert_eq!(refused_param(&config(0, Budget::Cells(64), 7)), "window");
+        assert_eq!(refused_param(&config(32, Budget::Cells(64), 0)), "kernel");
+        assert_eq!(refused_param(&config(32, Budget::Cells(64), 4)), "kernel");
+        assert_eq!(refused_param(&config(32, Budget::Cells(32), 7)), "budget");
+        assert_eq!(refused_param(&config(32, Budget::Cells(10), 7)), "budget");
+        for f in [0.0, -0.5, 1.5, f64::NAN, f64::INFINITY] {
+            assert_eq!(refused_param(&config(32, Budget::Fraction(f), 7)), "budget");
+        }
+        config(32, Budget::Cells(33), 1).validate().unwrap();
+        config(1, Budget::Fraction(1.0), 3).validate().unwrap();
+    }
+
+    #[test]
+    fn cells_budget_is_a_no_op_when_the_prompt_fits() {
+        let c = config(32, Budget::Cells(100), 7);
+        assert_eq!(c.cells_to_keep(50).unwrap(), None);
+        assert_eq!(c.cells_to_keep(100).unwrap(), None);
+        assert_eq!(c.cells_to_keep(101).unwrap(), Some(100));
+        assert_eq!(c.cells_to_keep(10_000).unwrap(), Some(100));
+    }
+
+    #[test]
+    fn fraction_budget_rounds_up_and_refuses_budgets_inside_the_window() {
+        let c = config(4, Budget::Fraction(0.25), 7);
+        assert_eq!(c.cells_to_keep(100).unwrap(), Some(25));
+        assert_eq!(c.cells_to_keep(101).unwrap(), Some(26));
+        // ceil(0.25 * 16) = 4 <= window
+        assert!(matches!(
+            c.cells_to_keep(16),
+            Err(AlgoError::InvalidConfig { param: "budget", .. })
+        ));
+        let all = config(4, Budget::Fraction(1.0), 7);
+        assert_eq!(all.cells_to_keep(3).unwrap(), None);
+        assert_eq!(all.cells_to_keep(1000).unwrap(), None);
+    }
+
+    #[test]
+    fn cells_to_keep_validates_first() {
+        assert!(config(0, Budget::Cells(8), 7).cells_to_keep(100).is_err());
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for p in [Pooling::Max, Pooling::Avg] {
+            assert_eq!(p.to_string().parse::<Pooling>().unwrap(), p);
+        }
+        for g in [GqaAggregation::Mean, GqaAggregation::Max] {
+            assert_eq!(g.to_string().parse::<GqaAggregation>().unwrap(), g);
+        }
+        assert_eq!("MAX".parse::<Pooling>().unwrap(), Pooling::Max);
+        assert!("mean".parse::<Pooling>().is_err());
+        assert!("avg".parse::<GqaAggregation>().is_err());
+    }
+}

@@ -1,0 +1,1232 @@
+//! SnapKV scoring over plain buffers: window votes (from the model's own
+//! softmax or from captured queries and cached keys), pooling and GQA
+//! aggregation.
+//!
+//! Terms: the sequence has `P` cells; ordered by position, the last `w` are
+//! the observation window and the other `P - w` the prefix, numbered
+//! `0..P-w` in position order ("prefix index").
+
+use std::thread;
+
+use super::config::{GqaAggregation, Pooling};
+use super::error::AlgoError;
+
+/// The cells of a sequence in position order, split into prefix and window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CellOrder {
+    /// Blob cell index of the i-th cell in position order.
+    pub by_position: Vec<usize>,
+    /// Number of prefix cells (`P - window`).
+    pub prefix_len: usize,
+    /// Number of window cells.
+    pub window: usize,
+}
+
+impl CellOrder {
+    /// Total number of cells (`prefix_len + window`).
+    pub fn n_cells(&self) -> usize {
+        self.by_position.len()
+    }
+}
+
+/// Orders cells (given by their positions in blob order) by position and
+/// splits off the last `window` as the observation window.
+///
+/// # Errors
+/// [`AlgoError::InvalidConfig`] (`window`) when `window` is 0 or not smaller
+/// than the number of cells; [`AlgoError::UnsupportedStateFormat`] when two
+/// cells share a position.
+pub fn position_order(positions: &[i32], window: usize) -> Result<CellOrder, AlgoError> {
+    let n = positions.len();
+    if window == 0 || window >= n {
+        return Err(AlgoError::InvalidConfig {
+            param: "window",
+            reason: format!(
+                "a window of {window} cells needs a sequence of more than {window} cells (and at least 1), got {n}"
+            ),
+        });
+    }
+    let mut by_position: Vec<usize> = (0..n).collect();
+    by_position.sort_by_key(|&i| positions[i]);
+    if let Some(pair) = by_position.windows(2).find(|p| positions[p[0]] == positions[p[1]]) {
+        return Err(AlgoError::UnsupportedStateFormat(format!(
+            "cells {} and {} share position {}",
+            pair[0], pair[1], positions[pair[0]]
+        )));
+    }
+    Ok(CellOrder {
+        by_position,
+        prefix_len: n - window,
+        window,
+    })
+}
+
+fn checked_volume(dims: &[usize], what: &str) -> Result<usize, AlgoError> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| AlgoError::ShapeMismatch(format!("{what} size overflows: {dims:?}")))
+}
+
+/// Per-layer, per-query-head votes: the sum over the window queries of their
+/// attention probability on each prefix cell. Layout `[layer][head][prefix]`.
+///
+/// The public fields describe the layout; changing them after construction
+/// is a logic error that the accessors turn into panics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Votes {
+    /// Layers.
+    pub n_layer: usize,
+    /// Query heads per layer.
+    pub n_head: usize,
+    /// Prefix cells scored per head.
+    pub prefix_len: usize,
+    data: Vec<f32>,
+}
+
+impl Votes {
+    /// All-zero votes.
+    ///
+    /// # Errors
+    /// [`AlgoError::ShapeMismatch`] when the size overflows.
+    pub fn new(n_layer: usize, n_head: usize, prefix_len: usize) -> Result<Self, AlgoError> {
+        let len = checked_volume(&[n_layer, n_head, prefix_len], "votes")?;
+        Ok(Votes {
+            n_layer,
+            n_head,
+            prefix_len,
+            data: vec![0.0; len],
+        })
+    }
+
+    /// Votes of query head `head` in layer `layer`, one per prefix index.
+    ///
+    /// # Panics
+    /// If `layer` or `head` is out of range.
+    pub fn row(&self, layer: usize, head: usize) -> &[f32] {
+        assert!(layer < self.n_layer && head < self.n_head);
+        let start = (layer * self.n_head + head) * self.prefix_len;
+        &self.data[start..start + self.prefix_len]
+    }
+
+    /// Mutable votes of query head `head` in layer `layer`.
+    ///
+    /// # Panics
+    /// If `layer` or `head` is out of range.
+    pub fn row_mut(&mut self, layer: usize, head: usize) -> &mut [f32] {
+        assert!(layer < self.n_layer && head < self.n_head);
+        let start = (layer * self.n_head + head) * self.prefix_len;
+        &mut self.data[start..start + self.prefix_len]
+    }
+
+    /// All votes, `[layer][head][prefix]`.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.data
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<(), AlgoError> {
+        let expected = checked_volume(&[self.n_layer, self.n_head, self.prefix_len], "votes")?;
+        if self.data.len() != expected {
+            return Err(AlgoError::ShapeMismatch(format!(
+                "votes hold {} values, their shape says {expected}",
+                self.data.len()
+            )));
+        }
+        if layer >= self.n_layer {
+            return Err(AlgoError::ShapeMismatch(format!(
+                "layer {layer} out of range for {} layers",
+                self.n_layer
+            )));
+        }
+        Ok(())
+    }
+
+    fn layer_mut(&mut self, layer: usize) -> &mut [f32] {
+        let len = self.n_head * self.prefix_len;
+        &mut self.data[layer * len..(layer + 1) * len]
+    }
+}
+
+/// One score per prefix index for every layer and KV head, the input of
+/// selection. Layout `[layer][kv_head][prefix]`.
+///
+/// The public fields describe the layout; changing them after construction
+/// is a logic error that the accessors turn into panics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadScores {
+    /// Layers.
+    pub n_layer: usize,
+    /// KV heads per layer.
+    pub n_head_kv: usize,
+    /// Prefix cells scored per head.
+    pub prefix_len: usize,
+    data: Vec<f32>,
+}
+
+impl HeadScores {
+    /// Wraps scores laid out `[layer][kv_head][prefix]`.
+    ///
+    /// # Errors
+    /// [`AlgoError::ShapeMismatch`] when `data` has the wrong length.
+    pub fn from_vec(n_layer: usize, n_head_kv: usize, prefix_len: usize, data: Vec<f32>) -> Result<Self, AlgoError> {
+        let expected = checked_volume(&[n_layer, n_head_kv, prefix_len], "scores")?;
+        if data.len() != expected {
+            return Err(AlgoError::ShapeMismatch(format!(
+                "scores for {n_layer} layers × {n_head_kv} KV heads × {prefix_len} cells need {expected} values, got {}",
+                data.len()
+            )));
+        }
+        Ok(HeadScores {
+            n_layer,
+            n_head_kv,
+            prefix_len,
+            data,
+        })
+    }
+
+    /// Scores of KV head `kv_head` in layer `layer`, one per prefix index.
+    ///
+    /// # Panics
+    /// If `layer` or `kv_head` is out of range.
+    pub fn row(&self, layer: usize, kv_head: usize) -> &[f32] {
+        assert!(layer < self.n_layer && kv_head < self.n_head_kv);
+        let start = (layer * self.n_head_kv + kv_head) * self.prefix_len;
+        &self.data[start..start + self.prefix_len]
+    }
+
+    /// All scores, `[layer][kv_head][prefix]`.
+    pub fn as_slice(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// Checks that the data length matches the public shape fields.
+    pub(crate) fn check(&self) -> Result<(), AlgoError> {
+        let expected = checked_volume(&[self.n_layer, self.n_head_kv, self.prefix_len], "scores")?;
+        if self.data.len() != expected {
+            return Err(AlgoError::ShapeMismatch(format!(
+                "scores hold {} values, their shape says {expected}",
+                self.data.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Adds one layer's votes from the model's own attention probabilities
+/// (flash attention off).
+///
+/// `probs` is laid out `[head][query q in 0..window][column c in 0..n_cols]`
+/// (the `kq_soft_max` tensor); `prefix_col[i]` is the column that holds
+/// prefix index `i`. For every head and prefix index the probabilities of
+/// all window queries are summed into `votes`.
+///
+/// # Errors
+/// [`AlgoError::ShapeMismatch`] when `layer` is out of range, `probs` is not
+/// `n_head × window × n_cols` values, `prefix_col` does not have
+/// `prefix_len` entries or one of them is `>= n_cols`.
+pub fn add_votes_from_softmax(
+    votes: &mut Votes,
+    layer: usize,
+    probs: &[f32],
+    n_cols: usize,
+    window: usize,
+    prefix_col: &[usize],
+) -> Result<(), AlgoError> {
+    votes.check_layer(layer)?;
+    let expected = checked_volume(&[votes.n_head, window, n_cols], "softmax")?;
+    if probs.len() != expected {
+        return Err(AlgoError::ShapeMismatch(format!(
+            "softmax of layer {layer} has {} values, expected {} heads × {window} queries × {n_cols} columns = {expected}",
+            probs.len(),
+            votes.n_head
+        )));
+    }
+    if prefix_col.len() != votes.prefix_len {
+        return Err(AlgoError::ShapeMismatch(format!(
+            "{} prefix columns given for {} prefix cells",
+            prefix_col.len(),
+            votes.prefix_len
+        )));
+    }
+    if let Some((i, c)) = prefix_col.iter().enumerate().find(|(_, &c)| c >= n_cols) {
+        return Err(AlgoError::ShapeMismatch(format!(
+            "prefix index {i} maps to column {c}, but the softmax has {n_cols} columns"
+        )));
+    }
+    if window == 0 || n_cols == 0 {
+        return Ok(());
+    }
+    let prefix_len = votes.prefix_len;
+    let layer_votes = votes.layer_mut(layer);
+    for (head_votes, head_probs) in layer_votes
+        .chunks_exact_mut(prefix_len.max(1))
+        .zip(probs.chunks_exact(window * n_cols))
+    {
+        for row in head_probs.chunks_exact(n_cols) {
+            for (v, &c) in head_votes.iter_mut().zip(prefix_col) {
+                *v += row[c];
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Computes window votes from captured queries and cached keys (flash
+/// attention on), reusing its scratch buffers across calls (layers).
+#[derive(Debug, Default)]
+pub struct QueryScorer {
+    threads: usize,
+    scratch: Vec<Scratch>,
+}
+
+#[derive(Debug, Default)]
+struct Scratch {
+    queries: Vec<f32>,
+    packed_keys: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+/// Shapes shared by every worker of one [`QueryScorer::add_votes`] call.
+#[derive(Clone, Copy)]
+struct QkShape {
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    window: usize,
+    prefix_len: usize,
+    n_cells: usize,
+    scale: f32,
+}
+
+/// Multiply-adds below which a call stays on the calling thread.
+const PARALLEL_THRESHOLD: usize = 1 << 22;
+/// Keys per packed tile (four SSE vectors of accumulators per query row).
+const KEY_TILE: usize = 16;
+
+impl QueryScorer {
+    /// A scorer using up to `threads` threads; 0 means
+    /// `std::thread::available_parallelism()`.
+    pub fn new(threads: usize) -> Self {
+        let threads = if threads == 0 {
+            thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            threads
+        };
+        QueryScorer {
+            threads,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Same as [`add_votes_from_queries`], reusing this scorer's buffers and
+    /// threads setting.
+    ///
+    /// # Errors
+    /// As [`add_votes_from_queries`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_votes(
+        &mut self,
+        votes: &mut Votes,
+        layer: usize,
+        queries: &[f32],
+        keys: &[f32],
+        head_dim: usize,
+        n_head_kv: usize,
+        window: usize,
+        scale: f32,
+    ) -> Result<(), AlgoError> {
+        votes.check_layer(layer)?;
+        let n_head = votes.n_head;
+        if n_head_kv == 0 || n_head % n_head_kv != 0 {
+            return Err(AlgoError::ShapeMismatch(format!(
+                "{n_head} query heads do not split evenly over {n_head_kv} KV heads"
+            )));
+        }
+        if head_dim == 0 || window == 0 {
+            return Err(AlgoError::ShapeMismatch(format!(
+                "head_dim ({head_dim}) and window ({window}) must be at least 1"
+            )));
+        }
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(AlgoError::ShapeMismatch(format!(
+                "attention scale must be finite and positive, got {scale}"
+            )));
+        }
+        let n_cells = votes
+            .prefix_len
+            .checked_add(window)
+            .ok_or_else(|| AlgoError::ShapeMismatch("prefix length + window overflows".into()))?;
+        let q_len = checked_volume(&[window, n_head, head_dim], "queries")?;
+        if queries.len() != q_len {
+            return Err(AlgoError::ShapeMismatch(format!(
+                "queries of layer {layer} have {} values, expected {window} queries × {n_head} heads × {head_dim} = {q_len}",
+                queries.len()
+            )));
+        }
+        let k_len = checked_volume(&[n_cells, n_head_kv, head_dim], "keys")?;
+        if keys.len() != k_len {
+            return Err(AlgoError::ShapeMismatch(format!(
+                "keys of layer {layer} have {} values, expected {n_cells} cells × {n_head_kv} KV heads × {head_dim} = {k_len}",
+                keys.len()
+            )));
+        }
+        let shape = QkShape {
+            n_head,
+            n_head_kv,
+            head_dim,
+            window,
+            prefix_len: votes.prefix_len,
+            n_cells,
+            scale,
+        };
+        if votes.prefix_len == 0 {
+            return Ok(());
+        }
+        let work = k_len.saturating_mul(window).saturating_mul(n_head / n_head_kv);
+        let threads = if work < PARALLEL_THRESHOLD {
+            1
+        } else {
+            self.threads.clamp(1, n_head)
+        };
+        let heads_per_worker = n_head.div_ceil(threads);
+        let workers = n_head.div_ceil(heads_per_worker);
+        if self.scratch.len() < workers {
+            self.scratch.resize_with(workers, Scratch::default);
+        }
+        let layer_votes = votes.layer_mut(layer);
+        let chunk = heads_per_worker * shape.prefix_len;
+        if workers == 1 {
+            score_heads(&mut self.scratch[0], layer_votes, 0, queries, keys, shape);
+            return Ok(());
+        }
+        thread::scope(|s| {
+            for (i, (votes_part, scratch)) in layer_votes.chunks_mut(chunk).zip(self.scratch.iter_mut()).enumerate() {
+                s.spawn(move || score_heads(scratch, votes_part, i * heads_per_worker, queries, keys, shape));
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Adds one layer's votes computed from post-RoPE window queries and the
+/// cached keys (flash attention on).
+///
+/// `queries` is `[q in 0..window][head][d]`, `keys` is
+/// `[cell in position order][kv_head][d]` for `prefix_len + window` cells,
+/// prefix first then window. Query head `h` attends with KV head
+/// `h / (n_head / n_head_kv)`; window query `q` sits at window cell `q` and
+/// sees every prefix cell plus window cells `0..=q`. Logits are scaled by
+/// `scale`, turned into probabilities by a max-subtracted softmax in f32, and
+/// the probabilities of prefix cells are added to `votes`.
+///
+/// Uses `std::thread::available_parallelism()` threads for large inputs;
+/// use [`QueryScorer`] to choose the thread count and to reuse buffers.
+///
+/// # Errors
+/// [`AlgoError::ShapeMismatch`] when a buffer length does not match the
+/// shapes, `layer` is out of range, the heads do not split evenly over the
+/// KV heads, `head_dim` or `window` is 0, or `scale` is not finite and
+/// positive.
+#[allow(clippy::too_many_arguments)]
+pub fn add_votes_from_queries(
+    votes: &mut Votes,
+    layer: usize,
+    queries: &[f32],
+    keys: &[f32],
+    head_dim: usize,
+    n_head_kv: usize,
+    window: usize,
+    scale: f32,
+) -> Result<(), AlgoError> {
+    QueryScorer::new(0).add_votes(votes, layer, queries, keys, head_dim, n_head_kv, window, scale)
+}
+
+/// Scores query heads `first_head..` (as many as `votes_part` holds rows
+/// for) of one layer into `votes_part`.
+fn score_heads(
+    scratch: &mut Scratch,
+    votes_part: &mut [f32],
+    first_head: usize,
+    queries: &[f32],
+    keys: &[f32],
+    s: QkShape,
+) {
+    let n_heads_here = votes_part.len() / s.prefix_len;
+    let group = s.n_head / s.n_head_kv;
+    let d = s.head_dim;
+    let mut h = first_head;
+    let end = first_head + n_heads_here;
+    while h < end {
+        let kv_head = h / group;
+        let h_end = end.min((kv_head + 1) * group);
+        let rows = (h_end - h) * s.window;
+        // Gather this run's queries as contiguous rows: row = (head - h) * window + q.
+        scratch.queries.clear();
+        for head in h..h_end {
+            for q in 0..s.window {
+                let start = (q * s.n_head + head) * d;
+                scratch.queries.extend_from_slice(&queries[start..start + d]);
+            }
+        }
+        scratch.logits.resize(rows * s.n_cells, 0.0);
+        compute_logits(
+            &scratch.queries,
+            keys,
+            kv_head,
+            s,
+            &mut scratch.packed_keys,
+            &mut scratch.logits[..rows * s.n_cells],
+        );
+        for (r, logits) in scratch.logits[..rows * s.n_cells]
+            .chunks_exact_mut(s.n_cells)
+            .enumerate()
+        {
+            let head_local = r / s.window;
+            let q = r % s.window;
+            let visible = &mut logits[..s.prefix_len + q + 1];
+            let inv_sum = 1.0 / softmax_numerators(visible, s.scale);
+            let row_start = (h - first_head + head_local) * s.prefix_len;
+            let votes_row = &mut votes_part[row_start..row_start + s.prefix_len];
+            for (v, &e) in votes_row.iter_mut().zip(visible.iter()) {
+                *v += e * inv_sum;
+            }
+        }
+        h = h_end;
+    }
+}
+
+/// `logits[row * n_cells + c] = q_row · k_c` for every query row and cell.
+///
+/// Keys are packed in tiles of [`KEY_TILE`] cells stored dimension-major
+/// (`tile[d * KEY_TILE + j]`), so one broadcast query element multiplies a
+/// whole tile row: the inner loop runs over keys, which the compiler turns
+/// into packed SIMD with the accumulators in registers. Each tile (4 KiB at
+/// head_dim 64) stays in L1 while every query row meets it.
+fn compute_logits(
+    queries: &[f32],
+    keys: &[f32],
+    kv_head: usize,
+    s: QkShape,
+    packed: &mut Vec<f32>,
+    logits: &mut [f32],
+) {
+    let d = s.head_dim;
+    let rows = queries.len() / d;
+    let key_stride = s.n_head_kv * d;
+    let n_tiles = s.n_cells.div_ceil(KEY_TILE);
+    packed.clear();
+    packed.resize(n_tiles * KEY_TILE * d, 0.0);
+    for (c, key) in keys.chunks_exact(key_stride).enumerate() {
+        let key = &key[kv_head * d..(kv_head + 1) * d];
+        let tile = &mut packed[(c / KEY_TILE) * KEY_TILE * d..][..KEY_TILE * d];
+        let j = c % KEY_TILE;
+        for (dim, &v) in key.iter().enumerate() {
+            tile[dim * KEY_TILE + j] = v;
+        }
+    }
+    for (t, tile) in packed.chunks_exact(KEY_TILE * d).enumerate() {
+        let c0 = t * KEY_TILE;
+        let valid = KEY_TILE.min(s.n_cells - c0);
+        let mut pairs = queries.chunks_exact(2 * d);
+        let mut r = 0;
+        for pair in &mut pairs {
+            let (q0, q1) = pair.split_at(d);
+            let (a, b) = tile_dots2(tile, q0, q1);
+            store_tile(&mut logits[r * s.n_cells + c0..], &a, valid);
+            store_tile(&mut logits[(r + 1) * s.n_cells + c0..], &b, valid);
+            r += 2;
+        }
+        if r < rows {
+            let q = pairs.remainder();
+            let (a, _) = tile_dots2(tile, q, q);
+            store_tile(&mut logits[r * s.n_cells + c0..], &a, valid);
+        }
+    }
+}
+
+/// Writes the first `valid` dot products of a tile (a fixed-size copy in
+/// the common full-tile case, so it is inlined rather than a memcpy call).
+#[inline(always)]
+fn store_tile(dst: &mut [f32], dots: &[f32; KEY_TILE], valid: usize) {
+    if valid == KEY_TILE {
+        dst[..KEY_TILE].copy_from_slice(dots);
+    } else {
+        dst[..valid].copy_from_slice(&dots[..valid]);
+    }
+}
+
+/// Dot products of two query rows with every key of one packed tile.
+#[inline(always)]
+fn tile_dots2(tile: &[f32], q0: &[f32], q1: &[f32]) -> ([f32; KEY_TILE], [f32; KEY_TILE]) {
+    let mut a = [0f32; KEY_TILE];
+    let mut b = [0f32; KEY_TILE];
+    for ((k, &x0), &x1) in tile.chunks_exact(KEY_TILE).zip(q0).zip(q1) {
+        for j in 0..KEY_TILE {
+            a[j] += x0 * k[j];
+            b[j] += x1 * k[j];
+        }
+    }
+    (a, b)
+}
+
+const LANES: usize = 8;
+
+#[inline(always)]
+fn lane_sum(a: [f32; LANES]) -> f32 {
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
+
+/// Maximum of `values` (`-inf` when empty), in independent lanes so that
+/// the compiler vectorises it (a plain fold stays a scalar chain).
+fn lane_max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for i in 0..LANES {
+            lanes[i] = if chunk[i] > lanes[i] { chunk[i] } else { lanes[i] };
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m })
+}
+
+/// Replaces `logits` by `exp((x - max) * scale)` and returns their sum.
+fn softmax_numerators(logits: &mut [f32], scale: f32) -> f32 {
+    let max = lane_max(logits);
+    let mut acc = [0f32; LANES];
+    let mut chunks = logits.chunks_exact_mut(LANES);
+    for chunk in &mut chunks {
+        for i in 0..LANES {
+            let e = fast_exp((chunk[i] - max) * scale);
+            chunk[i] = e;
+            acc[i] += e;
+        }
+    }
+    let mut sum = lane_sum(acc);
+    for x in chunks.into_remainder() {
+        *x = fast_exp((*x - max) * scale);
+        sum += *x;
+    }
+    sum
+}
+
+/// `e^x` for `x <= 0` to about 2e-7 relative error, written with plain
+/// arithmetic and bit casts so that it vectorises (SSE2 is enough).
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = if x < -87.0 { -87.0 } else { x };
+    let t = x * LOG2_E + ROUND;
+    let n = t - ROUND;
+    let n_int = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let scale = f32::from_bits(((n_int + 127) as u32) << 23);
+    p * scale
+}
+
+/// Pools every `(layer, query head)` vote row over prefix positions and
+/// aggregates the query heads that share a KV head into one score row.
+///
+/// Pooling: kernel `kernel` (odd), stride 1, padding `kernel / 2`, the
+/// window truncated at the edges (max → max of the in-range values, avg →
+/// mean of the in-range values); `kernel == 1` leaves the votes unchanged.
+/// Aggregation: query head `h` belongs to KV head `h / (n_head / n_head_kv)`;
+/// the group's pooled rows are combined by mean or max. Runs in
+/// `O(n_layer · n_head · prefix_len)`.
+///
+/// # Errors
+/// [`AlgoError::InvalidConfig`] (`kernel`) for an even or zero kernel;
+/// [`AlgoError::ShapeMismatch`] when the query heads do not split evenly
+/// over `n_head_kv` or the votes are inconsistent.
+pub fn pool_and_aggregate(
+    votes: &Votes,
+    n_head_kv: usize,
+    kernel: usize,
+    pooling: Pooling,
+    gqa: GqaAggregation,
+) -> Result<HeadScores, AlgoError> {
+    if kernel == 0 || kernel % 2 == 0 {
+        return Err(AlgoError::InvalidConfig {
+            param: "kernel",
+            reason: format!("must be odd and >= 1, got {kernel}"),
+        });
+    }
+    if n_head_kv == 0 || votes.n_head % n_head_kv != 0 {
+        return Err(AlgoError::ShapeMismatch(format!(
+            "{} query heads do not split evenly over {n_head_kv} KV heads",
+            votes.n_head
+        )));
+    }
+    let expected = checked_volume(&[votes.n_layer, votes.n_head, votes.prefix_len], "votes")?;
+    if votes.data.len() != expected {
+        return Err(AlgoError::ShapeMismatch(format!(
+            "votes hold {} values, their shape says {expected}",
+            votes.data.len()
+        )));
+    }
+    let n = votes.prefix_len;
+    let group = votes.n_head / n_head_kv;
+    let mut out = vec![0f32; votes.n_layer * n_head_kv * n];
+    if n == 0 {
+        return HeadScores::from_vec(votes.n_layer, n_head_kv, n, out);
+    }
+    let mut pooler = Pooler::default();
+    let mut pooled = vec![0f32; n];
+    for (layer_votes, layer_out) in votes
+        .data
+        .chunks_exact(votes.n_head * n)
+        .zip(out.chunks_exact_mut(n_head_kv * n))
+    {
+        for (h, row) in layer_votes.chunks_exact(n).enumerate() {
+            pooler.pool(row, kernel, pooling, &mut pooled);
+            let dst = &mut layer_out[(h / group) * n..(h / group + 1) * n];
+            let first_in_group = h % group == 0;
+            match gqa {
+                GqaAggregation::Mean => {
+                    for (d, &p) in dst.iter_mut().zip(&pooled) {
+                        *d += p;
+                    }
+                }
+                GqaAggregation::Max if first_in_group => dst.copy_from_slice(&pooled),
+                GqaAggregation::Max => {
+                    for (d, &p) in dst.iter_mut().zip(&pooled) {
+                        if p > *d {
+                            *d = p;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if gqa == GqaAggregation::Mean && group > 1 {
+        let inv = 1.0 / group as f32;
+        out.iter_mut().for_each(|x| *x *= inv);
+    }
+    HeadScores::from_vec(votes.n_layer, n_head_kv, n, out)
+}
+
+/// Scratch for O(n) 1-D pooling.
+#[derive(Default)]
+struct Pooler {
+    forward: Vec<f32>,
+    backward: Vec<f32>,
+    prefix_sums: Vec<f64>,
+}
+
+impl Pooler {
+    fn pool(&mut self, row: &[f32], kernel: usize, pooling: Pooling, out: &mut [f32]) {
+        if kernel == 1 {
+            out.copy_from_slice(row);
+            return;
+        }
+        match pooling {
+            Pooling::Max => self.max_pool(row, kernel, out),
+            Pooling::Avg => self.avg_pool(row, kernel, out),
+        }
+    }
+
+    /// van Herk / Gil-Werman: on the row padded with `-inf` by `kernel/2`
+    /// each side, a window `[j, j+k)` is the max of the suffix maximum of
+    /// its first block and the prefix maximum of its last block.
+    fn max_pool(&mut self, row: &[f32], k: usize, out: &mut [f32]) {
+        let pad = k / 2;
+        let n = row.len();
+        let m = n + 2 * pad;
+        let at = |i: usize| {
+            if i >= pad && i < pad + n {
+                row[i - pad]
+            } else {
+                f32::NEG_INFINITY
+            }
+        };
+        self.forward.resize(m, 0.0);
+        self.backward.resize(m, 0.0);
+        for i in 0..m {
+            let v = at(i);
+            self.forward[i] = if i % k == 0 { v } else { v.max(self.forward[i - 1]) };
+        }
+        for i in (0..m).rev() {
+            let v = at(i);
+            self.backward[i] = if i + 1 == m || (i + 1) % k == 0 {
+                v
+            } else {
+                v.max(self.backward[i + 1])
+            };
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            *o = self.backward[j].max(self.forward[j + k - 1]);
+        }
+    }
+
+    fn avg_pool(&mut self, row: &[f32], k: usize, out: &mut [f32]) {
+        let pad = k / 2;
+        let n = row.len();
+        self.prefix_sums.clear();
+        self.prefix_sums.push(0.0);
+        let mut acc = 0f64;
+        for &v in row {
+            acc += f64::from(v);
+            self.prefix_sums.push(acc);
+        }
+        for (j, o) in out.iter_mut().enumerate() {
+            let lo = j.saturating_sub(pad);
+            let hi = (j + pad + 1).min(n);
+            *o = ((self.prefix_sums[hi] - self.prefix_sums[lo]) / (hi - lo) as f64) as f32;
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::snapkv::select::{SelectionShape, Selector, SnapKvSelector};
+    use proptest::prelude::*;
+
+    /// Deterministic pseudo-random f32 in [-1, 1) (splitmix64).
+    pub(crate) fn random_values(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = s;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[derive(Clone, Copy, Debug)]
+    struct Dims {
+        n_head: usize,
+        n_head_kv: usize,
+        head_dim: usize,
+        window: usize,
+        prefix_len: usize,
+    }
+
+    /// Naive f64 probabilities `[head][q][cell]` of DESIGN.md section 1:
+    /// window query q sees every prefix cell and window cells 0..=q.
+    fn naive_probs(d: Dims, queries: &[f32], keys: &[f32], scale: f64) -> Vec<f64> {
+        let n = d.prefix_len + d.window;
+        let group = d.n_head / d.n_head_kv;
+        let mut out = vec![0f64; d.n_head * d.window * n];
+        for h in 0..d.n_head {
+            let g = h / group;
+            for q in 0..d.window {
+                let qv = &queries[(q * d.n_head + h) * d.head_dim..][..d.head_dim];
+                let visible = d.prefix_len + q + 1;
+                let logits: Vec<f64> = (0..visible)
+                    .map(|c| {
+                        let kv = &keys[(c * d.n_head_kv + g) * d.head_dim..][..d.head_dim];
+                        scale
+                            * qv.iter()
+                                .zip(kv)
+                                .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                                .sum::<f64>()
+                    })
+                    .collect();
+                let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+                for (c, l) in logits.iter().enumerate() {
+                    out[(h * d.window + q) * n + c] = (l - max).exp() / sum;
+                }
+            }
+        }
+        out
+    }
+
+    /// Naive votes `[head][prefix]` from naive probabilities.
+    fn naive_votes(d: Dims, probs: &[f64]) -> Vec<f64> {
+        let n = d.prefix_len + d.window;
+        let mut votes = vec![0f64; d.n_head * d.prefix_len];
+        for h in 0..d.n_head {
+            for q in 0..d.window {
+                for i in 0..d.prefix_len {
+                    votes[h * d.prefix_len + i] += probs[(h * d.window + q) * n + i];
+                }
+            }
+        }
+        votes
+    }
+
+    /// Naive O(n·k) pooling with truncated windows.
+    fn naive_pool(row: &[f64], kernel: usize, pooling: Pooling) -> Vec<f64> {
+        let pad = kernel / 2;
+        (0..row.len())
+            .map(|j| {
+                let lo = j.saturating_sub(pad);
+                let hi = (j + pad).min(row.len() - 1);
+                let window = &row[lo..=hi];
+                match pooling {
+                    Pooling::Max => window.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+                    Pooling::Avg => window.iter().sum::<f64>() / window.len() as f64,
+                }
+            })
+            .collect()
+    }
+
+    /// Naive scores `[kv_head][prefix]` for one layer.
+    fn naive_scores(d: Dims, votes: &[f64], kernel: usize, pooling: Pooling, gqa: GqaAggregation) -> Vec<f64> {
+        let group = d.n_head / d.n_head_kv;
+        let mut out = Vec::new();
+        for g in 0..d.n_head_kv {
+            let pooled: Vec<Vec<f64>> = (g * group..(g + 1) * group)
+                .map(|h| naive_pool(&votes[h * d.prefix_len..][..d.prefix_len], kernel, pooling))
+                .collect();
+            for i in 0..d.prefix_len {
+                let column = pooled.iter().map(|p| p[i]);
+                out.push(match gqa {
+                    GqaAggregation::Mean => column.sum::<f64>() / group as f64,
+                    GqaAggregation::Max => column.fold(f64::NEG_INFINITY, f64::max),
+                });
+            }
+        }
+        out
+    }
+
+    fn assert_close(fast: &[f32], reference: &[f64], tol: f64, what: &str) {
+        assert_eq!(fast.len(), reference.len(), "{what}: lengths");
+        for (i, (&a, &b)) in fast.iter().zip(reference).enumerate() {
+            let err = (f64::from(a) - b).abs();
+            assert!(err <= tol * b.abs().max(1.0), "{what}[{i}]: fast {a} vs reference {b}");
+        }
+    }
+
+    /// Runs the fast query path for one layer (twice, layer 1 of 2).
+    fn fast_votes(d: Dims, queries: &[f32], keys: &[f32], scale: f32, threads: usize) -> Votes {
+        let mut votes = Votes::new(2, d.n_head, d.prefix_len).unwrap();
+        QueryScorer::new(threads)
+            .add_votes(&mut votes, 1, queries, keys, d.head_dim, d.n_head_kv, d.window, scale)
+            .unwrap();
+        assert!(votes.row(0, 0).iter().all(|&v| v == 0.0), "layer 0 untouched");
+        votes
+    }
+
+    fn check_against_reference(d: Dims, seed: u64, threads: usize) {
+        let n = d.prefix_len + d.window;
+        let queries = random_values(seed, d.window * d.n_head * d.head_dim)
+            .into_iter()
+            .map(|x| x * 3.0)
+            .collect::<Vec<_>>();
+        let keys = random_values(seed ^ 0xabcdef, n * d.n_head_kv * d.head_dim);
+        let scale = 1.0 / (d.head_dim as f32).sqrt();
+        let probs = naive_probs(d, &queries, &keys, f64::from(scale));
+        let ref_votes = naive_votes(d, &probs);
+        let votes = fast_votes(d, &queries, &keys, scale, threads);
+        let fast_layer: Vec<f32> = (0..d.n_head).flat_map(|h| votes.row(1, h).to_vec()).collect();
+        assert_close(&fast_layer, &ref_votes, 1e-4, "votes");
+        for kernel in [1, 3, 7] {
+            for pooling in [Pooling::Max, Pooling::Avg] {
+                for gqa in [GqaAggregation::Mean, GqaAggregation::Max] {
+                    let scores = pool_and_aggregate(&votes, d.n_head_kv, kernel, pooling, gqa).unwrap();
+                    let reference = naive_scores(d, &ref_votes, kernel, pooling, gqa);
+                    let fast: Vec<f32> = (0..d.n_head_kv).flat_map(|g| scores.row(1, g).to_vec()).collect();
+                    assert_close(&fast, &reference, 1e-4, "scores");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn query_votes_match_the_naive_reference() {
+        let shapes = [
+            // head_dim not a multiple of 8, rows not a multiple of 4
+            (1, 1, 12, 3, 20),
+            (4, 2, 16, 5, 40),
+            (6, 3, 8, 4, 70),
+            (2, 2, 64, 32, 300),
+        ];
+        for (i, &(n_head, n_head_kv, head_dim, window, prefix_len)) in shapes.iter().enumerate() {
+            let d = Dims {
+                n_head,
+                n_head_kv,
+                head_dim,
+                window,
+                prefix_len,
+            };
+            check_against_reference(d, i as u64, 1);
+        }
+    }
+
+    #[test]
+    fn threaded_query_votes_match_the_naive_reference() {
+        let d = Dims {
+            n_head: 8,
+            n_head_kv: 2,
+            head_dim: 64,
+            window: 16,
+            prefix_len: 2000,
+        };
+        check_against_reference(d, 7, 3);
+    }
+
+    #[test]
+    fn snapkv_selection_matches_the_reference_selection() {
+        let d = Dims {
+            n_head: 4,
+            n_head_kv: 2,
+            head_dim: 32,
+            window: 8,
+            prefix_len: 400,
+        };
+        let n = d.prefix_len + d.window;
+        let queries: Vec<f32> = random_values(11, d.window * d.n_head * d.head_dim)
+            .iter()
+            .map(|x| x * 4.0)
+            .collect();
+        let keys = random_values(12, n * d.n_head_kv * d.head_dim);
+        let scale = 1.0 / (d.head_dim as f32).sqrt();
+        let ref_votes = naive_votes(d, &naive_probs(d, &queries, &keys, f64::from(scale)));
+        let votes = fast_votes(d, &queries, &keys, scale, 1);
+        // Avg pooling and mean aggregation leave no exact ties in random data;
+        // budgets whose boundary falls on a near tie (< 1e-6) are skipped.
+        let scores = pool_and_aggregate(&votes, 2, 5, Pooling::Avg, GqaAggregation::Mean).unwrap();
+        let reference = naive_scores(d, &ref_votes, 5, Pooling::Avg, GqaAggregation::Mean);
+        let shape = SelectionShape {
+            n_layer: 2,
+            n_head_kv: 2,
+            prefix_len: d.prefix_len,
+        };
+        let mut checked = 0;
+        for n_keep in [10, 50, 100, 150, 200, 250, 300] {
+            let sel = SnapKvSelector.select(Some(&scores), &shape, n_keep).unwrap();
+            for g in 0..2 {
+                let row = &reference[g * d.prefix_len..][..d.prefix_len];
+                let mut idx: Vec<usize> = (0..d.prefix_len).collect();
+                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                if row[idx[n_keep - 1]] - row[idx[n_keep]] < 1e-6 {
+                    continue;
+                }
+                let mut expected: Vec<u32> = idx[..n_keep].iter().map(|&i| i as u32).collect();
+                expected.sort_unstable();
+                assert_eq!(sel.row(1, g), &expected[..], "n_keep {n_keep}, KV head {g}");
+                checked += 1;
+            }
+        }
+        assert!(checked >= 10, "only {checked} tie-free cases");
+    }
+
+    #[test]
+    fn softmax_votes_match_query_votes() {
+        let d = Dims {
+            n_head: 6,
+            n_head_kv: 2,
+            head_dim: 16,
+            window: 5,
+            prefix_len: 50,
+        };
+        let n = d.prefix_len + d.window;
+        let queries = random_values(3, d.window * d.n_head * d.head_dim);
+        let keys = random_values(4, n * d.n_head_kv * d.head_dim);
+        let scale = 0.25f32;
+        let probs = naive_probs(d, &queries, &keys, f64::from(scale));
+        // Lay the probabilities out like kq_soft_max: cells in a shuffled
+        // column order, plus padding columns that are masked (0).
+        let n_cols = n + 3;
+        let column_of_cell: Vec<usize> = (0..n).map(|c| (c * 7 + 2) % n_cols).collect();
+        let mut softmax = vec![0f32; d.n_head * d.window * n_cols];
+        for row in 0..d.n_head * d.window {
+            for c in 0..n {
+                softmax[row * n_cols + column_of_cell[c]] = probs[row * n + c] as f32;
+            }
+        }
+        let mut from_softmax = Votes::new(1, d.n_head, d.prefix_len).unwrap();
+        add_votes_from_softmax(
+            &mut from_softmax,
+            0,
+            &softmax,
+            n_cols,
+            d.window,
+            &column_of_cell[..d.prefix_len],
+        )
+        .unwrap();
+        let mut from_queries = Votes::new(1, d.n_head, d.prefix_len).unwrap();
+        add_votes_from_queries(&mut from_queries, 0, &queries, &keys, d.head_dim, 2, d.window, scale).unwrap();
+        for (a, b) in from_softmax.as_slice().iter().zip(from_queries.as_slice()) {
+            assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn softmax_votes_refuse_bad_shapes() {
+        let mut votes = Votes::new(1, 2, 3).unwrap();
+        let probs = vec![0.1f32; 2 * 2 * 5];
+        add_votes_from_softmax(&mut votes, 0, &probs, 5, 2, &[0, 1, 2]).unwrap();
+        assert!((votes.row(1 - 1, 1)[2] - 0.2).abs() < 1e-6);
+        for (layer, n_cols, cols) in [
+            (1, 5, vec![0, 1, 2]),
+            (0, 4, vec![0, 1, 2]),
+            (0, 5, vec![0, 1]),
+            (0, 5, vec![0, 1, 5]),
+        ] {
+            assert!(matches!(
+                add_votes_from_softmax(&mut votes, layer, &probs, n_cols, 2, &cols),
+                Err(AlgoError::ShapeMismatch(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn query_votes_refuse_bad_shapes() {
+        let mut votes = Votes::new(1, 4, 3).unwrap();
+        let q = vec![0f32; 2 * 4 * 8];
+        let k = vec![0f32; 5 * 2 * 8];
+        add_votes_from_queries(&mut votes, 0, &q, &k, 8, 2, 2, 0.3).unwrap();
+        // Uniform logits: every visible cell gets 1/visible.
+        let expected = 1.0 / 4.0 + 1.0 / 5.0;
+        assert!(votes.as_slice().iter().all(|v| (v - expected).abs() < 1e-6));
+        let cases: [(usize, usize, usize, usize, f32); 6] = [
+            (1, 8, 2, 2, 0.3),
+            (0, 8, 3, 2, 0.3),
+            (0, 8, 2, 3, 0.3),
+            (0, 4, 2, 2, 0.3),
+            (0, 8, 2, 2, 0.0),
+            (0, 8, 2, 2, f32::NAN),
+        ];
+        for (layer, head_dim, n_head_kv, window, scale) in cases {
+            assert!(matches!(
+                add_votes_from_queries(&mut votes, layer, &q, &k, head_dim, n_head_kv, window, scale),
+                Err(AlgoError::ShapeMismatch(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn pooling_by_hand() {
+        let mut votes = Votes::new(1, 1, 8).unwrap();
+        votes
+            .row_mut(0, 0)
+            .copy_from_slice(&[1.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 2.0]);
+        let max = pool_and_aggregate(&votes, 1, 3, Pooling::Max, GqaAggregation::Mean).unwrap();
+        assert_eq!(max.row(0, 0), &[1.0, 1.0, 5.0, 5.0, 5.0, 0.0, 2.0, 2.0]);
+        let avg = pool_and_aggregate(&votes, 1, 3, Pooling::Avg, GqaAggregation::Mean).unwrap();
+        let expected = [0.5, 1.0 / 3.0, 5.0 / 3.0, 5.0 / 3.0, 5.0 / 3.0, 0.0, 2.0 / 3.0, 1.0];
+        for (a, b) in avg.row(0, 0).iter().zip(expected) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+        let wide = pool_and_aggregate(&votes, 1, 21, Pooling::Max, GqaAggregation::Mean).unwrap();
+        assert!(wide.row(0, 0).iter().all(|&v| v == 5.0));
+    }
+
+    #[test]
+    fn gqa_aggregation_by_hand() {
+        let mut votes = Votes::new(1, 4, 2).unwrap();
+        for (h, row) in [[1.0, 4.0], [3.0, 0.0], [2.0, 2.0], [0.0, 6.0]].iter().enumerate() {
+            votes.row_mut(0, h).copy_from_slice(row);
+        }
+        let mean = pool_and_aggregate(&votes, 2, 1, Pooling::Max, GqaAggregation::Mean).unwrap();
+        assert_eq!(mean.as_slice(), &[2.0, 2.0, 1.0, 4.0]);
+        let max = pool_and_aggregate(&votes, 2, 1, Pooling::Max, GqaAggregation::Max).unwrap();
+        assert_eq!(max.as_slice(), &[3.0, 4.0, 2.0, 6.0]);
+    }
+
+    #[test]
+    fn pooling_refuses_bad_parameters() {
+        let votes = Votes::new(1, 4, 2).unwrap();
+        for (kv, kernel) in [(3, 3), (0, 3), (2, 4), (2, 0)] {
+            assert!(pool_and_aggregate(&votes, kv, kernel, Pooling::Max, GqaAggregation::Mean).is_err());
+        }
+    }
+
+    #[test]
+    fn position_order_sorts_and_splits() {
+        let order = position_order(&[30, 10, 20, 0, 40], 2).unwrap();
+        assert_eq!(order.by_position, vec![3, 1, 2, 0, 4]);
+        assert_eq!((order.prefix_len, order.window, order.n_cells()), (3, 2, 5));
+        assert!(matches!(
+            position_order(&[1, 2, 1, 3], 1),
+            Err(AlgoError::UnsupportedStateFormat(_))
+        ));
+        for window in [0, 4, 5] {
+            assert!(matches!(
+                position_order(&[1, 2, 3, 4], window),
+                Err(AlgoError::InvalidConfig { param: "window", .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        for i in 0..=20_000 {
+            let x = -(i as f32) * 0.005;
+            let e = fast_exp(x);
+            let r = f64::from(x).exp();
+            assert!((f64::from(e) - r).abs() <= 5e-7 * r + 1e-37, "exp({x}) = {e}, want {r}");
+        }
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert!(fast_exp(-1000.0) < 1e-37);
+    }
+
+    proptest! {
+        #[test]
+        fn fast_pooling_matches_naive_pooling(
+            row in proptest::collection::vec(0f32..10.0, 1..60),
+            half_kernel in 0usize..12,
+            avg in any::<bool>(),
+        ) {
+            let kernel = 2 * half_kernel + 1;
+            let pooling = if avg { Pooling::Avg } else { Pooling::Max };
+            let mut votes = Votes::new(1, 1, row.len()).unwrap();
+            votes.row_mut(0, 0).copy_from_slice(&row);
+            let scores = pool_and_aggregate(&votes, 1, kernel, pooling, GqaAggregation::Mean).unwrap();
+            let reference = naive_pool(&row.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(), kernel, pooling);
+            for (a, b) in scores.row(0, 0).iter().zip(&reference) {
+                prop_assert!((f64::from(*a) - b).abs() <= 1e-5 * b.abs().max(1.0));
+            }
+        }
+    }
+
+    /// Times the query path at the real shape (Qwen2.5-0.5B, 7.5k prompt).
+    /// Run: `cargo test --release -- --ignored --nocapture time_`
+    #[test]
+    #[ignore]
+    fn time_query_scoring_at_real_shape() {
+        let (n_layer, n_head, n_head_kv, head_dim, window, n) = (24, 14, 2, 64, 32, 7500);
+        let prefix_len = n - window;
+        let queries: Vec<Vec<f32>> = (0..n_layer)
+            .map(|l| random_values(l as u64, window * n_head * head_dim))
+            .collect();
+        let keys: Vec<Vec<f32>> = (0..n_layer)
+            .map(|l| random_values(1000 + l as u64, n * n_head_kv * head_dim))
+            .collect();
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let mut votes = Votes::new(n_layer, n_head, prefix_len).unwrap();
+        let threads: usize = std::env::var("SNAPKV_BENCH_THREADS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .unwrap_or(0);
+        let mut scorer = QueryScorer::new(threads);
+        let start = std::time::Instant::now();
+        for l in 0..n_layer {
+            scorer
+                .add_votes(&mut votes, l, &queries[l], &keys[l], head_dim, n_head_kv, window, scale)
+                .unwrap();
+        }
+        let t_votes = start.elapsed();
+        let start = std::time::Instant::now();
+        let scores = pool_and_aggregate(&votes, n_head_kv, 7, Pooling::Max, GqaAggregation::Mean).unwrap();
+        let t_pool = start.elapsed();
+        let start = std::time::Instant::now();
+        let shape = SelectionShape {
+            n_layer,
+            n_head_kv,
+            prefix_len,
+        };
+        let sel = SnapKvSelector.select(Some(&scores), &shape, 1024 - window).unwrap();
+        let t_select = start.elapsed();
+        println!(
+            "P={n} layers={n_layer} heads={n_head}/{n_head_kv} d={head_dim} w={window}: votes {t_votes:?} ({} threads), pool+gqa {t_pool:?}, select {t_select:?} ({} kept/head)",
+            scorer.threads,
+            sel.n_keep
+        );
+    }
+}

@@ -1,0 +1,478 @@
+//! SnapKV compression end to end on llama.cpp: exactness, invariants after
+//! compression, isolation of other sequences, failure safety, flash
+//! attention on/off agreement, and passkey retrieval on the default model.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use snapkv::compress::model_shape;
+use snapkv::snapkv::{
+    AlgoError, HeadScores, Selection, SelectionShape, Selector, SeqState, SharedAllLayersSelector, SnapKvSelector,
+};
+use snapkv::testing::{tiny_model_path, TinyModelSpec};
+use snapkv::{
+    generate, init_backend, Budget, CacheType, ChatMessage, Compressor, Context, FlashAttention, Model, ModelParams,
+    Sampler, SnapKvConfig, WindowObserver,
+};
+
+/// A selector that records what the wrapped one chose.
+struct Recording<S> {
+    inner: S,
+    chosen: Arc<Mutex<Option<Selection>>>,
+}
+
+impl<S: Selector> Selector for Recording<S> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn needs_scores(&self) -> bool {
+        self.inner.needs_scores()
+    }
+    fn select(
+        &self,
+        scores: Option<&HeadScores>,
+        shape: &SelectionShape,
+        n_keep: usize,
+    ) -> Result<Selection, AlgoError> {
+        let s = self.inner.select(scores, shape, n_keep)?;
+        *self.chosen.lock().unwrap() = Some(s.clone());
+        Ok(s)
+    }
+}
+
+fn recording<S: Selector + 'static>(cfg: SnapKvConfig, inner: S) -> (Compressor, Arc<Mutex<Option<Selection>>>) {
+    let chosen = Arc::new(Mutex::new(None));
+    let c = Compressor::with_selector(
+        cfg,
+        Box::new(Recording {
+            inner,
+            chosen: chosen.clone(),
+        }),
+    )
+    .unwrap();
+    (c, chosen)
+}
+
+fn config(budget: usize) -> SnapKvConfig {
+    let mut c = SnapKvConfig::default();
+    c.budget = Budget::Cells(budget);
+    c
+}
+
+/// A tiny-model prompt of exactly `n` tokens (BOS + filler text).
+fn tiny_prompt(n: usize, seed: u64) -> Vec<i32> {
+    let mut tokens = tiny().tokenize(&filler(n, seed), true, false).unwrap();
+    assert!(tokens.len() >= n);
+    tokens.truncate(n);
+    tokens
+}
+
+fn bits_equal(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn n_cells(ctx: &snapkv::ContextRef, seq: i32) -> usize {
+    let blob = ctx.state_seq_get(seq).unwrap();
+    SeqState::parse(&blob, &model_shape(ctx.model())).unwrap().n_cells()
+}
+
+#[test]
+fn budget_not_below_prompt_is_a_bit_identical_no_op() {
+    for fa in [FlashAttention::On, FlashAttention::Off] {
+        let tokens = tiny_prompt(150, 11);
+        let mut plain = observed(tiny(), 1024, fa);
+        plain.decode_tokens(0, &tokens, 0, true).unwrap();
+        let mut comp = observed(tiny(), 1024, fa);
+        let stats = Compressor::new(config(tokens.len()))
+            .unwrap()
+            .prefill(&mut comp, 0, &tokens)
+            .unwrap();
+        assert!(!stats.compressed);
+        assert_eq!(stats.cells_after, tokens.len());
+        assert!(bits_equal(plain.logits_ith(-1).unwrap(), comp.logits_ith(-1).unwrap()));
+        // The hook path is a no-op too, and the state is untouched.
+        let before = comp.state_seq_get(0).unwrap();
+        let hook = Compressor::new(config(2048))
+            .unwrap()
+            .compress_after_prefill(&mut comp, 0, &tokens)
+            .unwrap();
+        assert!(!hook.compressed);
+        assert_eq!(comp.state_seq_get(0).unwrap(), before);
+        let p = tokens.len() as i32;
+        plain.decode_tokens(0, &[tokens[3]], p, true).unwrap();
+        comp.decode_tokens(0, &[tokens[3]], p, true).unwrap();
+        assert!(
+            bits_equal(plain.logits_ith(-1).unwrap(), comp.logits_ith(-1).unwrap()),
+            "{fa:?}"
+        );
+    }
+}
+
+/// Every head keeping the same cells must equal removing the others with
+/// llama.cpp's own seq_rm and re-placing the rest.
+#[test]
+fn uniform_selection_equals_llama_seq_rm() {
+    for fa in [FlashAttention::On, FlashAttention::Off] {
+        let tokens = tiny_prompt(300, 12);
+        let p = tokens.len();
+        let cfg = config(96);
+        let w = cfg.window;
+        let (comp, chosen) = recording(cfg, SharedAllLayersSelector);
+        let mut a = observed(tiny(), 1024, fa);
+        let stats = comp.prefill(&mut a, 0, &tokens).unwrap();
+        assert!(stats.compressed);
+        let sel = chosen.lock().unwrap().clone().unwrap();
+        let kept = sel.row(0, 0).to_vec();
+        for l in 0..sel.n_layer {
+            for g in 0..sel.n_head_kv {
+                assert_eq!(
+                    sel.row(l, g),
+                    &kept[..],
+                    "shared selection differs at layer {l} head {g}"
+                );
+            }
+        }
+
+        // Evaluated as the prefill path does (prefix, then window), so the
+        // K/V rows are computed by the same kernels.
+        let mut b = observed(tiny(), 1024, fa);
+        b.decode_tokens(0, &tokens[..p - w], 0, false).unwrap();
+        b.decode_tokens(0, &tokens[p - w..], (p - w) as i32, true).unwrap();
+        let mut keep = vec![false; p];
+        for &i in &kept {
+            keep[i as usize] = true;
+        }
+        keep[p - w..].iter_mut().for_each(|k| *k = true);
+        let mut i = 0;
+        while i < p {
+            if keep[i] {
+                i += 1;
+                continue;
+            }
+            let j = (i..p).find(|&j| keep[j]).unwrap_or(p);
+            assert!(b.seq_rm(0, i as i32, j as i32));
+            i = j;
+        }
+        let rest = b.state_seq_get(0).unwrap();
+        b.clear();
+        b.state_seq_set(0, &rest).unwrap();
+        assert_eq!(n_cells(&a, 0), n_cells(&b, 0));
+
+        let next = tokens[7];
+        a.decode_tokens(0, &[next], p as i32, true).unwrap();
+        b.decode_tokens(0, &[next], p as i32, true).unwrap();
+        let d = max_abs_diff(a.logits_ith(-1).unwrap(), b.logits_ith(-1).unwrap());
+        assert!(d <= 1e-4, "{fa:?}: max |Δlogit| = {d}");
+    }
+}
+
+#[test]
+fn compressed_sequence_keeps_its_shape_and_keeps_working() {
+    let tokens = tiny_prompt(400, 13);
+    let p = tokens.len() as i32;
+    let mut ctx = observed(tiny(), 2048, FlashAttention::Auto);
+    let stats = Compressor::new(config(128))
+        .unwrap()
+        .prefill(&mut ctx, 0, &tokens)
+        .unwrap();
+    assert!(stats.compressed);
+    assert_eq!((stats.cells_before, stats.cells_after), (tokens.len(), 128));
+    assert_eq!(n_cells(&ctx, 0), 128);
+    assert_eq!(ctx.seq_pos_max(0), Some(p - 1));
+    assert_eq!(ctx.seq_pos_min(0), Some(p - 128));
+    let expected = stats.bytes_before as f64 * 128.0 / tokens.len() as f64;
+    assert!(
+        (stats.bytes_after as f64 - expected).abs() < 1024.0,
+        "{} vs {expected}",
+        stats.bytes_after
+    );
+
+    let gen = generate(&mut ctx, 0, &mut Sampler::greedy(), p, 32, false).unwrap();
+    assert_eq!(gen.tokens.len(), 32);
+    assert!(gen.tokens.iter().all(|&t| t >= 0 && (t as usize) < tiny().n_vocab()));
+    // A second user turn after the generation.
+    let mut pos = p + 31;
+    ctx.decode_tokens(0, &[*gen.tokens.last().unwrap()], pos, false)
+        .unwrap();
+    pos += 1;
+    let turn = tiny().tokenize(" and what comes next?", false, false).unwrap();
+    ctx.decode_tokens(0, &turn, pos, true).unwrap();
+    pos += turn.len() as i32;
+    assert!(ctx.logits_ith(-1).unwrap().iter().all(|x| x.is_finite()));
+    let more = generate(&mut ctx, 0, &mut Sampler::greedy(), pos, 8, false).unwrap();
+    assert_eq!(more.tokens.len(), 8);
+    assert_eq!(ctx.seq_pos_max(0), Some(pos + 6));
+}
+
+#[test]
+fn compressing_one_sequence_leaves_another_bit_identical() {
+    let a = tiny_prompt(250, 14);
+    let b = tiny_prompt(350, 15);
+    let observer = WindowObserver::new();
+    let mut ctx = Context::new(
+        tiny(),
+        &params(1024, FlashAttention::Auto)
+            .with_n_seq_max(2)
+            .with_observer(observer),
+    )
+    .unwrap();
+    let comp = Compressor::new(config(96)).unwrap();
+    comp.prefill(&mut ctx, 0, &a).unwrap();
+    let pa = a.len() as i32;
+    let state_a = ctx.state_seq_get(0).unwrap();
+    ctx.decode_tokens(0, &[a[1]], pa, true).unwrap();
+    let before = ctx.logits_ith(-1).unwrap().to_vec();
+    assert!(ctx.seq_rm(0, pa, -1));
+
+    let stats = comp.prefill(&mut ctx, 1, &b).unwrap();
+    assert!(stats.compressed);
+    assert_eq!(ctx.state_seq_get(0).unwrap(), state_a, "sequence 0's cells changed");
+    ctx.decode_tokens(0, &[a[1]], pa, true).unwrap();
+    assert!(bits_equal(&before, ctx.logits_ith(-1).unwrap()));
+}
+
+#[test]
+fn hook_path_selects_what_the_prefill_path_selects() {
+    let tokens = tiny_prompt(300, 16);
+    let (comp, chosen) = recording(config(96), SnapKvSelector);
+    let mut a = observed(tiny(), 1024, FlashAttention::On);
+    comp.prefill(&mut a, 0, &tokens).unwrap();
+    let via_prefill = chosen.lock().unwrap().take().unwrap();
+
+    let mut b = observed(tiny(), 1024, FlashAttention::On);
+    b.decode_tokens(0, &tokens, 0, true).unwrap();
+    let stats = comp.compress_after_prefill(&mut b, 0, &tokens).unwrap();
+    assert!(stats.compressed);
+    let via_hook = chosen.lock().unwrap().take().unwrap();
+    assert_eq!(via_prefill, via_hook);
+    let p = tokens.len() as i32;
+    a.decode_tokens(0, &[tokens[2]], p, true).unwrap();
+    b.decode_tokens(0, &[tokens[2]], p, true).unwrap();
+    assert!(max_abs_diff(a.logits_ith(-1).unwrap(), b.logits_ith(-1).unwrap()) < 1e-3);
+}
+
+/// Fraction of kept positions two selections share, over all heads.
+fn agreement(a: &Selection, b: &Selection) -> f64 {
+    let mut same = 0usize;
+    for l in 0..a.n_layer {
+        for g in 0..a.n_head_kv {
+            let rb: std::collections::HashSet<u32> = b.row(l, g).iter().copied().collect();
+            same += a.row(l, g).iter().filter(|i| rb.contains(i)).count();
+        }
+    }
+    same as f64 / (a.n_layer * a.n_head_kv * a.n_keep) as f64
+}
+
+fn selection_with(model: &Model, tokens: &[i32], budget: usize, fa: FlashAttention, k: CacheType) -> Selection {
+    let (comp, chosen) = recording(config(budget), SnapKvSelector);
+    let n_ctx = (tokens.len() + 64).next_multiple_of(256) as u32;
+    let p = params(n_ctx, fa)
+        .with_cache_types(k, CacheType::F16)
+        .with_observer(WindowObserver::new());
+    let mut ctx = Context::new(model, &p).unwrap();
+    let stats = comp.prefill(&mut ctx, 0, tokens).unwrap();
+    let expect = if fa == FlashAttention::Off {
+        snapkv::ScoreSource::Softmax
+    } else {
+        snapkv::ScoreSource::QueryKey
+    };
+    assert_eq!(stats.score_source, expect);
+    let sel = chosen.lock().unwrap().take().unwrap();
+    sel
+}
+
+#[test]
+fn flash_attention_on_and_off_agree_on_the_tiny_model() {
+    let tokens = tiny_prompt(400, 17);
+    for k in [CacheType::F16, CacheType::Q8_0] {
+        let on = selection_with(tiny(), &tokens, 128, FlashAttention::On, k);
+        let off = selection_with(tiny(), &tokens, 128, FlashAttention::Off, k);
+        let agree = agreement(&on, &off);
+        eprintln!(
+            "tiny model, K cache {}: flash on/off agreement {:.2}%",
+            k.name(),
+            100.0 * agree
+        );
+        assert!(agree >= 0.97, "K cache {}: {agree}", k.name());
+    }
+}
+
+#[test]
+fn flash_attention_on_and_off_agree_on_the_default_model() {
+    let _g = heavy();
+    let m = qwen();
+    let text = m
+        .apply_chat_template(
+            &[ChatMessage::user(format!(
+                "{}\n\nSummarise the text.",
+                filler(1500, 18)
+            ))],
+            true,
+        )
+        .unwrap();
+    let tokens = m.tokenize(&text, true, true).unwrap();
+    let on = selection_with(m, &tokens, 256, FlashAttention::On, CacheType::F16);
+    let off = selection_with(m, &tokens, 256, FlashAttention::Off, CacheType::F16);
+    let agree = agreement(&on, &off);
+    eprintln!(
+        "Qwen 0.5B, {} tokens, budget 256: flash on/off agreement {:.2}%",
+        tokens.len(),
+        100.0 * agree
+    );
+    assert!(agree >= 0.97, "{agree}");
+}
+
+#[test]
+fn failures_leave_the_sequence_as_it_was() {
+    let tokens = tiny_prompt(300, 19);
+    let mut ctx = observed(tiny(), 1024, FlashAttention::Auto);
+    ctx.decode_tokens(0, &tokens, 0, true).unwrap();
+    let before = ctx.state_seq_get(0).unwrap();
+
+    // Invalid configurations are refused up front.
+    let mut bad = config(256);
+    bad.kernel = 4;
+    assert!(Compressor::new(bad).is_err());
+    let mut bad = config(16);
+    bad.window = 32;
+    assert!(Compressor::new(bad).is_err());
+    assert!(Compressor::with_method(config(128), "no-such-method").is_err());
+
+    let comp = Compressor::new(config(128)).unwrap();
+    // Too few window tokens, a sequence id out of range, an empty sequence.
+    assert!(comp.compress_after_prefill(&mut ctx, 0, &tokens[..5]).is_err());
+    assert!(comp.compress_after_prefill(&mut ctx, 3, &tokens).is_err());
+    let mut two = Context::new(
+        tiny(),
+        &params(512, FlashAttention::Auto)
+            .with_n_seq_max(2)
+            .with_observer(WindowObserver::new()),
+    )
+    .unwrap();
+    assert!(matches!(
+        comp.compress_after_prefill(&mut two, 1, &tokens),
+        Err(snapkv::Error::EmptySequence { seq: 1 })
+    ));
+    // A window larger than one micro-batch.
+    let mut big_window = config(700);
+    big_window.window = 600;
+    let mut small_ubatch = Context::new(
+        tiny(),
+        &params(1024, FlashAttention::Auto)
+            .with_batch(512, 256)
+            .with_observer(WindowObserver::new()),
+    )
+    .unwrap();
+    let long = tiny_prompt(900, 20);
+    small_ubatch.decode_tokens(0, &long, 0, true).unwrap();
+    let snap = small_ubatch.state_seq_get(0).unwrap();
+    assert!(Compressor::new(big_window)
+        .unwrap()
+        .compress_after_prefill(&mut small_ubatch, 0, &long)
+        .is_err());
+    assert_eq!(small_ubatch.state_seq_get(0).unwrap(), snap);
+    // A context without observer.
+    let mut plain = Context::new(tiny(), &params(1024, FlashAttention::Auto)).unwrap();
+    plain.decode_tokens(0, &tokens, 0, true).unwrap();
+    assert!(matches!(
+        comp.compress_after_prefill(&mut plain, 0, &tokens),
+        Err(snapkv::Error::ObserverMissing)
+    ));
+    assert_eq!(ctx.state_seq_get(0).unwrap(), before);
+}
+
+#[test]
+fn cache_layouts_that_cannot_be_split_per_head_are_refused() {
+    // Head size 16: a q8_0 block (32 values) would span two heads. llama.cpp
+    // refuses such a cache when the context is created, before any data
+    // exists; the state parser refuses the same layout (unit tests in
+    // snapkv::state_blob) for hosts that bypass that check.
+    let spec = TinyModelSpec {
+        n_embd: 64,
+        n_head: 4,
+        n_head_kv: 2,
+        ..TinyModelSpec::default()
+    };
+    let model = Model::load(init_backend(), tiny_model_path(&spec).unwrap(), &ModelParams::default()).unwrap();
+    let p = params(1024, FlashAttention::On).with_cache_types(CacheType::Q8_0, CacheType::F16);
+    assert!(matches!(Context::new(&model, &p), Err(snapkv::Error::ContextCreate(_))));
+}
+
+// ------------------------------------------------------------------ passkey
+
+const FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+
+fn passkey_prompt(model: &Model, target: usize, depth: f64, key: u32) -> Vec<i32> {
+    let build = |n: usize| {
+        let at = (depth * n as f64).round() as usize;
+        let mut s = String::from(
+            "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n\n",
+        );
+        for i in 0..=n {
+            if i == at {
+                s.push_str(&format!("The pass key is {key}. Remember it. {key} is the pass key. "));
+            }
+            if i < n {
+                s.push_str(FILLER);
+            }
+        }
+        s.push_str("\n\nWhat is the pass key?");
+        let chat = model.apply_chat_template(&[ChatMessage::user(s)], true).unwrap();
+        model.tokenize(&chat, true, true).unwrap()
+    };
+    let per = (build(10).len() - build(0).len()) as f64 / 10.0;
+    build(((target - build(0).len()) as f64 / per) as usize)
+}
+
+fn answer(ctx: &mut snapkv::ContextRef, model: &Model, p: usize) -> String {
+    let gen = generate(ctx, 0, &mut Sampler::greedy(), p as i32, 12, true).unwrap();
+    model.detokenize(&gen.tokens, false)
+}
+
+#[test]
+fn passkey_answers_survive_compression_on_the_default_model() {
+    let _g = heavy();
+    let m = qwen();
+    let cfg = config(256);
+    let comp = Compressor::new(cfg.clone()).unwrap();
+    let mut failures = Vec::new();
+    for (i, depth) in [0.0, 0.25, 0.5, 0.75, 1.0].into_iter().enumerate() {
+        let key = 10000 + (i as u32 * 17_389) % 89_999;
+        let tokens = passkey_prompt(m, 2000, depth, key);
+        let p = tokens.len();
+        let n_ctx = (p + 64).next_multiple_of(256) as u32;
+
+        // Prefill path.
+        let mut a = observed(m, n_ctx, FlashAttention::Auto);
+        let stats = comp.prefill(&mut a, 0, &tokens).unwrap();
+        assert!(stats.compressed && stats.cells_after == 256);
+        let via_prefill = answer(&mut a, m, p);
+        drop(a);
+
+        // Full cache, then the hook on the same evaluation.
+        let mut b = observed(m, n_ctx, FlashAttention::Auto);
+        b.decode_tokens(0, &tokens, 0, true).unwrap();
+        let snapshot = b.state_seq_get(0).unwrap();
+        let full = answer(&mut b, m, p);
+        b.state_seq_set(0, &snapshot).unwrap();
+        assert!(b.seq_rm(0, p as i32, -1));
+        comp.compress_after_prefill(&mut b, 0, &tokens).unwrap();
+        let via_hook = answer(&mut b, m, p);
+
+        let k = key.to_string();
+        eprintln!("depth {depth}: key {k} | full {full:?} | prefill {via_prefill:?} | hook {via_hook:?}");
+        if full.contains(&k) && !via_prefill.contains(&k) {
+            failures.push(format!("depth {depth}: prefill path lost the key ({via_prefill:?})"));
+        }
+        if via_hook != via_prefill {
+            failures.push(format!("depth {depth}: hook {via_hook:?} vs prefill {via_prefill:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
