@@ -356,6 +356,13 @@ impl Compressor {
         let t_compact = Instant::now();
         let blob = ctx.state_seq_get(seq)?;
         let state = SeqState::parse(&blob, &shape)?;
+        if state.n_cells() <= budget {
+            // The sequence holds fewer cells than its positions suggest
+            // (it was compressed before): nothing to evict.
+            let mut stats = self.noop_stats(state.n_cells(), 0.0);
+            stats.observe_seconds = capture.seconds;
+            return Ok(stats);
+        }
         let order = position_order(state.positions(), w)?;
         let mut compact_seconds = t_compact.elapsed().as_secs_f64();
         let n_keep = budget - w;
@@ -606,4 +613,192 @@ fn k_rotation(k_type: CacheType, head_dim: usize) -> Option<usize> {
         return None;
     }
     hadamard::rotation_block(head_dim)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Scores and selections against a naive f64 implementation of
+    //! DESIGN.md section 1, on data captured from the tiny model.
+
+    use std::sync::OnceLock;
+
+    use half::f16;
+
+    use super::*;
+    use crate::llama::{Context, ContextParams, FlashAttention, Model, ModelParams};
+    use crate::snapkv::{GqaAggregation, Pooling};
+    use crate::testing::{tiny_model_path, TinyModelSpec};
+
+    fn tiny() -> &'static Model {
+        static M: OnceLock<Model> = OnceLock::new();
+        M.get_or_init(|| {
+            let path = tiny_model_path(&TinyModelSpec::default()).unwrap();
+            Model::load(crate::init_backend(), path, &ModelParams::default()).unwrap()
+        })
+    }
+
+    /// Naive per-(layer, query head) votes in f64 from the captured queries
+    /// and the cached f16 keys. In a fresh single-sequence cache, cell i
+    /// holds position i.
+    fn naive_votes_qk(model: &ModelRef, capture: &Capture, state: &SeqState<'_>, w: usize) -> Vec<Vec<Vec<f64>>> {
+        let (h_n, g_n, d) = (model.n_head(), model.n_head_kv(), model.head_dim());
+        let p = state.n_cells();
+        let scale = 1.0 / (d as f64).sqrt();
+        let key = |l: usize, cell: usize, g: usize| -> Vec<f64> {
+            state
+                .k_head_bytes(l, cell, g)
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f64())
+                .collect()
+        };
+        (0..model.n_layer())
+            .map(|l| {
+                let q_all = capture.queries[l].as_ref().unwrap();
+                (0..h_n)
+                    .map(|h| {
+                        let g = h / (h_n / g_n);
+                        let mut votes = vec![0f64; p - w];
+                        for qi in 0..w {
+                            let q = &q_all[(qi * h_n + h) * d..][..d];
+                            let visible = p - w + qi + 1;
+                            let logits: Vec<f64> = (0..visible)
+                                .map(|c| key(l, c, g).iter().zip(q).map(|(k, &q)| k * q as f64).sum::<f64>() * scale)
+                                .collect();
+                            let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let z: f64 = logits.iter().map(|x| (x - m).exp()).sum();
+                            for (c, v) in votes.iter_mut().enumerate() {
+                                *v += (logits[c] - m).exp() / z;
+                            }
+                        }
+                        votes
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Naive votes from the model's own softmax.
+    fn naive_votes_softmax(model: &ModelRef, capture: &Capture, p: usize, w: usize) -> Vec<Vec<Vec<f64>>> {
+        (0..model.n_layer())
+            .map(|l| {
+                let rows = capture.softmax[l].as_ref().unwrap();
+                (0..model.n_head())
+                    .map(|h| {
+                        (0..p - w)
+                            .map(|c| (0..w).map(|q| rows.data[(h * w + q) * rows.n_cols + c] as f64).sum())
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Max pooling (kernel k, padding k/2, edges truncated), then the mean
+    /// over the query heads of each KV head.
+    fn naive_scores(votes: &[Vec<Vec<f64>>], n_head_kv: usize, k: usize) -> Vec<Vec<Vec<f64>>> {
+        votes
+            .iter()
+            .map(|heads| {
+                let group = heads.len() / n_head_kv;
+                (0..n_head_kv)
+                    .map(|g| {
+                        let n = heads[0].len();
+                        (0..n)
+                            .map(|i| {
+                                let (lo, hi) = (i.saturating_sub(k / 2), (i + k / 2).min(n - 1));
+                                heads[g * group..(g + 1) * group]
+                                    .iter()
+                                    .map(|v| v[lo..=hi].iter().cloned().fold(f64::NEG_INFINITY, f64::max))
+                                    .sum::<f64>()
+                                    / group as f64
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn check_against_naive(fa: FlashAttention) {
+        let model = tiny();
+        let mut tokens = model
+            .tokenize(&"the river flows to the sea and time passes ".repeat(40), true, false)
+            .unwrap();
+        tokens.truncate(300);
+        let mut config = SnapKvConfig::default();
+        config.budget = crate::Budget::Cells(96);
+        let comp = Compressor::new(config).unwrap();
+        let w = comp.config.window;
+        let observer = WindowObserver::new();
+        let params = ContextParams::default()
+            .with_n_ctx(512)
+            .with_threads(2)
+            .with_flash_attn(fa);
+        let mut ctx = Context::new(model, &params.with_observer(observer.clone())).unwrap();
+        let p = tokens.len();
+        ctx.decode_tokens(0, &tokens[..p - w], 0, false).unwrap();
+        let (capture, _) = comp
+            .observe_window(&mut ctx, &observer, 0, &tokens[p - w..], (p - w) as Pos)
+            .unwrap();
+        assert!(capture.error.is_none(), "{:?}", capture.error);
+        let blob = ctx.state_seq_get(0).unwrap();
+        let state = SeqState::parse(&blob, &model_shape(model)).unwrap();
+        let order = position_order(state.positions(), w).unwrap();
+
+        let (votes, source) = compute_votes(model, &capture, &state, &order, w).unwrap();
+        let naive_votes = if fa == FlashAttention::Off {
+            assert_eq!(source, ScoreSource::Softmax);
+            naive_votes_softmax(model, &capture, p, w)
+        } else {
+            assert_eq!(source, ScoreSource::QueryKey);
+            naive_votes_qk(model, &capture, &state, w)
+        };
+        let scores = pool_and_aggregate(&votes, model.n_head_kv(), 7, Pooling::Max, GqaAggregation::Mean).unwrap();
+        let naive = naive_scores(&naive_votes, model.n_head_kv(), 7);
+
+        let n_keep = 96 - w;
+        let selection = SnapKvSelector
+            .select(
+                Some(&scores),
+                &SelectionShape {
+                    n_layer: model.n_layer(),
+                    n_head_kv: model.n_head_kv(),
+                    prefix_len: p - w,
+                },
+                n_keep,
+            )
+            .unwrap();
+        let mut rows_compared = 0;
+        for (l, layer) in naive.iter().enumerate() {
+            for (g, row) in layer.iter().enumerate() {
+                for (i, &want) in row.iter().enumerate() {
+                    let got = scores.row(l, g)[i] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4,
+                        "{fa:?} layer {l} head {g} cell {i}: {got} vs {want}"
+                    );
+                }
+                let mut idx: Vec<usize> = (0..row.len()).collect();
+                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                // Compare selections only where the cut is not a near-tie.
+                if (row[idx[n_keep - 1]] - row[idx[n_keep]]).abs() > 1e-4 {
+                    let mut want: Vec<u32> = idx[..n_keep].iter().map(|&i| i as u32).collect();
+                    want.sort_unstable();
+                    assert_eq!(selection.row(l, g), &want[..], "{fa:?} layer {l} head {g}");
+                    rows_compared += 1;
+                }
+            }
+        }
+        assert!(rows_compared >= 2, "every cut was a near-tie");
+    }
+
+    #[test]
+    fn query_key_scores_match_a_naive_reference() {
+        check_against_naive(FlashAttention::On);
+    }
+
+    #[test]
+    fn softmax_scores_match_a_naive_reference() {
+        check_against_naive(FlashAttention::Off);
+    }
 }

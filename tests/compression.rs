@@ -443,7 +443,7 @@ fn passkey_answers_survive_compression_on_the_default_model() {
     let comp = Compressor::new(cfg.clone()).unwrap();
     let mut failures = Vec::new();
     for (i, depth) in [0.0, 0.25, 0.5, 0.75, 1.0].into_iter().enumerate() {
-        let key = 10000 + (i as u32 * 17_389) % 89_999;
+        let key = 10_000 + (i as u32 * 17_389 + 4_711) % 89_999;
         let tokens = passkey_prompt(m, 2000, depth, key);
         let p = tokens.len();
         let n_ctx = (p + 64).next_multiple_of(256) as u32;
@@ -475,4 +475,57 @@ fn passkey_answers_survive_compression_on_the_default_model() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn a_compressed_sequence_can_grow_and_be_compressed_again() {
+    let tokens = tiny_prompt(300, 22);
+    let more = tiny_prompt(200, 23);
+    let p = tokens.len() as i32;
+    let mut ctx = observed(tiny(), 1024, FlashAttention::Auto);
+    let comp = Compressor::new(config(128)).unwrap();
+    assert!(comp.prefill(&mut ctx, 0, &tokens).unwrap().compressed);
+    // A turn appended without compression...
+    ctx.decode_tokens(0, &more[..40], p, false).unwrap();
+    assert_eq!(n_cells(&ctx, 0), 168);
+    // ...then the next one compresses everything again, from nominal positions.
+    let stats = comp.prefill(&mut ctx, 0, &more[40..]).unwrap();
+    assert!(stats.compressed);
+    assert_eq!((stats.cells_before, stats.cells_after), (328, 128));
+    assert_eq!(n_cells(&ctx, 0), 128);
+    assert_eq!(ctx.seq_pos_max(0), Some(p + more.len() as i32 - 1));
+    let gen = generate(&mut ctx, 0, &mut Sampler::greedy(), p + more.len() as i32, 8, false).unwrap();
+    assert_eq!(gen.tokens.len(), 8);
+}
+
+#[test]
+fn cli_reports_compression_on_both_paths() {
+    let model = tiny_model_path(&TinyModelSpec::default()).unwrap();
+    let prompt = filler(300, 24);
+    for extra in [&[][..], &["--hook"][..], &["--flash-attn", "off"][..]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
+            .arg("generate")
+            .arg("-m")
+            .arg(&model)
+            .args([
+                "-p", &prompt, "-n", "8", "-t", "2", "--snapkv", "--budget", "64", "--window", "16",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        assert!(stderr.contains("-> 64 cells per KV head"), "{extra:?}: {stderr}");
+        assert!(stderr.contains("compression cost"), "{extra:?}: {stderr}");
+    }
+    // Invalid settings are reported, not panicked on.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
+        .arg("generate")
+        .arg("-m")
+        .arg(&model)
+        .args(["-p", "hello", "--snapkv", "--kernel", "4"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kernel"));
 }

@@ -18,8 +18,6 @@ fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 echo "downloading the source distribution of llama-cpp-python==$LLAMA_CPP_PY_VERSION"
-python3 -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation \
-    "llama-cpp-python==$LLAMA_CPP_PY_VERSION" -d "$work" 2>/dev/null ||
 python3 -m pip download --quiet --no-deps --no-binary :all: \
     "llama-cpp-python==$LLAMA_CPP_PY_VERSION" -d "$work"
 archive="$(ls "$work"/llama_cpp_python-"$LLAMA_CPP_PY_VERSION".tar.gz)"
