@@ -325,6 +325,7 @@ impl Compressor {
         start: Pos,
     ) -> Result<(Capture, f64)> {
         let model = ctx.model();
+        let before = observer.activity();
         observer.arm(CaptureRequest {
             n_layer: model.n_layer(),
             n_head: model.n_head(),
@@ -336,6 +337,11 @@ impl Compressor {
         ctx.synchronize();
         let capture = observer.disarm();
         decoded?;
+        if observer.activity().missed_window_since(before) {
+            // No graph callback reached the observer: it is not this
+            // context's cb_eval.
+            return Err(Error::ObserverMissing);
+        }
         Ok((capture, t0.elapsed().as_secs_f64()))
     }
 
@@ -725,8 +731,10 @@ mod tests {
             .tokenize(&"the river flows to the sea and time passes ".repeat(40), true, false)
             .unwrap();
         tokens.truncate(300);
-        let mut config = SnapKvConfig::default();
-        config.budget = crate::Budget::Cells(96);
+        let config = SnapKvConfig {
+            budget: crate::Budget::Cells(96),
+            ..SnapKvConfig::default()
+        };
         let comp = Compressor::new(config).unwrap();
         let w = comp.config.window;
         let observer = WindowObserver::new();

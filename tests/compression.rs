@@ -529,3 +529,18 @@ fn cli_reports_compression_on_both_paths() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("kernel"));
 }
+
+#[test]
+fn an_observer_of_another_context_is_detected() {
+    let tokens = tiny_prompt(300, 25);
+    let stray = WindowObserver::new();
+    let mut ctx = observed(tiny(), 1024, FlashAttention::Auto);
+    ctx.decode_tokens(0, &tokens, 0, true).unwrap();
+    let before = ctx.state_seq_get(0).unwrap();
+    let err = Compressor::new(config(128))
+        .unwrap()
+        .compress_after_prefill_with(&mut ctx, &stray, 0, &tokens)
+        .unwrap_err();
+    assert!(matches!(err, snapkv::Error::ObserverMissing), "{err}");
+    assert_eq!(ctx.state_seq_get(0).unwrap(), before);
+}

@@ -1,0 +1,305 @@
+/*
+ * snapkv.h: SnapKV KV-cache compression for llama.cpp, C interface.
+ *
+ * After a long prompt has been evaluated, snapkv keeps, for every layer and
+ * every KV head, the prompt positions the observation window (the prompt's
+ * last tokens) attends to, plus the window itself, and evicts the rest from
+ * llama.cpp's own KV cache. Decoding then attends over `budget` cells per
+ * sequence however long the prompt was.
+ *
+ * Usage (see examples/passkey.c):
+ *
+ *     snapkv_observer *obs = snapkv_observer_new();
+ *     struct llama_context_params cp = llama_context_default_params();
+ *     snapkv_observer_attach(obs, &cp);                  // before creating the context
+ *     struct llama_context *ctx = llama_init_from_model(model, cp);
+ *     snapkv_params p;
+ *     snapkv_params_default(&p);
+ *     p.budget = 256;
+ *     // either: evaluate and compress in one call
+ *     snapkv_prefill(ctx, obs, &p, 0, tokens, n_tokens, NULL);
+ *     // or, after evaluating the prompt yourself with llama_decode:
+ *     snapkv_compress_after_prefill(ctx, obs, &p, 0, tokens, n_tokens, NULL);
+ *     ... decode as usual ...
+ *     llama_free(ctx);
+ *     snapkv_observer_free(obs);                          // after the context
+ *
+ * Linking: libsnapkv.a (default build) contains llama.cpp; libsnapkv.so
+ * built with the `dynamic-link` feature uses the process's shared libllama
+ * (plugin mode). See README.md, "C and C++".
+ *
+ * Conventions:
+ * - Fallible functions return a snapkv_status: SNAPKV_OK (0) or an error
+ *   code. Codes are never renumbered. On failure, snapkv_last_error() holds
+ *   a message for the calling thread; output arguments are written only on
+ *   success.
+ * - No function aborts the host or lets a Rust panic escape: an internal bug
+ *   returns SNAPKV_ERR_PANIC.
+ * - Functions taking a llama_context must not run concurrently with any
+ *   other use of that context (as llama.h's functions).
+ * - No ABI stability is promised before snapkv 1.0. The structs carry their
+ *   size as first member so that later versions can extend them.
+ */
+#ifndef SNAPKV_H
+#define SNAPKV_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "llama.h"
+
+/* Version of this header; snapkv_version() reports the library's. */
+#define SNAPKV_VERSION_MAJOR 0
+#define SNAPKV_VERSION_MINOR 1
+#define SNAPKV_VERSION_PATCH 0
+#define SNAPKV_VERSION_STRING "0.1.0+llama-cpp-python.0.3.36"
+/* The llama.cpp this header goes with: the tree of llama-cpp-python 0.3.36,
+ * ggml 0.25.3. snapkv_llama_ggml_version() reports what the library was
+ * built against; snapkv_check_llama() compares it with the process's. */
+#define SNAPKV_LLAMA_CPP_PYTHON_VERSION "0.3.36"
+#define SNAPKV_LLAMA_GGML_VERSION "0.25.3"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Status codes                                                             */
+/* ------------------------------------------------------------------------ */
+
+typedef int32_t snapkv_status;
+
+enum snapkv_status_code {
+    SNAPKV_OK = 0,
+    SNAPKV_ERR_NULL_POINTER = 1,           /* a required pointer argument is NULL */
+    SNAPKV_ERR_INVALID_PARAMS = 2,         /* snapkv_params invalid (or window > n_ubatch) */
+    SNAPKV_ERR_INVALID_ARGUMENT = 3,       /* another argument out of range (e.g. too few tokens) */
+    SNAPKV_ERR_INVALID_SEQUENCE = 4,       /* seq_id outside 0 .. llama_n_seq_max(ctx)-1 */
+    SNAPKV_ERR_EMPTY_SEQUENCE = 5,         /* the sequence holds no KV cells */
+    SNAPKV_ERR_OBSERVER_NOT_ATTACHED = 6,  /* ctx was created without this observer */
+    SNAPKV_ERR_UNSUPPORTED = 7,            /* model/cache not supported (recurrent, SWA, ALiBi, ...) */
+    SNAPKV_ERR_DECODE = 8,                 /* llama_decode failed (e.g. context full) */
+    SNAPKV_ERR_CAPTURE = 9,                /* observation window capture incomplete */
+    SNAPKV_ERR_STATE = 10,                 /* llama_state_seq_* failed */
+    SNAPKV_ERR_STATE_FORMAT = 11,          /* unrecognised sequence-state format */
+    SNAPKV_ERR_RESTORE_FAILED = 12,        /* failure, and the sequence could not be restored */
+    SNAPKV_ERR_LLAMA_MISMATCH = 13,        /* process's llama.cpp differs from the build's */
+    SNAPKV_ERR_MODEL_LOAD = 14,            /* (reserved for model loading) */
+    SNAPKV_ERR_CONTEXT_CREATE = 15,        /* (reserved for context creation) */
+    SNAPKV_ERR_TOKENIZE = 16,              /* (reserved for tokenization) */
+    SNAPKV_ERR_IO = 17,                    /* I/O error */
+    SNAPKV_ERR_INTERNAL = 18,              /* internal inconsistency (a bug) */
+    SNAPKV_ERR_PANIC = 19                  /* panic caught at the boundary (a bug) */
+};
+
+/* A static, human-readable description of `status`; never NULL, also for
+ * unknown codes. Static storage: valid for the life of the process; the
+ * caller must not free it. */
+const char * snapkv_status_str(snapkv_status status);
+
+/* Copies the calling thread's last-error message into `buf` (at most len-1
+ * bytes, always NUL-terminated when len > 0) and returns the message's full
+ * length without the NUL, like snprintf: the message was truncated when
+ * the result is >= len. `buf` may be NULL when len is 0 (to ask the size).
+ * The message describes the latest snapkv call on this thread that returned
+ * a status or a pointer: it is empty after a success. Caller owns `buf`. */
+size_t snapkv_last_error(char * buf, size_t len);
+
+/* ------------------------------------------------------------------------ */
+/* Version                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* The library's version, e.g. "0.1.0+llama-cpp-python.0.3.36". Static
+ * storage; the caller must not free it. */
+const char * snapkv_version(void);
+
+/* The ggml version of the llama.cpp the library was built against. Static
+ * storage. */
+const char * snapkv_llama_ggml_version(void);
+
+/* Compares ggml_version() of the llama.cpp in this process with the one the
+ * library was built for. SNAPKV_OK, or SNAPKV_ERR_LLAMA_MISMATCH with both
+ * versions in the message. snapkv_observer_attach, snapkv_prefill and
+ * snapkv_compress_after_prefill check this themselves and refuse a
+ * mismatch (struct layouts would differ). */
+snapkv_status snapkv_check_llama(void);
+
+/* ------------------------------------------------------------------------ */
+/* Parameters                                                               */
+/* ------------------------------------------------------------------------ */
+
+enum snapkv_pooling {
+    SNAPKV_POOLING_MAX = 0, /* max over the kernel window (default) */
+    SNAPKV_POOLING_AVG = 1  /* mean over the kernel window */
+};
+
+enum snapkv_gqa {
+    SNAPKV_GQA_MEAN = 0, /* mean of the query heads sharing a KV head (default) */
+    SNAPKV_GQA_MAX = 1   /* max of them */
+};
+
+typedef struct snapkv_params {
+    /* sizeof(snapkv_params) of the header the caller compiled against; set
+     * by snapkv_params_default. Must stay the first member. */
+    uint32_t size;
+    /* Observation window: the last `window` prompt tokens vote and are
+     * always kept. Default 32; must fit one micro-batch (n_ubatch). */
+    uint32_t window;
+    /* Cells kept per KV head, window included; > window. Default 1024.
+     * Set to 0 to use budget_fraction instead. */
+    uint32_t budget;
+    /* Pooling kernel size: odd, 1 disables pooling. Default 7. */
+    uint32_t kernel;
+    /* Fraction of the prompt kept, in (0, 1], rounded up; used only when
+     * budget is 0. Default 0 (unused). */
+    double budget_fraction;
+    /* enum snapkv_pooling. Default SNAPKV_POOLING_MAX. */
+    int32_t pooling;
+    /* enum snapkv_gqa. Default SNAPKV_GQA_MEAN. */
+    int32_t gqa;
+} snapkv_params;
+
+/* Fills *params with the defaults (and params->size). Caller owns params.
+ * SNAPKV_ERR_NULL_POINTER when params is NULL. Parameters are validated
+ * when used: invalid ones give SNAPKV_ERR_INVALID_PARAMS. */
+snapkv_status snapkv_params_default(snapkv_params * params);
+
+/* ------------------------------------------------------------------------ */
+/* Statistics                                                               */
+/* ------------------------------------------------------------------------ */
+
+enum snapkv_score_source {
+    SNAPKV_SCORE_NONE = 0,      /* nothing was scored (no-op) */
+    SNAPKV_SCORE_SOFTMAX = 1,   /* the model's attention softmax (flash attention off) */
+    SNAPKV_SCORE_QUERY_KEY = 2  /* captured queries against cached keys (flash attention on) */
+};
+
+typedef struct snapkv_stats {
+    /* Set by the caller to sizeof(snapkv_stats) before the call; the
+     * library writes the fields it knows and leaves `size` as it is. */
+    uint32_t size;
+    /* Whether the cache was rewritten; false when the sequence already fit
+     * the budget (a no-op, not an error). */
+    bool compressed;
+    /* enum snapkv_score_source. */
+    int32_t score_source;
+    uint64_t cells_before;  /* cells of the sequence before */
+    uint64_t cells_after;   /* cells after (the budget when compressed) */
+    uint64_t bytes_before;  /* bytes of the sequence's state before (0 for a no-op) */
+    uint64_t bytes_after;   /* bytes after */
+    double prefill_seconds; /* evaluating the prompt before the window (snapkv_prefill) */
+    double window_seconds;  /* evaluating the observation window */
+    double observe_seconds; /* copying captured tensors (part of window_seconds) */
+    double score_seconds;   /* scoring */
+    double select_seconds;  /* selecting */
+    double compact_seconds; /* reading, rewriting and writing the sequence state */
+} snapkv_stats;
+
+/* ------------------------------------------------------------------------ */
+/* Observer                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* The observation-window observer: a graph-evaluation callback that stays
+ * dormant except while snapkv evaluates the window. One observer serves one
+ * context. */
+typedef struct snapkv_observer snapkv_observer;
+
+/* A new observer. Caller owns it: free with snapkv_observer_free after
+ * every context it was attached to has been freed. NULL on failure (see
+ * snapkv_last_error). */
+snapkv_observer * snapkv_observer_new(void);
+
+/* Installs `obs` as params->cb_eval / cb_eval_user_data, before
+ * llama_init_from_model(model, *params). A callback the caller had already
+ * set is chained: it still sees every tensor. Attaching the same observer
+ * twice is a no-op. The context created from these params keeps a pointer
+ * to `obs`: obs must stay valid until that context is freed
+ * (llama_free). Caller owns params; obs is borrowed. */
+snapkv_status snapkv_observer_attach(snapkv_observer * obs, struct llama_context_params * params);
+
+/* Frees an observer; NULL is a no-op. Only after every context it was
+ * attached to has been freed. */
+void snapkv_observer_free(snapkv_observer * obs);
+
+/* ------------------------------------------------------------------------ */
+/* Compression                                                              */
+/* ------------------------------------------------------------------------ */
+
+/* Evaluates `tokens` into sequence `seq_id` of `ctx` (after the positions it
+ * already holds) and compresses the sequence to params->budget cells per KV
+ * head: the prompt before the window is evaluated in batches of n_batch,
+ * the window with the observer armed, then the cache is compacted. No
+ * token is evaluated twice. Afterwards the logits of the last token are
+ * available (llama_get_logits_ith(ctx, -1)) and decoding continues at
+ * position (previous length + n_tokens). When the sequence fits the budget
+ * it is evaluated and left uncompressed (stats->compressed == false).
+ *
+ * ctx: borrowed, owned by the caller, never freed by snapkv; it must have
+ *      been created from params carrying `obs` (snapkv_observer_attach),
+ *      else SNAPKV_ERR_OBSERVER_NOT_ATTACHED (detected when the window is
+ *      evaluated). n_ubatch must be at least params->window.
+ * obs, params: borrowed for the call.
+ * tokens: n_tokens tokens (>= params->window when compressing), borrowed
+ *      for the call; may be NULL only when n_tokens is 0 (then
+ *      SNAPKV_ERR_INVALID_ARGUMENT).
+ * stats: NULL, or caller-owned with stats->size set; written on success.
+ *
+ * On failure the sequence is left as it was before the call (the tokens
+ * this call evaluated are removed again), except SNAPKV_ERR_RESTORE_FAILED
+ * and SNAPKV_ERR_PANIC. */
+snapkv_status snapkv_prefill(
+    struct llama_context * ctx,
+    snapkv_observer * obs,
+    const snapkv_params * params,
+    llama_seq_id seq_id,
+    const llama_token * tokens,
+    size_t n_tokens,
+    snapkv_stats * stats);
+
+/* The hook for a sequence the caller already evaluated (with llama_decode
+ * on a context carrying `obs`): re-evaluates only its last params->window
+ * tokens with the observer armed, then compresses the sequence to
+ * params->budget cells per KV head. Pass at least the sequence's last
+ * `window` tokens (e.g. the whole prompt: extra leading tokens are
+ * ignored). The logits of the last token are recomputed
+ * (llama_get_logits_ith(ctx, -1)); decoding continues at the next
+ * position as before. When the sequence fits the budget nothing is done
+ * (stats->compressed == false).
+ *
+ * Ownership as snapkv_prefill. Errors: SNAPKV_ERR_INVALID_SEQUENCE,
+ * SNAPKV_ERR_EMPTY_SEQUENCE, SNAPKV_ERR_OBSERVER_NOT_ATTACHED,
+ * SNAPKV_ERR_INVALID_PARAMS, SNAPKV_ERR_INVALID_ARGUMENT (fewer than
+ * `window` tokens), SNAPKV_ERR_UNSUPPORTED, ...; on any of them the
+ * sequence's cells are exactly as before the call (except
+ * SNAPKV_ERR_RESTORE_FAILED and SNAPKV_ERR_PANIC).
+ *
+ * After compression the sequence's cells below the window carry nominal
+ * positions (see the crate documentation): llama_memory_seq_rm from the
+ * window onwards is exact, prefix reuse by token comparison is not. */
+snapkv_status snapkv_compress_after_prefill(
+    struct llama_context * ctx,
+    snapkv_observer * obs,
+    const snapkv_params * params,
+    llama_seq_id seq_id,
+    const llama_token * window_tokens,
+    size_t n_window_tokens,
+    snapkv_stats * stats);
+
+/* ------------------------------------------------------------------------ */
+/* Layout table (drift test)                                                */
+/* ------------------------------------------------------------------------ */
+
+/* Entry `index` of the library's table of sizes, field offsets and
+ * constants, named as C spells them ("sizeof(snapkv_params)",
+ * "offsetof(snapkv_stats, cells_after)", "SNAPKV_OK", ...). A test
+ * compares every entry with this header, so header and library cannot
+ * disagree silently. *name: static storage. SNAPKV_ERR_INVALID_ARGUMENT
+ * past the last entry. */
+snapkv_status snapkv_abi_item(size_t index, const char ** name, int64_t * value);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* SNAPKV_H */

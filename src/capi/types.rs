@@ -1,0 +1,450 @@
+//! The C-visible types of snapkv.h, their conversions to the safe API, and
+//! the layout table that the header's drift test checks.
+
+use std::ffi::CStr;
+use std::marker::{PhantomData, PhantomPinned};
+use std::mem::{offset_of, size_of};
+
+use super::status::{Failure, Status};
+use crate::compress::{CompressionStats, ScoreSource};
+use crate::snapkv::{Budget, GqaAggregation, Pooling, SnapKvConfig};
+
+/// `snapkv_observer`: opaque in C; in Rust the pointer is an
+/// `Arc<WindowObserver>` turned into a raw pointer (see `ptr.rs`).
+#[repr(C)]
+pub struct SnapkvObserver {
+    _opaque: [u8; 0],
+    _marker: PhantomData<(*mut u8, PhantomPinned)>,
+}
+
+/// `struct llama_context` as the C ABI sees it: opaque.
+#[repr(C)]
+pub struct LlamaContext {
+    _opaque: [u8; 0],
+    _marker: PhantomData<(*mut u8, PhantomPinned)>,
+}
+
+/// `struct llama_context_params` as the C ABI's signatures see it: only
+/// `ptr.rs` looks inside (as the bound llama.h type).
+#[repr(C)]
+pub struct LlamaContextParams {
+    _opaque: [u8; 0],
+    _marker: PhantomData<(*mut u8, PhantomPinned)>,
+}
+
+/// `SNAPKV_POOLING_MAX`.
+pub const POOLING_MAX: i32 = 0;
+/// `SNAPKV_POOLING_AVG`.
+pub const POOLING_AVG: i32 = 1;
+/// `SNAPKV_GQA_MEAN`.
+pub const GQA_MEAN: i32 = 0;
+/// `SNAPKV_GQA_MAX`.
+pub const GQA_MAX: i32 = 1;
+/// `SNAPKV_SCORE_NONE`.
+pub const SCORE_NONE: i32 = 0;
+/// `SNAPKV_SCORE_SOFTMAX`.
+pub const SCORE_SOFTMAX: i32 = 1;
+/// `SNAPKV_SCORE_QUERY_KEY`.
+pub const SCORE_QUERY_KEY: i32 = 2;
+
+/// Sizes above this are refused as uninitialised structs rather than read.
+const MAX_STRUCT_SIZE: u32 = 4096;
+
+/// `snapkv_params`: SnapKV parameters. Fill with `snapkv_params_default`;
+/// validated on every use.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SnapkvParams {
+    /// `sizeof(snapkv_params)` of the caller's header (forward compatibility).
+    pub size: u32,
+    /// Observation window in tokens.
+    pub window: u32,
+    /// Cells kept per KV head, window included; 0 when `budget_fraction` is used.
+    pub budget: u32,
+    /// Pooling kernel size (odd; 1 disables pooling).
+    pub kernel: u32,
+    /// Fraction of the prompt kept, in (0, 1]; 0 when `budget` is used.
+    pub budget_fraction: f64,
+    /// `enum snapkv_pooling`.
+    pub pooling: i32,
+    /// `enum snapkv_gqa`.
+    pub gqa: i32,
+}
+
+impl Default for SnapkvParams {
+    /// The defaults of [`SnapKvConfig::default`]: they live there only.
+    fn default() -> Self {
+        let c = SnapKvConfig::default();
+        let (budget, budget_fraction) = match c.budget {
+            Budget::Cells(n) => (u32::try_from(n).unwrap_or(u32::MAX), 0.0),
+            Budget::Fraction(f) => (0, f),
+        };
+        SnapkvParams {
+            size: size_of::<SnapkvParams>() as u32,
+            window: c.window as u32,
+            budget,
+            kernel: c.kernel as u32,
+            budget_fraction,
+            pooling: match c.pooling {
+                Pooling::Max => POOLING_MAX,
+                Pooling::Avg => POOLING_AVG,
+            },
+            gqa: match c.gqa {
+                GqaAggregation::Mean => GQA_MEAN,
+                GqaAggregation::Max => GQA_MAX,
+            },
+        }
+    }
+}
+
+fn invalid(msg: String) -> Failure {
+    Failure::new(Status::InvalidParams, msg)
+}
+
+impl SnapkvParams {
+    /// Checks the `size` field a caller set; returns how many bytes of the
+    /// caller's struct may be read (its size) when it is acceptable.
+    pub(crate) fn check_size(size: u32) -> Result<usize, Failure> {
+        let ours = size_of::<SnapkvParams>() as u32;
+        if size < ours || size > MAX_STRUCT_SIZE {
+            return Err(invalid(format!(
+                "snapkv_params.size is {size}, expected {ours}: initialise the struct with snapkv_params_default()"
+            )));
+        }
+        Ok(size as usize)
+    }
+
+    /// Bytes a newer caller appended past the fields this library knows
+    /// must be zero (the fields' "not set" value): a non-zero one asks for
+    /// something this version cannot do.
+    pub(crate) fn check_tail(tail: &[u8]) -> Result<(), Failure> {
+        match tail.iter().position(|&b| b != 0) {
+            None => Ok(()),
+            Some(i) => Err(invalid(format!(
+                "snapkv_params sets a field this library does not know (byte {} of a {}-byte struct): \
+                 it was built for an older snapkv.h",
+                size_of::<SnapkvParams>() + i,
+                size_of::<SnapkvParams>() + tail.len()
+            ))),
+        }
+    }
+
+    /// Converts to the safe API's configuration and validates it.
+    pub(crate) fn to_config(self) -> Result<SnapKvConfig, Failure> {
+        let pooling = match self.pooling {
+            POOLING_MAX => Pooling::Max,
+            POOLING_AVG => Pooling::Avg,
+            other => {
+                return Err(invalid(format!(
+                    "pooling: unknown value {other} (SNAPKV_POOLING_MAX or SNAPKV_POOLING_AVG)"
+                )))
+            }
+        };
+        let gqa = match self.gqa {
+            GQA_MEAN => GqaAggregation::Mean,
+            GQA_MAX => GqaAggregation::Max,
+            other => {
+                return Err(invalid(format!(
+                    "gqa: unknown value {other} (SNAPKV_GQA_MEAN or SNAPKV_GQA_MAX)"
+                )))
+            }
+        };
+        let budget = match (self.budget, self.budget_fraction) {
+            (0, 0.0) => {
+                return Err(invalid(
+                    "budget: set either budget (cells per KV head) or budget_fraction, both are 0".into(),
+                ))
+            }
+            (cells, 0.0) => Budget::Cells(cells as usize),
+            (0, f) => Budget::Fraction(f),
+            (cells, f) => {
+                return Err(invalid(format!(
+                    "budget: set either budget ({cells}) or budget_fraction ({f}), not both (set the other to 0)"
+                )))
+            }
+        };
+        // Every field listed: a new parameter must be exposed to C too.
+        let config = SnapKvConfig {
+            window: self.window as usize,
+            budget,
+            kernel: self.kernel as usize,
+            pooling,
+            gqa,
+        };
+        config.validate().map_err(|e| invalid(e.to_string()))?;
+        Ok(config)
+    }
+}
+
+/// `snapkv_stats`: what a compression did, written only on success.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct SnapkvStats {
+    /// `sizeof(snapkv_stats)` of the caller's header; set by the caller.
+    pub size: u32,
+    /// Whether the cache was rewritten (false: the prompt fit the budget).
+    pub compressed: bool,
+    /// `enum snapkv_score_source`.
+    pub score_source: i32,
+    /// Cells of the sequence before.
+    pub cells_before: u64,
+    /// Cells after.
+    pub cells_after: u64,
+    /// Bytes of the sequence's state before (0 when nothing was compressed).
+    pub bytes_before: u64,
+    /// Bytes after.
+    pub bytes_after: u64,
+    /// Seconds evaluating the prompt before the window (`snapkv_prefill`).
+    pub prefill_seconds: f64,
+    /// Seconds evaluating the observation window.
+    pub window_seconds: f64,
+    /// Seconds the observer spent copying tensors (part of `window_seconds`).
+    pub observe_seconds: f64,
+    /// Seconds scoring.
+    pub score_seconds: f64,
+    /// Seconds selecting.
+    pub select_seconds: f64,
+    /// Seconds reading, rewriting and writing the sequence state.
+    pub compact_seconds: f64,
+}
+
+impl SnapkvStats {
+    /// Checks the `size` field a caller set; returns the bytes that may be
+    /// written (the smaller of the caller's and ours).
+    pub(crate) fn check_size(size: u32) -> Result<usize, Failure> {
+        // The smallest layout ever published: this one (version 1).
+        let ours = size_of::<SnapkvStats>();
+        if (size as usize) < ours || size > MAX_STRUCT_SIZE {
+            return Err(Failure::new(
+                Status::InvalidArgument,
+                format!("snapkv_stats.size is {size}, expected {ours}: set it to sizeof(snapkv_stats)"),
+            ));
+        }
+        Ok(ours)
+    }
+}
+
+impl From<&CompressionStats> for SnapkvStats {
+    fn from(s: &CompressionStats) -> Self {
+        SnapkvStats {
+            size: size_of::<SnapkvStats>() as u32,
+            compressed: s.compressed,
+            score_source: match s.score_source {
+                ScoreSource::None => SCORE_NONE,
+                ScoreSource::Softmax => SCORE_SOFTMAX,
+                ScoreSource::QueryKey => SCORE_QUERY_KEY,
+            },
+            cells_before: s.cells_before as u64,
+            cells_after: s.cells_after as u64,
+            bytes_before: s.bytes_before as u64,
+            bytes_after: s.bytes_after as u64,
+            prefill_seconds: s.prefill_seconds,
+            window_seconds: s.window_seconds,
+            observe_seconds: s.observe_seconds,
+            score_seconds: s.score_seconds,
+            select_seconds: s.select_seconds,
+            compact_seconds: s.compact_seconds,
+        }
+    }
+}
+
+/// One entry of the layout table: a name as the C test spells it
+/// (`sizeof(snapkv_params)`, `offsetof(snapkv_params, window)`,
+/// `SNAPKV_OK`, ...) and its value in this library.
+#[derive(Debug, Clone, Copy)]
+pub struct AbiItem {
+    /// The name, NUL-terminated.
+    pub name: &'static CStr,
+    /// The value.
+    pub value: i64,
+}
+
+macro_rules! abi_size {
+    ($t:ty, $c:literal) => {
+        AbiItem {
+            name: match CStr::from_bytes_with_nul(concat!("sizeof(", $c, ")\0").as_bytes()) {
+                Ok(s) => s,
+                Err(_) => unreachable!(),
+            },
+            value: size_of::<$t>() as i64,
+        }
+    };
+}
+
+macro_rules! abi_offsets {
+    ($t:ty, $c:literal, $($f:ident),+) => {
+        [$(AbiItem {
+            name: match CStr::from_bytes_with_nul(concat!("offsetof(", $c, ", ", stringify!($f), ")\0").as_bytes()) {
+                Ok(s) => s,
+                Err(_) => unreachable!(),
+            },
+            value: offset_of!($t, $f) as i64,
+        }),+]
+    };
+}
+
+macro_rules! abi_const {
+    ($c:literal, $v:expr) => {
+        AbiItem {
+            name: match CStr::from_bytes_with_nul(concat!($c, "\0").as_bytes()) {
+                Ok(s) => s,
+                Err(_) => unreachable!(),
+            },
+            value: $v as i64,
+        }
+    };
+}
+
+/// Everything the header states about layout and constants, as this
+/// library sees it. The C drift test checks every entry against the header
+/// and fails on entries it does not know.
+pub fn abi_items() -> Vec<AbiItem> {
+    let mut items = vec![
+        abi_size!(SnapkvParams, "snapkv_params"),
+        abi_size!(SnapkvStats, "snapkv_stats"),
+        abi_size!(crate::llama::Token, "llama_token"),
+        abi_size!(crate::llama::SeqId, "llama_seq_id"),
+        abi_size!(crate::sys::llama_context_params, "struct llama_context_params"),
+        abi_const!("SNAPKV_POOLING_MAX", POOLING_MAX),
+        abi_const!("SNAPKV_POOLING_AVG", POOLING_AVG),
+        abi_const!("SNAPKV_GQA_MEAN", GQA_MEAN),
+        abi_const!("SNAPKV_GQA_MAX", GQA_MAX),
+        abi_const!("SNAPKV_SCORE_NONE", SCORE_NONE),
+        abi_const!("SNAPKV_SCORE_SOFTMAX", SCORE_SOFTMAX),
+        abi_const!("SNAPKV_SCORE_QUERY_KEY", SCORE_QUERY_KEY),
+        abi_const!(
+            "SNAPKV_VERSION_MAJOR",
+            env!("CARGO_PKG_VERSION_MAJOR").parse::<i64>().unwrap_or(-1)
+        ),
+        abi_const!(
+            "SNAPKV_VERSION_MINOR",
+            env!("CARGO_PKG_VERSION_MINOR").parse::<i64>().unwrap_or(-1)
+        ),
+        abi_const!(
+            "SNAPKV_VERSION_PATCH",
+            env!("CARGO_PKG_VERSION_PATCH").parse::<i64>().unwrap_or(-1)
+        ),
+    ];
+    items.extend(abi_offsets!(
+        SnapkvParams,
+        "snapkv_params",
+        size,
+        window,
+        budget,
+        kernel,
+        budget_fraction,
+        pooling,
+        gqa
+    ));
+    items.extend(abi_offsets!(
+        SnapkvStats,
+        "snapkv_stats",
+        size,
+        compressed,
+        score_source,
+        cells_before,
+        cells_after,
+        bytes_before,
+        bytes_after,
+        prefill_seconds,
+        window_seconds,
+        observe_seconds,
+        score_seconds,
+        select_seconds,
+        compact_seconds
+    ));
+    for &s in Status::ALL {
+        items.push(AbiItem {
+            name: s.c_name(),
+            value: i64::from(s.code()),
+        });
+    }
+    items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn defaults_come_from_the_safe_api_and_validate() {
+        let p = SnapkvParams::default();
+        assert_eq!(p.size as usize, size_of::<SnapkvParams>());
+        assert_eq!((p.window, p.budget, p.kernel), (32, 1024, 7));
+        assert_eq!((p.budget_fraction, p.pooling, p.gqa), (0.0, POOLING_MAX, GQA_MEAN));
+        assert_eq!(p.to_config().unwrap(), SnapKvConfig::default());
+    }
+
+    #[test]
+    fn invalid_params_are_refused_with_a_message() {
+        let base = SnapkvParams::default();
+        let cases: Vec<(SnapkvParams, &str)> = vec![
+            (SnapkvParams { window: 0, ..base }, "window"),
+            (SnapkvParams { kernel: 4, ..base }, "kernel"),
+            (SnapkvParams { budget: 32, ..base }, "budget"),
+            (SnapkvParams { pooling: 7, ..base }, "pooling"),
+            (SnapkvParams { gqa: -1, ..base }, "gqa"),
+            (SnapkvParams { budget: 0, ..base }, "budget"),
+            (
+                SnapkvParams {
+                    budget_fraction: 0.5,
+                    ..base
+                },
+                "not both",
+            ),
+            (
+                SnapkvParams {
+                    budget: 0,
+                    budget_fraction: 1.5,
+                    ..base
+                },
+                "fraction",
+            ),
+            (
+                SnapkvParams {
+                    budget: 0,
+                    budget_fraction: f64::NAN,
+                    ..base
+                },
+                "fraction",
+            ),
+        ];
+        for (p, needle) in cases {
+            let err = p.to_config().unwrap_err();
+            assert_eq!(err.status, Status::InvalidParams, "{p:?}");
+            assert!(err.message.contains(needle), "{:?} lacks {needle:?}", err.message);
+        }
+        let frac = SnapkvParams {
+            budget: 0,
+            budget_fraction: 0.25,
+            ..base
+        };
+        assert_eq!(frac.to_config().unwrap().budget, Budget::Fraction(0.25));
+    }
+
+    #[test]
+    fn sizes_are_checked() {
+        let ours = size_of::<SnapkvParams>() as u32;
+        assert!(SnapkvParams::check_size(0).is_err());
+        assert!(SnapkvParams::check_size(ours - 1).is_err());
+        assert_eq!(SnapkvParams::check_size(ours).unwrap(), ours as usize);
+        assert_eq!(SnapkvParams::check_size(ours + 8).unwrap(), ours as usize + 8);
+        assert!(SnapkvParams::check_size(1 << 20).is_err());
+        assert!(SnapkvParams::check_tail(&[0; 8]).is_ok());
+        assert!(SnapkvParams::check_tail(&[0, 0, 1]).is_err());
+        assert!(SnapkvStats::check_size(0).is_err());
+        assert_eq!(
+            SnapkvStats::check_size(size_of::<SnapkvStats>() as u32 + 16).unwrap(),
+            size_of::<SnapkvStats>()
+        );
+    }
+
+    #[test]
+    fn layout_table_names_are_unique() {
+        let items = abi_items();
+        let names: HashSet<&CStr> = items.iter().map(|i| i.name).collect();
+        assert_eq!(names.len(), items.len());
+        assert!(items.iter().any(|i| i.name == c"offsetof(snapkv_params, gqa)"));
+    }
+}
