@@ -11,6 +11,8 @@ command -v c++ >/dev/null || need+=(g++)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 command -v valgrind >/dev/null || need+=(valgrind)
+# The font the report plots (snapkv eval / bench) draw their text with.
+[[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]] || need+=(fonts-dejavu-core)
 if ((${#need[@]})); then
     echo "installing: ${need[*]}"
     sudo=""

@@ -49,6 +49,7 @@ pub(crate) mod sys;
 pub mod capi;
 pub mod compress;
 mod error;
+pub mod eval;
 mod generate;
 pub mod llama;
 pub mod snapkv;

@@ -2,9 +2,24 @@
 //!
 //! - `snapkv generate`: evaluate a prompt (optionally with SnapKV) and
 //!   generate text, with timings.
+//! - `snapkv demo`: a long document with hidden facts, answered from full,
+//!   SnapKV and streaming caches branched from one evaluation.
+//! - `snapkv eval`: the synthetic long-context task suite (accuracy
+//!   heatmaps).
+//! - `snapkv fidelity`: KL divergence and top-1 agreement with the full
+//!   cache, beside llama.cpp's quantized KV caches.
+//! - `snapkv bench`: prefill, compression and decode speed, memory in use.
+//! - `snapkv capacity`: how many long sequences fit one context.
 
+mod bench;
+mod capacity;
+mod common;
+mod demo;
+mod eval;
+mod fidelity;
 mod generate;
 mod options;
+mod plot;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +38,16 @@ struct Cli {
 enum Command {
     /// Evaluate a prompt and generate text, printing timings (and SnapKV stats with --snapkv).
     Generate(generate::GenerateArgs),
+    /// Answer a question about a long document from full, SnapKV and streaming caches (the README's demo).
+    Demo(demo::DemoArgs),
+    /// Run the synthetic long-context suite (passkey, multi-key, multi-value, variable tracking).
+    Eval(eval::EvalArgs),
+    /// Compare next-token distributions with the full cache (KL divergence, top-1), beside quantized KV caches.
+    Fidelity(fidelity::FidelityArgs),
+    /// Measure prefill, compression and decode speed and KV memory, full vs compressed.
+    Bench(bench::BenchArgs),
+    /// Count how many long sequences fit one context, with and without compression.
+    Capacity(capacity::CapacityArgs),
 }
 
 fn main() {
@@ -44,6 +69,11 @@ fn main() {
     snapkv::set_log_level(level);
     let result = match cli.command {
         Command::Generate(args) => generate::run(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::Eval(args) => eval::run(&args),
+        Command::Fidelity(args) => fidelity::run(&args),
+        Command::Bench(args) => bench::run(&args),
+        Command::Capacity(args) => capacity::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -1,0 +1,298 @@
+//! `snapkv bench`: speed and memory, full cache against compressed, per
+//! prompt length: prefill tok/s, the compression's cost (window, observe,
+//! score, select, compact), decode tok/s over N tokens, KV cells and bytes
+//! in use — plus a fresh prompt of `budget` tokens as the decode ceiling.
+//! Writes `bench-<model>.json` and a plot of decode tok/s vs prompt length.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::Serialize;
+use snapkv::eval::{branch, generate_task, seq_usage, Haystack, Method, Snapshot, TaskKind, TaskSizes, TaskSpec};
+use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
+
+use crate::common::{model_stem, observed_context, task_prompt, token_counter, write_json};
+use crate::common::{MethodOptions, Progress, RunInfo};
+use crate::options::ModelOptions;
+use crate::plot::{self, LineChart, Series};
+
+/// Arguments of `snapkv bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelOptions,
+    /// Prompt lengths in tokens (of the user message), comma-separated; each above the budget.
+    #[arg(long, value_delimiter = ',', default_value = "2000,4000")]
+    lengths: Vec<usize>,
+    /// Cells kept per KV head (window included); also the length of the fresh prompt.
+    #[arg(long, default_value_t = 1024)]
+    budget: usize,
+    /// Compression method.
+    #[arg(long, default_value = "snapkv")]
+    method: String,
+    /// Tokens to decode per measurement (end-of-generation does not stop it).
+    #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
+    n_predict: usize,
+    /// Output directory for bench-<model>.json and the decode plot.
+    #[arg(long, default_value = "results/bench")]
+    out: PathBuf,
+    #[command(flatten)]
+    snap: MethodOptions,
+}
+
+#[derive(Debug, Serialize)]
+struct Point {
+    length: usize,
+    prompt_tokens: usize,
+    prefill_tokens_per_second: f64,
+    prefill_seconds: f64,
+    window_seconds: f64,
+    observe_seconds: f64,
+    score_seconds: f64,
+    select_seconds: f64,
+    compact_seconds: f64,
+    /// Observe + score + select + compact, as a fraction of the prefill (one-call path).
+    overhead_fraction: f64,
+    /// The hook path re-evaluates the window too: (window + score + select + compact) / prefill.
+    hook_overhead_fraction: f64,
+    decode_full_tokens_per_second: f64,
+    decode_compressed_tokens_per_second: f64,
+    decode_speedup: f64,
+    cells_full: usize,
+    cells_compressed: usize,
+    kv_bytes_full: usize,
+    kv_bytes_compressed: usize,
+    kv_ratio: f64,
+    /// Compressed decode speed over the fresh prompt's.
+    vs_fresh: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Fresh {
+    prompt_tokens: usize,
+    decode_tokens_per_second: f64,
+    cells: usize,
+    kv_bytes: usize,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    info: RunInfo,
+    method: &'a str,
+    budget: usize,
+    decode_tokens: usize,
+    fresh: &'a Fresh,
+    points: &'a [Point],
+}
+
+/// Runs `snapkv bench`.
+pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
+    crate::common::check_methods(std::slice::from_ref(&args.method))?;
+    let w = args.snap.window;
+    let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
+    let method = Method::by_name(&args.method, args.snap.config(args.budget))?;
+    let n = args.n_predict.max(2);
+    let mut count = token_counter(&model);
+    let prompts = args
+        .lengths
+        .iter()
+        .map(|&length| {
+            let spec = TaskSpec {
+                kind: TaskKind::Passkey,
+                length,
+                depth: 0.5,
+                seed: 1,
+                sizes: TaskSizes::default(),
+            };
+            let task = generate_task(&spec, &Haystack::Builtin, &mut count);
+            task_prompt(&model, &task, w).map(|p| (length, p.tokens))
+        })
+        .collect::<snapkv::Result<Vec<_>>>()?;
+    let longest = prompts.iter().map(|(_, t)| t.len()).max().unwrap_or(0).max(args.budget);
+    let mut ctx = observed_context(&model, &args.model, longest + n + 64)?;
+    let chunk = ctx.n_ubatch();
+
+    // The ceiling: a fresh prompt of `budget` tokens (the start of the longest prompt).
+    let fresh_tokens = &prompts
+        .iter()
+        .max_by_key(|(_, t)| t.len())
+        .map(|(_, t)| t.clone())
+        .unwrap_or_default();
+    let fresh_tokens = &fresh_tokens[..args.budget.min(fresh_tokens.len())];
+    ctx.seq_rm(0, -1, -1);
+    ctx.decode_tokens(0, fresh_tokens, 0, true)?;
+    let usage = seq_usage(&ctx, 0)?;
+    let gen = generate(&mut ctx, 0, &mut Sampler::greedy(), fresh_tokens.len() as i32, n, false)?;
+    let fresh = Fresh {
+        prompt_tokens: fresh_tokens.len(),
+        decode_tokens_per_second: gen.tokens_per_second(),
+        cells: usage.cells,
+        kv_bytes: usage.kv_bytes,
+    };
+    eprintln!(
+        "fresh {}-token prompt: decode {:.1} tok/s",
+        fresh.prompt_tokens, fresh.decode_tokens_per_second
+    );
+
+    let mut points = Vec::new();
+    for (length, tokens) in &prompts {
+        let p = tokens.len();
+        let mut bar = Progress::new(format!("prefill {length}"), p - w);
+        let snapshot = Snapshot::capture(&mut ctx, 0, tokens, w, chunk, |d| bar.set(d))?;
+        bar.finish(p - w);
+        let full = branch(&mut ctx, &snapshot, &Method::Full)?;
+        let gen_full = generate(&mut ctx, 0, &mut Sampler::greedy(), p as i32, n, false)?;
+        let comp = branch(&mut ctx, &snapshot, &method)?;
+        let gen_comp = generate(&mut ctx, 0, &mut Sampler::greedy(), p as i32, n, false)?;
+        let s = comp.stats.clone().ok_or_else(|| snapkv::Error::InvalidArgument {
+            param: "method",
+            reason: "bench needs a compressing method".into(),
+        })?;
+        if !s.compressed {
+            eprintln!(
+                "warning: {p}-token prompt fits the budget ({}): not compressed",
+                args.budget
+            );
+        }
+        // The full branch's window evaluation stands for the prompt's last w tokens.
+        let prefill_seconds = snapshot.prefill_seconds + full.window_seconds;
+        let score_total = s.score_seconds + s.select_seconds + s.compact_seconds;
+        let point = Point {
+            length: *length,
+            prompt_tokens: p,
+            prefill_tokens_per_second: p as f64 / prefill_seconds,
+            prefill_seconds,
+            window_seconds: s.window_seconds,
+            observe_seconds: s.observe_seconds,
+            score_seconds: s.score_seconds,
+            select_seconds: s.select_seconds,
+            compact_seconds: s.compact_seconds,
+            overhead_fraction: s.overhead_seconds() / prefill_seconds,
+            hook_overhead_fraction: (s.window_seconds + score_total) / prefill_seconds,
+            decode_full_tokens_per_second: gen_full.tokens_per_second(),
+            decode_compressed_tokens_per_second: gen_comp.tokens_per_second(),
+            decode_speedup: gen_comp.tokens_per_second() / gen_full.tokens_per_second().max(1e-9),
+            cells_full: full.usage.cells,
+            cells_compressed: comp.usage.cells,
+            kv_bytes_full: full.usage.kv_bytes,
+            kv_bytes_compressed: comp.usage.kv_bytes,
+            kv_ratio: full.usage.kv_bytes as f64 / comp.usage.kv_bytes.max(1) as f64,
+            vs_fresh: gen_comp.tokens_per_second() / fresh.decode_tokens_per_second.max(1e-9),
+        };
+        eprintln!(
+            "{length}: decode full {:.1} tok/s, {} {:.1} tok/s, overhead {:.2}% of prefill",
+            point.decode_full_tokens_per_second,
+            args.method,
+            point.decode_compressed_tokens_per_second,
+            100.0 * point.overhead_fraction
+        );
+        points.push(point);
+    }
+
+    print_table(args, &fresh, &points);
+    let stem = model_stem(&args.model.model);
+    write_json(
+        &args.out.join(format!("bench-{stem}.json")),
+        &Report {
+            info: RunInfo::new(&model, &args.model),
+            method: &args.method,
+            budget: args.budget,
+            decode_tokens: n,
+            fresh: &fresh,
+            points: &points,
+        },
+    )?;
+    let xs: Vec<f64> = points.iter().map(|p| p.prompt_tokens as f64).collect();
+    let series = vec![
+        Series {
+            name: "full cache".into(),
+            points: xs
+                .iter()
+                .zip(&points)
+                .map(|(&x, p)| (x, p.decode_full_tokens_per_second))
+                .collect(),
+        },
+        Series {
+            name: format!("{} @ {} cells", args.method, args.budget),
+            points: xs
+                .iter()
+                .zip(&points)
+                .map(|(&x, p)| (x, p.decode_compressed_tokens_per_second))
+                .collect(),
+        },
+        Series {
+            name: format!("fresh {}-token prompt", fresh.prompt_tokens),
+            points: xs.iter().map(|&x| (x, fresh.decode_tokens_per_second)).collect(),
+        },
+    ];
+    plot::report(plot::line_chart(
+        &args.out.join(format!("decode-{stem}")),
+        &LineChart {
+            title: format!("decode speed after the prompt · {stem}"),
+            axes: ("prompt length (tokens)", "decode tokens/s"),
+            series,
+        },
+    ));
+    Ok(())
+}
+
+fn print_table(args: &BenchArgs, fresh: &Fresh, points: &[Point]) {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "\n{} @ {} cells, decode over {} tokens; fresh {}-token prompt decodes at {:.1} tok/s",
+        args.method,
+        args.budget,
+        args.n_predict.max(2),
+        fresh.prompt_tokens,
+        fresh.decode_tokens_per_second
+    );
+    let _ = writeln!(
+        s,
+        "{:>7} {:>9} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>8} {:>7} {:>8} {:>7} {:>7} {:>8} {:>8} {:>6}",
+        "prompt",
+        "prefill/s",
+        "window s",
+        "observe",
+        "score",
+        "compact",
+        "overhead",
+        "full/s",
+        "comp/s",
+        "speedup",
+        "vs fresh",
+        "cells",
+        "cells",
+        "MiB",
+        "MiB",
+        "ratio"
+    );
+    for p in points {
+        let _ = writeln!(
+            s,
+            "{:>7} {:>9.1} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>8.2}% {:>8.1} {:>8.1} {:>6.2}x {:>7.0}% {:>7} {:>7} {:>8.1} {:>8.1} {:>5.1}x",
+            p.prompt_tokens,
+            p.prefill_tokens_per_second,
+            p.window_seconds,
+            p.observe_seconds,
+            p.score_seconds + p.select_seconds,
+            p.compact_seconds,
+            100.0 * p.overhead_fraction,
+            p.decode_full_tokens_per_second,
+            p.decode_compressed_tokens_per_second,
+            p.decode_speedup,
+            100.0 * p.vs_fresh,
+            p.cells_full,
+            p.cells_compressed,
+            p.kv_bytes_full as f64 / 1048576.0,
+            p.kv_bytes_compressed as f64 / 1048576.0,
+            p.kv_ratio
+        );
+    }
+    let _ = writeln!(
+        s,
+        "(cells and MiB: full, then compressed; overhead = observe + score + select + compact over prefill)"
+    );
+    print!("{s}");
+}

@@ -1,0 +1,184 @@
+//! `snapkv capacity`: in one context of fixed size (one KV buffer shared by
+//! all sequences), how many concurrent long sequences fit — each prompt
+//! evaluated in full, then (with compression) compressed before the next
+//! one — until llama.cpp finds no KV slot for the next prompt.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use serde::Serialize;
+use snapkv::eval::{generate_task, seq_usage, Haystack, Method, TaskKind, TaskSizes, TaskSpec};
+use snapkv::{init_backend, Context, Error, Model, ModelParams, WindowObserver};
+
+use crate::common::{context_params, model_stem, task_prompt, token_counter, write_json, MethodOptions, RunInfo};
+use crate::options::ModelOptions;
+
+/// Arguments of `snapkv capacity`.
+#[derive(Debug, Args)]
+pub struct CapacityArgs {
+    #[command(flatten)]
+    model: ModelOptions,
+    /// Context size in cells, shared by all sequences (overrides -c).
+    #[arg(long = "cells", default_value_t = 4096)]
+    cells: u32,
+    /// Most sequences the context may hold (llama.cpp's n_seq_max).
+    #[arg(long = "n-seq", default_value_t = 32)]
+    n_seq: u32,
+    /// Prompt length per sequence in tokens (of the user message).
+    #[arg(long, default_value_t = 1024)]
+    length: usize,
+    /// Cells kept per KV head by the compressed sequences (window included).
+    #[arg(long, default_value_t = 128)]
+    budget: usize,
+    /// Compression method.
+    #[arg(long, default_value = "snapkv")]
+    method: String,
+    /// Output directory for capacity-<model>.json.
+    #[arg(long, default_value = "results/capacity")]
+    out: PathBuf,
+    #[command(flatten)]
+    snap: MethodOptions,
+}
+
+#[derive(Debug, Serialize)]
+struct Mode {
+    mode: String,
+    sequences: usize,
+    cells_per_sequence: usize,
+    kv_bytes_per_sequence: usize,
+    seconds: f64,
+    stopped_by: String,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    info: RunInfo,
+    context_cells: u32,
+    n_seq_max: u32,
+    prompt_tokens_min: usize,
+    prompt_tokens_max: usize,
+    budget: usize,
+    modes: &'a [Mode],
+}
+
+/// Runs `snapkv capacity`.
+pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
+    crate::common::check_methods(std::slice::from_ref(&args.method))?;
+    let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
+    let mut count = token_counter(&model);
+    let prompts = (0..args.n_seq as u64)
+        .map(|seed| {
+            let spec = TaskSpec {
+                kind: TaskKind::Passkey,
+                length: args.length,
+                depth: 0.5,
+                seed,
+                sizes: TaskSizes::default(),
+            };
+            let task = generate_task(&spec, &Haystack::Builtin, &mut count);
+            task_prompt(&model, &task, args.snap.window).map(|p| p.tokens)
+        })
+        .collect::<snapkv::Result<Vec<_>>>()?;
+    let p = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let p_min = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    let tty = std::io::stderr().is_terminal();
+    let mut modes = Vec::new();
+    for name in ["full", args.method.as_str()] {
+        let method = Method::by_name(name, args.snap.config(args.budget))?;
+        let mut params = context_params(&args.model, args.cells).with_n_seq_max(args.n_seq);
+        params.kv_unified = true;
+        if name != "full" {
+            params = params.with_observer(WindowObserver::new());
+        }
+        let mut ctx = Context::new(&model, &params)?;
+        let t0 = Instant::now();
+        let mut fitted = 0;
+        let mut stopped_by = format!("n_seq_max ({})", args.n_seq);
+        let mut usage = None;
+        for (s, tokens) in prompts.iter().enumerate() {
+            let seq = s as i32;
+            let result = match &method {
+                Method::Full => ctx.decode_tokens(seq, tokens, 0, true),
+                Method::Compress(c) => c.prefill(&mut ctx, seq, tokens).map(|_| ()),
+            };
+            match result {
+                Ok(()) => {
+                    fitted += 1;
+                    if usage.is_none() {
+                        usage = Some(seq_usage(&ctx, seq)?);
+                    }
+                    if tty {
+                        eprint!("\r{name}: {fitted} sequences ({:.0} s)", t0.elapsed().as_secs_f64());
+                    }
+                }
+                Err(Error::Decode { code: 1, .. }) => {
+                    ctx.seq_rm(seq, -1, -1);
+                    stopped_by = "no KV slot (llama_decode returned 1)".into();
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        eprintln!(
+            "{}{name}: {fitted} sequences in {:.0} s",
+            if tty { "\r" } else { "" },
+            t0.elapsed().as_secs_f64()
+        );
+        let usage = usage.unwrap_or_default();
+        let label = if name == "full" {
+            "full".to_string()
+        } else {
+            format!("{name} @ {}", args.budget)
+        };
+        modes.push(Mode {
+            mode: label,
+            sequences: fitted,
+            cells_per_sequence: usage.cells,
+            kv_bytes_per_sequence: usage.kv_bytes,
+            seconds: t0.elapsed().as_secs_f64(),
+            stopped_by,
+        });
+    }
+    println!(
+        "\none context of {} cells (kv_unified, n_seq_max {}), prompts of {p_min}-{p} tokens:",
+        args.cells, args.n_seq
+    );
+    println!(
+        "{:<20} {:>10} {:>14} {:>12}  stopped by",
+        "cache", "sequences", "cells per seq", "MiB per seq"
+    );
+    for m in &modes {
+        println!(
+            "{:<20} {:>10} {:>14} {:>12.2}  {}",
+            m.mode,
+            m.sequences,
+            m.cells_per_sequence,
+            m.kv_bytes_per_sequence as f64 / 1048576.0,
+            m.stopped_by
+        );
+    }
+    if let [full, comp] = &modes[..] {
+        if full.sequences > 0 {
+            println!(
+                "{:.1}x the sequences with compression",
+                comp.sequences as f64 / full.sequences as f64
+            );
+        }
+    }
+    write_json(
+        &args
+            .out
+            .join(format!("capacity-{}.json", model_stem(&args.model.model))),
+        &Report {
+            info: RunInfo::new(&model, &args.model),
+            context_cells: args.cells,
+            n_seq_max: args.n_seq,
+            prompt_tokens_min: p_min,
+            prompt_tokens_max: p,
+            budget: args.budget,
+            modes: &modes,
+        },
+    )
+}

@@ -1,0 +1,356 @@
+//! `snapkv eval`: the synthetic long-context suite (passkey, multi-key,
+//! multi-value, variable tracking) over lengths × depths × seeds × methods ×
+//! budgets. Each prompt is evaluated once; every method branches from that
+//! state. Writes a table to stdout, `eval.json` and `eval.csv`, and an
+//! accuracy heatmap (length × depth) per task and method.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Args;
+use serde::Serialize;
+use snapkv::eval::{branch, generate_task, Haystack, Method, Snapshot, TaskKind, TaskSizes, TaskSpec};
+use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
+
+use crate::common::{check_methods, observed_context, short_answer, task_prompt, token_counter, write_json};
+use crate::common::{model_stem, MethodOptions, RunInfo};
+use crate::options::ModelOptions;
+use crate::plot::{self, Heatmap};
+
+/// Arguments of `snapkv eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    model: ModelOptions,
+    /// Tasks, comma-separated: passkey, multikey, multivalue, vartrack.
+    #[arg(long, value_delimiter = ',', default_value = "passkey,multikey,multivalue,vartrack")]
+    tasks: Vec<TaskKind>,
+    /// Prompt lengths in tokens (of the user message), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4000")]
+    lengths: Vec<usize>,
+    /// Depths of the asked needles (0 = start, 1 = end of the document), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.1,0.5,0.9")]
+    depths: Vec<f64>,
+    /// Seeds, comma-separated (one prompt per task, length, depth and seed).
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    seeds: Vec<u64>,
+    /// Methods, comma-separated: full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random.
+    #[arg(long, value_delimiter = ',', default_value = "full,snapkv,streaming,random")]
+    methods: Vec<String>,
+    /// Budgets in cells per KV head (window included), comma-separated; more than the window.
+    #[arg(long, value_delimiter = ',', default_value = "256")]
+    budgets: Vec<usize>,
+    /// Filler from a text file (a real text) instead of built-in sentences.
+    #[arg(long)]
+    haystack: Option<PathBuf>,
+    /// Tokens to generate per answer (0 = enough for the expected answer plus 16).
+    #[arg(short = 'n', long = "n-predict", default_value_t = 0)]
+    n_predict: usize,
+    /// Output directory for eval.json, eval.csv and the heatmaps.
+    #[arg(long, default_value = "results/eval")]
+    out: PathBuf,
+    #[command(flatten)]
+    snap: MethodOptions,
+}
+
+/// One answer: a prompt, a method, a budget.
+#[derive(Debug, Clone, Serialize)]
+struct Record {
+    task: &'static str,
+    haystack: String,
+    length: usize,
+    prompt_tokens: usize,
+    depth: f64,
+    seed: u64,
+    method: &'static str,
+    budget: Option<usize>,
+    cells: usize,
+    kv_bytes: usize,
+    score: f64,
+    expected: Vec<String>,
+    answer: String,
+    decode_tokens_per_second: f64,
+    compression_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    info: RunInfo,
+    window: usize,
+    records: &'a [Record],
+}
+
+/// Runs `snapkv eval`.
+pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
+    check_methods(&args.methods)?;
+    let w = args.snap.window;
+    for &b in &args.budgets {
+        args.snap.config(b).validate()?;
+    }
+    if args.tasks.is_empty() || args.lengths.is_empty() || args.depths.is_empty() || args.seeds.is_empty() {
+        return Err(snapkv::Error::InvalidArgument {
+            param: "eval",
+            reason: "tasks, lengths, depths and seeds must each name at least one value".into(),
+        });
+    }
+    let haystack = match &args.haystack {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)?;
+            let name = p
+                .file_name()
+                .map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
+            Haystack::from_text(name, &text).map_err(|reason| snapkv::Error::InvalidArgument {
+                param: "haystack",
+                reason,
+            })?
+        }
+        None => Haystack::Builtin,
+    };
+    let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
+    let mut count = token_counter(&model);
+    let total = args.tasks.len() * args.lengths.len() * args.depths.len() * args.seeds.len();
+    let mut records: Vec<Record> = Vec::new();
+    let mut ctx_slot: Option<(usize, snapkv::Context<'_>)> = None;
+    let t_start = Instant::now();
+    let mut done = 0;
+    for &length in &args.lengths {
+        for &seed in &args.seeds {
+            for &kind in &args.tasks {
+                for &depth in &args.depths {
+                    done += 1;
+                    let spec = TaskSpec {
+                        kind,
+                        length,
+                        depth,
+                        seed,
+                        sizes: TaskSizes::default(),
+                    };
+                    let task = generate_task(&spec, &haystack, &mut count);
+                    let prompt = task_prompt(&model, &task, w)?;
+                    let p = prompt.tokens.len();
+                    let expected_tokens = model.tokenize(&task.answers.join(", "), false, false)?.len();
+                    let n_gen = if args.n_predict > 0 {
+                        args.n_predict
+                    } else {
+                        expected_tokens + 16
+                    };
+                    let need = p + n_gen + 64;
+                    if !matches!(&ctx_slot, Some((n, _)) if *n >= need) {
+                        drop(ctx_slot.take());
+                        let ctx = observed_context(&model, &args.model, need)?;
+                        ctx_slot = Some((ctx.n_ctx(), ctx));
+                    }
+                    let ctx = &mut ctx_slot.as_mut().expect("created above").1;
+                    let chunk = ctx.n_ubatch();
+                    let snapshot = Snapshot::capture(ctx, 0, &prompt.tokens, w, chunk, |_| {})?;
+                    eprintln!(
+                        "[{done}/{total}] {kind} length {length} ({p} tokens) depth {depth} seed {seed}: prefill {:.1} s ({:.0} tok/s), elapsed {:.0} s",
+                        snapshot.prefill_seconds,
+                        (p - w) as f64 / snapshot.prefill_seconds,
+                        t_start.elapsed().as_secs_f64()
+                    );
+                    for name in &args.methods {
+                        let budgets: Vec<Option<usize>> = if name == "full" {
+                            vec![None]
+                        } else {
+                            args.budgets.iter().map(|&b| Some(b)).collect()
+                        };
+                        for budget in budgets {
+                            let method = Method::by_name(name, args.snap.config(budget.unwrap_or(p)))?;
+                            let b = branch(ctx, &snapshot, &method)?;
+                            let mut sampler = Sampler::greedy();
+                            let gen = generate(ctx, 0, &mut sampler, p as i32, n_gen, true)?;
+                            let text = model.detokenize(&gen.tokens, false);
+                            let score = task.score(&text);
+                            eprintln!(
+                                "    {:<24} {:>5.0}%  {:?}",
+                                budget.map_or_else(|| name.clone(), |b| format!("{name} @ {b}")),
+                                100.0 * score,
+                                short_answer(&text, 60)
+                            );
+                            records.push(Record {
+                                task: kind.name(),
+                                haystack: haystack.name().to_string(),
+                                length,
+                                prompt_tokens: p,
+                                depth,
+                                seed,
+                                method: method.name(),
+                                budget,
+                                cells: b.usage.cells,
+                                kv_bytes: b.usage.kv_bytes,
+                                score,
+                                expected: task.answers.clone(),
+                                answer: text,
+                                decode_tokens_per_second: gen.tokens_per_second(),
+                                compression_seconds: b.stats.as_ref().map_or(0.0, |s| s.overhead_seconds()),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    print_table(args, &records);
+    std::fs::create_dir_all(&args.out)?;
+    write_json(
+        &args.out.join("eval.json"),
+        &Report {
+            info: RunInfo::new(&model, &args.model),
+            window: w,
+            records: &records,
+        },
+    )?;
+    write_csv(&args.out.join("eval.csv"), &records)?;
+    heatmaps(args, &records, haystack.name(), &model_stem(&args.model.model));
+    Ok(())
+}
+
+type Key = (&'static str, &'static str, Option<usize>);
+
+/// Mean score per (task, method, budget) and length.
+fn print_table(args: &EvalArgs, records: &[Record]) {
+    let mut cells: BTreeMap<(usize, Key), BTreeMap<usize, (f64, usize)>> = BTreeMap::new();
+    let order = |m: &str| args.methods.iter().position(|x| x == m).unwrap_or(usize::MAX);
+    for r in records {
+        let task_ix = args.tasks.iter().position(|t| t.name() == r.task).unwrap_or(0);
+        let e = cells
+            .entry((task_ix * 1000 + order(r.method), (r.task, r.method, r.budget)))
+            .or_default()
+            .entry(r.length)
+            .or_insert((0.0, 0));
+        e.0 += r.score;
+        e.1 += 1;
+    }
+    let mut out = String::new();
+    let _ = write!(out, "{:<11} {:<20} {:>7}", "task", "method", "budget");
+    for l in &args.lengths {
+        let _ = write!(out, " {:>8}", format!("{l}"));
+    }
+    let _ = writeln!(out, " {:>8} {:>8}", "all", "vs full");
+    let mut full: BTreeMap<&str, f64> = BTreeMap::new();
+    for ((_, (task, method, budget)), by_len) in &cells {
+        let (s, n) = by_len.values().fold((0.0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
+        let all = s / n.max(1) as f64;
+        if *method == "full" {
+            full.insert(task, all);
+        }
+        let _ = write!(
+            out,
+            "{:<11} {:<20} {:>7}",
+            task,
+            method,
+            budget.map_or_else(|| "-".into(), |b| b.to_string())
+        );
+        for l in &args.lengths {
+            match by_len.get(l) {
+                Some((s, n)) => {
+                    let _ = write!(out, " {:>7.1}%", 100.0 * s / *n as f64);
+                }
+                None => {
+                    let _ = write!(out, " {:>8}", "-");
+                }
+            }
+        }
+        let rel = full
+            .get(task)
+            .filter(|&&f| f > 0.0)
+            .map_or_else(|| "-".to_string(), |f| format!("{:.0}%", 100.0 * all / f));
+        let _ = writeln!(out, " {:>7.1}% {:>8}", 100.0 * all, rel);
+    }
+    println!(
+        "\naccuracy (mean fraction of expected values found; {} depths × {} seeds per length):",
+        args.depths.len(),
+        args.seeds.len()
+    );
+    print!("{out}");
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
+    let mut s = String::from(
+        "task,haystack,length,prompt_tokens,depth,seed,method,budget,cells,kv_bytes,score,expected,answer,decode_tok_s,compression_s\n",
+    );
+    for r in records {
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{:.2},{:.4}",
+            r.task,
+            csv_field(&r.haystack),
+            r.length,
+            r.prompt_tokens,
+            r.depth,
+            r.seed,
+            r.method,
+            r.budget.map_or_else(String::new, |b| b.to_string()),
+            r.cells,
+            r.kv_bytes,
+            r.score,
+            csv_field(&r.expected.join(" ")),
+            csv_field(r.answer.trim()),
+            r.decode_tokens_per_second,
+            r.compression_seconds
+        );
+    }
+    std::fs::write(path, s)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+/// One heatmap per task, method and budget: rows = depths, columns = lengths.
+fn heatmaps(args: &EvalArgs, records: &[Record], haystack: &str, model: &str) {
+    let mut groups: BTreeMap<Key, Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        groups.entry((r.task, r.method, r.budget)).or_default().push(r);
+    }
+    let columns: Vec<String> = args.lengths.iter().map(|l| l.to_string()).collect();
+    let rows: Vec<String> = args.depths.iter().map(|d| format!("{:.0}%", 100.0 * d)).collect();
+    for ((task, method, budget), rs) in groups {
+        let values = args
+            .depths
+            .iter()
+            .map(|&d| {
+                args.lengths
+                    .iter()
+                    .map(|&l| {
+                        let hits: Vec<f64> = rs
+                            .iter()
+                            .filter(|r| r.length == l && r.depth == d)
+                            .map(|r| r.score)
+                            .collect();
+                        (!hits.is_empty()).then(|| hits.iter().sum::<f64>() / hits.len() as f64)
+                    })
+                    .collect()
+            })
+            .collect();
+        let name = match budget {
+            Some(b) => format!("heatmap-{haystack}-{task}-{method}-{b}"),
+            None => format!("heatmap-{haystack}-{task}-{method}"),
+        };
+        let title = match budget {
+            Some(b) => format!("{task} · {method} @ {b} cells · {model}"),
+            None => format!("{task} · full cache · {model}"),
+        };
+        let stem = args.out.join(name.replace(['/', ' '], "_"));
+        plot::report(plot::heatmap(
+            &stem,
+            &Heatmap {
+                title,
+                columns: &columns,
+                rows: &rows,
+                axes: ("prompt length (tokens)", "depth"),
+                values,
+            },
+        ));
+    }
+}

@@ -1,0 +1,12 @@
+//! Evaluation support: the synthetic long-context task suite, branching one
+//! evaluated prompt into several caches (full and compressed), and the
+//! metrics that compare them. The `snapkv demo`, `eval`, `fidelity`,
+//! `bench` and `capacity` commands are built on this module.
+
+pub mod branch;
+pub mod metrics;
+pub mod tasks;
+
+pub use branch::{branch, method_names, seq_usage, teacher_force, Branch, Method, SeqUsage, Snapshot};
+pub use metrics::{argmax, kl_divergence, log_softmax, Agreement};
+pub use tasks::{generate as generate_task, Haystack, TaskInstance, TaskKind, TaskSizes, TaskSpec};
