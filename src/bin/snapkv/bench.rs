@@ -13,7 +13,8 @@ use snapkv::eval::{branch, generate_task, seq_usage, Haystack, Method, Snapshot,
 use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
 
 use crate::common::{model_stem, observed_context, task_prompt, token_counter, write_json};
-use crate::common::{MethodOptions, Progress, RunInfo};
+use crate::common::{Progress, RunInfo};
+use crate::options::MethodOptions;
 use crate::options::ModelOptions;
 use crate::plot::{self, LineChart, Series};
 

@@ -12,7 +12,8 @@ use serde::Serialize;
 use snapkv::eval::{generate_task, seq_usage, Haystack, Method, TaskKind, TaskSizes, TaskSpec};
 use snapkv::{init_backend, Context, Error, Model, ModelParams, WindowObserver};
 
-use crate::common::{context_params, model_stem, task_prompt, token_counter, write_json, MethodOptions, RunInfo};
+use crate::common::{context_params, model_stem, task_prompt, token_counter, write_json, RunInfo};
+use crate::options::MethodOptions;
 use crate::options::ModelOptions;
 
 /// Arguments of `snapkv capacity`.

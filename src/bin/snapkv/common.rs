@@ -6,43 +6,10 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use clap::Args;
 use snapkv::eval::TaskInstance;
-use snapkv::{
-    Budget, ChatMessage, Context, ContextParams, GqaAggregation, Model, Pooling, SnapKvConfig, WindowObserver,
-};
+use snapkv::{ChatMessage, Context, ContextParams, Model, WindowObserver};
 
 use crate::options::ModelOptions;
-
-/// SnapKV parameters other than the budget, shared by every method of a run.
-#[derive(Debug, Args)]
-pub struct MethodOptions {
-    /// Observation window: the last W prompt tokens (the same for every method).
-    #[arg(long, default_value_t = 32)]
-    pub window: usize,
-    /// Pooling kernel (odd).
-    #[arg(long, default_value_t = 7)]
-    pub kernel: usize,
-    /// Pooling: max or avg.
-    #[arg(long, default_value = "max")]
-    pub pool: Pooling,
-    /// Aggregation of query heads sharing a KV head: mean or max.
-    #[arg(long, default_value = "mean")]
-    pub gqa: GqaAggregation,
-}
-
-impl MethodOptions {
-    /// The configuration for a budget of `cells` cells per KV head.
-    pub fn config(&self, cells: usize) -> SnapKvConfig {
-        let mut cfg = SnapKvConfig::default();
-        cfg.window = self.window;
-        cfg.kernel = self.kernel;
-        cfg.pooling = self.pool;
-        cfg.gqa = self.gqa;
-        cfg.budget = Budget::Cells(cells);
-        cfg
-    }
-}
 
 /// Checks method names against `full` and the selectors.
 pub fn check_methods(methods: &[String]) -> snapkv::Result<()> {

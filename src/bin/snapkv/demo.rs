@@ -8,8 +8,9 @@ use clap::Args;
 use snapkv::eval::{branch, generate_task, Haystack, Method, Snapshot, TaskKind, TaskSizes, TaskSpec};
 use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
 
+use crate::common::Progress;
 use crate::common::{check_methods, observed_context, short_answer, task_prompt, token_counter};
-use crate::common::{MethodOptions, Progress};
+use crate::options::MethodOptions;
 use crate::options::ModelOptions;
 
 /// Arguments of `snapkv demo`.

@@ -15,7 +15,8 @@ use snapkv::eval::{branch, generate_task, Haystack, Method, Snapshot, TaskKind, 
 use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
 
 use crate::common::{check_methods, observed_context, short_answer, task_prompt, token_counter, write_json};
-use crate::common::{model_stem, MethodOptions, RunInfo};
+use crate::common::{model_stem, RunInfo};
+use crate::options::MethodOptions;
 use crate::options::ModelOptions;
 use crate::plot::{self, Heatmap};
 

@@ -19,7 +19,8 @@ use snapkv::eval::{
 use snapkv::{generate, init_backend, CacheType, ChatMessage, Context, FlashAttention, Model, ModelParams, Sampler};
 
 use crate::common::{check_methods, context_params, model_stem, observed_context, task_prompt, token_counter};
-use crate::common::{write_json, MethodOptions, Progress, RunInfo};
+use crate::common::{write_json, Progress, RunInfo};
+use crate::options::MethodOptions;
 use crate::options::{parse_cache_type, ModelOptions};
 
 /// Arguments of `snapkv fidelity`.

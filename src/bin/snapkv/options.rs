@@ -45,7 +45,7 @@ impl ModelOptions {
     }
 }
 
-/// SnapKV options.
+/// SnapKV options of `generate`: a budget and the method parameters.
 #[derive(Debug, Args)]
 pub struct SnapKvOptions {
     /// Cells kept per KV head, window included.
@@ -54,7 +54,25 @@ pub struct SnapKvOptions {
     /// Budget as a fraction of the prompt instead (e.g. 0.125).
     #[arg(long = "budget-fraction", conflicts_with = "budget")]
     pub budget_fraction: Option<f64>,
-    /// Observation window: the last W prompt tokens.
+    #[command(flatten)]
+    pub method: MethodOptions,
+}
+
+impl SnapKvOptions {
+    /// The configuration these options describe (validated by the library).
+    pub fn config(&self) -> SnapKvConfig {
+        let mut cfg = self.method.config(self.budget);
+        if let Some(f) = self.budget_fraction {
+            cfg.budget = Budget::Fraction(f);
+        }
+        cfg
+    }
+}
+
+/// SnapKV parameters other than the budget, shared by every method of a run.
+#[derive(Debug, Args)]
+pub struct MethodOptions {
+    /// Observation window: the last W prompt tokens (the same for every method).
     #[arg(long, default_value_t = 32)]
     pub window: usize,
     /// Pooling kernel (odd).
@@ -68,18 +86,15 @@ pub struct SnapKvOptions {
     pub gqa: GqaAggregation,
 }
 
-impl SnapKvOptions {
-    /// The configuration these options describe (validated by the library).
-    pub fn config(&self) -> SnapKvConfig {
+impl MethodOptions {
+    /// The configuration for a budget of `cells` cells per KV head.
+    pub fn config(&self, cells: usize) -> SnapKvConfig {
         let mut cfg = SnapKvConfig::default();
         cfg.window = self.window;
         cfg.kernel = self.kernel;
         cfg.pooling = self.pool;
         cfg.gqa = self.gqa;
-        cfg.budget = match self.budget_fraction {
-            Some(f) => Budget::Fraction(f),
-            None => Budget::Cells(self.budget),
-        };
+        cfg.budget = Budget::Cells(cells);
         cfg
     }
 }
