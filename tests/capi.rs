@@ -86,6 +86,19 @@ fn pkg_config(pc_dir: &Path, args: &[&str]) -> Vec<String> {
         .collect()
 }
 
+/// `cargo test` does not build the static library and cannot run `cargo
+/// build` itself (it holds the target directory's lock), so the library
+/// comes from the `cargo build --release` that the README's test command
+/// runs first.
+fn require_static_lib(profile: &Path) {
+    let lib = profile.join("libsnapkv.a");
+    assert!(
+        lib.is_file(),
+        "{} is missing: run `cargo build --release` before `cargo test --release`",
+        lib.display()
+    );
+}
+
 /// Compiler flags for the static library, from the pkg-config file that
 /// scripts/snapkv-pkg-config.sh writes (so the documented two lines are
 /// what the tests use).
@@ -93,6 +106,7 @@ fn static_flags() -> &'static [String] {
     static FLAGS: OnceLock<Vec<String>> = OnceLock::new();
     FLAGS.get_or_init(|| {
         let profile = profile_dir();
+        require_static_lib(&profile);
         run_ok(
             Command::new("bash")
                 .arg(repo().join("scripts/snapkv-pkg-config.sh"))
