@@ -514,7 +514,7 @@ fn compute_votes(
         if let Some(prefix_col) = softmax_columns(capture, state, order, model.n_head(), w) {
             for (layer, rows) in capture.softmax.iter().enumerate() {
                 let rows = rows.as_ref().expect("checked above");
-                add_votes_from_softmax_checked(&mut votes, layer, rows, w, &prefix_col)?;
+                crate::snapkv::add_votes_from_softmax(&mut votes, layer, &rows.data, rows.n_cols, w, &prefix_col)?;
             }
             return Ok((votes, ScoreSource::Softmax));
         }
@@ -522,17 +522,6 @@ fn compute_votes(
     }
     query_key_votes(model, capture, state, order, w, &mut votes)?;
     Ok((votes, ScoreSource::QueryKey))
-}
-
-fn add_votes_from_softmax_checked(
-    votes: &mut Votes,
-    layer: usize,
-    rows: &crate::llama::observer::SoftmaxRows,
-    w: usize,
-    prefix_col: &[usize],
-) -> Result<()> {
-    crate::snapkv::add_votes_from_softmax(votes, layer, &rows.data, rows.n_cols, w, prefix_col)?;
-    Ok(())
 }
 
 /// Matches softmax columns (KV cell indices) to the sequence's cells: the
