@@ -14,8 +14,8 @@ use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
 
 use crate::common::{model_stem, observed_context, task_prompt, token_counter, write_json};
 use crate::common::{Progress, RunInfo};
-use crate::options::MethodOptions;
 use crate::options::ModelOptions;
+use crate::options::{MethodOptions, MethodSpec};
 use crate::plot::{self, LineChart, Series};
 
 /// Arguments of `snapkv bench`.
@@ -29,9 +29,9 @@ pub struct BenchArgs {
     /// Cells kept per KV head (window included); also the length of the fresh prompt.
     #[arg(long, default_value_t = 1024)]
     budget: usize,
-    /// Compression method.
+    /// Compression method, with optional overrides (e.g. snapkv:kernel=15).
     #[arg(long, default_value = "snapkv")]
-    method: String,
+    method: MethodSpec,
     /// Tokens to decode per measurement (end-of-generation does not stop it).
     #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
     n_predict: usize,
@@ -89,10 +89,9 @@ struct Report<'a> {
 
 /// Runs `snapkv bench`.
 pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
-    crate::common::check_methods(std::slice::from_ref(&args.method))?;
     let w = args.snap.window;
     let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
-    let method = Method::by_name(&args.method, args.snap.config(args.budget))?;
+    let method = args.method.method(&args.snap, args.budget)?;
     let n = args.n_predict.max(2);
     let mut count = token_counter(&model);
     let prompts = args
@@ -184,7 +183,7 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
         eprintln!(
             "{length}: decode full {:.1} tok/s, {} {:.1} tok/s, overhead {:.2}% of prefill",
             point.decode_full_tokens_per_second,
-            args.method,
+            args.method.label,
             point.decode_compressed_tokens_per_second,
             100.0 * point.overhead_fraction
         );
@@ -197,7 +196,7 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
         &args.out.join(format!("bench-{stem}.json")),
         &Report {
             info: RunInfo::new(&model, &args.model),
-            method: &args.method,
+            method: &args.method.label,
             budget: args.budget,
             decode_tokens: n,
             fresh: &fresh,
@@ -215,7 +214,7 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
                 .collect(),
         },
         Series {
-            name: format!("{} @ {} cells", args.method, args.budget),
+            name: format!("{} @ {} cells", args.method.label, args.budget),
             points: xs
                 .iter()
                 .zip(&points)
@@ -243,7 +242,7 @@ fn print_table(args: &BenchArgs, fresh: &Fresh, points: &[Point]) {
     let _ = writeln!(
         s,
         "\n{} @ {} cells, decode over {} tokens; fresh {}-token prompt decodes at {:.1} tok/s",
-        args.method,
+        args.method.label,
         args.budget,
         args.n_predict.max(2),
         fresh.prompt_tokens,

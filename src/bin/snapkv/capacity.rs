@@ -13,8 +13,8 @@ use snapkv::eval::{generate_task, seq_usage, Haystack, Method, TaskKind, TaskSiz
 use snapkv::{init_backend, Context, Error, Model, ModelParams, WindowObserver};
 
 use crate::common::{context_params, model_stem, task_prompt, token_counter, write_json, RunInfo};
-use crate::options::MethodOptions;
 use crate::options::ModelOptions;
+use crate::options::{MethodOptions, MethodSpec};
 
 /// Arguments of `snapkv capacity`.
 #[derive(Debug, Args)]
@@ -33,9 +33,9 @@ pub struct CapacityArgs {
     /// Cells kept per KV head by the compressed sequences (window included).
     #[arg(long, default_value_t = 128)]
     budget: usize,
-    /// Compression method.
+    /// Compression method, with optional overrides (e.g. snapkv:kernel=15).
     #[arg(long, default_value = "snapkv")]
-    method: String,
+    method: MethodSpec,
     /// Output directory for capacity-<model>.json.
     #[arg(long, default_value = "results/capacity")]
     out: PathBuf,
@@ -66,7 +66,6 @@ struct Report<'a> {
 
 /// Runs `snapkv capacity`.
 pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
-    crate::common::check_methods(std::slice::from_ref(&args.method))?;
     let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
     let mut count = token_counter(&model);
     let prompts = (0..args.n_seq as u64)
@@ -86,8 +85,10 @@ pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
     let p_min = prompts.iter().map(Vec::len).min().unwrap_or(0);
     let tty = std::io::stderr().is_terminal();
     let mut modes = Vec::new();
-    for name in ["full", args.method.as_str()] {
-        let method = Method::by_name(name, args.snap.config(args.budget))?;
+    let full: MethodSpec = "full".parse().expect("full is always a method");
+    for spec in [&full, &args.method] {
+        let name = spec.label.as_str();
+        let method = spec.method(&args.snap, args.budget)?;
         let mut params = context_params(&args.model, args.cells).with_n_seq_max(args.n_seq);
         params.kv_unified = true;
         if name != "full" {

@@ -11,20 +11,6 @@ use snapkv::{ChatMessage, Context, ContextParams, Model, WindowObserver};
 
 use crate::options::ModelOptions;
 
-/// Checks method names against `full` and the selectors.
-pub fn check_methods(methods: &[String]) -> snapkv::Result<()> {
-    let known = snapkv::eval::method_names();
-    for m in methods {
-        if !known.contains(&m.as_str()) {
-            return Err(snapkv::Error::InvalidArgument {
-                param: "methods",
-                reason: format!("unknown method {m:?} (known: {})", known.join(", ")),
-            });
-        }
-    }
-    Ok(())
-}
-
 /// Context parameters from the model options, with a context size.
 pub fn context_params(opts: &ModelOptions, n_ctx: u32) -> ContextParams {
     ContextParams::default()

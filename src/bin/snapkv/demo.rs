@@ -5,13 +5,13 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use snapkv::eval::{branch, generate_task, Haystack, Method, Snapshot, TaskKind, TaskSizes, TaskSpec};
+use snapkv::eval::{branch, generate_task, Haystack, Snapshot, TaskKind, TaskSizes, TaskSpec};
 use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
 
 use crate::common::Progress;
-use crate::common::{check_methods, observed_context, short_answer, task_prompt, token_counter};
-use crate::options::MethodOptions;
+use crate::common::{observed_context, short_answer, task_prompt, token_counter};
 use crate::options::ModelOptions;
+use crate::options::{MethodOptions, MethodSpec};
 
 /// Arguments of `snapkv demo`.
 #[derive(Debug, Args)]
@@ -35,7 +35,7 @@ pub struct DemoArgs {
     seed: u64,
     /// Methods, comma-separated (full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random).
     #[arg(long, value_delimiter = ',', default_value = "full,snapkv,streaming")]
-    methods: Vec<String>,
+    methods: Vec<MethodSpec>,
     /// Filler from a text file instead of built-in sentences.
     #[arg(long)]
     haystack: Option<PathBuf>,
@@ -48,7 +48,6 @@ pub struct DemoArgs {
 
 /// Runs `snapkv demo`.
 pub fn run(args: &DemoArgs) -> snapkv::Result<()> {
-    check_methods(&args.methods)?;
     let haystack = match &args.haystack {
         Some(p) => {
             let text = std::fs::read_to_string(p)?;
@@ -99,8 +98,8 @@ pub fn run(args: &DemoArgs) -> snapkv::Result<()> {
         "cache", "answer", "right", "KV cells", "KV MiB", "decode tok/s"
     );
     let mut right_full = None;
-    for name in &args.methods {
-        let method = Method::by_name(name, args.snap.config(args.budget))?;
+    for spec in &args.methods {
+        let method = spec.method(&args.snap, args.budget)?;
         let b = branch(&mut ctx, &snapshot, &method)?;
         let mut sampler = Sampler::greedy();
         let gen = generate(&mut ctx, 0, &mut sampler, n_prompt as i32, args.n_predict, true)?;
@@ -113,13 +112,13 @@ pub fn run(args: &DemoArgs) -> snapkv::Result<()> {
         } else {
             "no"
         };
-        if name == "full" {
+        if spec.is_full() {
             right_full = Some(score);
         }
-        let label = if name == "full" {
+        let label = if spec.is_full() {
             "full".to_string()
         } else {
-            format!("{name} @ {}", args.budget)
+            format!("{} @ {}", spec.label, args.budget)
         };
         println!(
             "{:<20} {:<34} {:>6} {:>9} {:>8.1} {:>12.1}",
@@ -132,7 +131,8 @@ pub fn run(args: &DemoArgs) -> snapkv::Result<()> {
         );
         if let Some(s) = b.stats.filter(|s| s.compressed) {
             log::info!(
-                "{name}: window {:.2} s, observe {:.3} s, score {:.3} s, select {:.4} s, compact {:.3} s",
+                "{}: window {:.2} s, observe {:.3} s, score {:.3} s, select {:.4} s, compact {:.3} s",
+                spec.label,
                 s.window_seconds,
                 s.observe_seconds,
                 s.score_seconds,

@@ -11,13 +11,13 @@ use std::time::Instant;
 
 use clap::Args;
 use serde::Serialize;
-use snapkv::eval::{branch, generate_task, Haystack, Method, Snapshot, TaskKind, TaskSizes, TaskSpec};
+use snapkv::eval::{branch, generate_task, Haystack, Snapshot, TaskKind, TaskSizes, TaskSpec};
 use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
 
-use crate::common::{check_methods, observed_context, short_answer, task_prompt, token_counter, write_json};
 use crate::common::{model_stem, RunInfo};
-use crate::options::MethodOptions;
+use crate::common::{observed_context, short_answer, task_prompt, token_counter, write_json};
 use crate::options::ModelOptions;
+use crate::options::{MethodOptions, MethodSpec};
 use crate::plot::{self, Heatmap};
 
 /// Arguments of `snapkv eval`.
@@ -37,9 +37,10 @@ pub struct EvalArgs {
     /// Seeds, comma-separated (one prompt per task, length, depth and seed).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     seeds: Vec<u64>,
-    /// Methods, comma-separated: full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random.
+    /// Methods, comma-separated: full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random;
+    /// a method may override options, e.g. snapkv:kernel=15:pool=avg:gqa=max.
     #[arg(long, value_delimiter = ',', default_value = "full,snapkv,streaming,random")]
-    methods: Vec<String>,
+    methods: Vec<MethodSpec>,
     /// Budgets in cells per KV head (window included), comma-separated; more than the window.
     #[arg(long, value_delimiter = ',', default_value = "256")]
     budgets: Vec<usize>,
@@ -65,7 +66,7 @@ struct Record {
     prompt_tokens: usize,
     depth: f64,
     seed: u64,
-    method: &'static str,
+    method: String,
     budget: Option<usize>,
     cells: usize,
     kv_bytes: usize,
@@ -85,7 +86,6 @@ struct Report<'a> {
 
 /// Runs `snapkv eval`.
 pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
-    check_methods(&args.methods)?;
     let w = args.snap.window;
     for &b in &args.budgets {
         args.snap.config(b).validate()?;
@@ -152,14 +152,14 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                         (p - w) as f64 / snapshot.prefill_seconds,
                         t_start.elapsed().as_secs_f64()
                     );
-                    for name in &args.methods {
-                        let budgets: Vec<Option<usize>> = if name == "full" {
+                    for spec in &args.methods {
+                        let budgets: Vec<Option<usize>> = if spec.is_full() {
                             vec![None]
                         } else {
                             args.budgets.iter().map(|&b| Some(b)).collect()
                         };
                         for budget in budgets {
-                            let method = Method::by_name(name, args.snap.config(budget.unwrap_or(p)))?;
+                            let method = spec.method(&args.snap, budget.unwrap_or(p))?;
                             let b = branch(ctx, &snapshot, &method)?;
                             let mut sampler = Sampler::greedy();
                             let gen = generate(ctx, 0, &mut sampler, p as i32, n_gen, true)?;
@@ -167,7 +167,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                             let score = task.score(&text);
                             eprintln!(
                                 "    {:<24} {:>5.0}%  {:?}",
-                                budget.map_or_else(|| name.clone(), |b| format!("{name} @ {b}")),
+                                budget.map_or_else(|| spec.label.clone(), |b| format!("{} @ {b}", spec.label)),
                                 100.0 * score,
                                 short_answer(&text, 60)
                             );
@@ -178,7 +178,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                                 prompt_tokens: p,
                                 depth,
                                 seed,
-                                method: method.name(),
+                                method: spec.label.clone(),
                                 budget,
                                 cells: b.usage.cells,
                                 kv_bytes: b.usage.kv_bytes,
@@ -210,16 +210,16 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
     Ok(())
 }
 
-type Key = (&'static str, &'static str, Option<usize>);
+type Key<'a> = (&'static str, &'a str, Option<usize>);
 
 /// Mean score per (task, method, budget) and length.
 fn print_table(args: &EvalArgs, records: &[Record]) {
     let mut cells: BTreeMap<(usize, Key), BTreeMap<usize, (f64, usize)>> = BTreeMap::new();
-    let order = |m: &str| args.methods.iter().position(|x| x == m).unwrap_or(usize::MAX);
+    let order = |m: &str| args.methods.iter().position(|x| x.label == m).unwrap_or(usize::MAX);
     for r in records {
         let task_ix = args.tasks.iter().position(|t| t.name() == r.task).unwrap_or(0);
         let e = cells
-            .entry((task_ix * 1000 + order(r.method), (r.task, r.method, r.budget)))
+            .entry((task_ix * 1000 + order(&r.method), (r.task, r.method.as_str(), r.budget)))
             .or_default()
             .entry(r.length)
             .or_insert((0.0, 0));
@@ -227,7 +227,8 @@ fn print_table(args: &EvalArgs, records: &[Record]) {
         e.1 += 1;
     }
     let mut out = String::new();
-    let _ = write!(out, "{:<11} {:<20} {:>7}", "task", "method", "budget");
+    let width = args.methods.iter().map(|m| m.label.len()).max().unwrap_or(0).max(20);
+    let _ = write!(out, "{:<11} {:<width$} {:>7}", "task", "method", "budget");
     for l in &args.lengths {
         let _ = write!(out, " {:>8}", format!("{l}"));
     }
@@ -236,12 +237,12 @@ fn print_table(args: &EvalArgs, records: &[Record]) {
     for ((_, (task, method, budget)), by_len) in &cells {
         let (s, n) = by_len.values().fold((0.0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
         let all = s / n.max(1) as f64;
-        if *method == "full" {
+        if method.starts_with("full") {
             full.insert(task, all);
         }
         let _ = write!(
             out,
-            "{:<11} {:<20} {:>7}",
+            "{:<11} {:<width$} {:>7}",
             task,
             method,
             budget.map_or_else(|| "-".into(), |b| b.to_string())
@@ -292,7 +293,7 @@ fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
             r.prompt_tokens,
             r.depth,
             r.seed,
-            r.method,
+            csv_field(&r.method),
             r.budget.map_or_else(String::new, |b| b.to_string()),
             r.cells,
             r.kv_bytes,
@@ -312,7 +313,7 @@ fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
 fn heatmaps(args: &EvalArgs, records: &[Record], haystack: &str, model: &str) {
     let mut groups: BTreeMap<Key, Vec<&Record>> = BTreeMap::new();
     for r in records {
-        groups.entry((r.task, r.method, r.budget)).or_default().push(r);
+        groups.entry((r.task, r.method.as_str(), r.budget)).or_default().push(r);
     }
     let columns: Vec<String> = args.lengths.iter().map(|l| l.to_string()).collect();
     let rows: Vec<String> = args.depths.iter().map(|d| format!("{:.0}%", 100.0 * d)).collect();

@@ -18,10 +18,10 @@ use snapkv::eval::{
 };
 use snapkv::{generate, init_backend, CacheType, ChatMessage, Context, FlashAttention, Model, ModelParams, Sampler};
 
-use crate::common::{check_methods, context_params, model_stem, observed_context, task_prompt, token_counter};
+use crate::common::{context_params, model_stem, observed_context, task_prompt, token_counter};
 use crate::common::{write_json, Progress, RunInfo};
-use crate::options::MethodOptions;
 use crate::options::{parse_cache_type, ModelOptions};
+use crate::options::{MethodOptions, MethodSpec};
 
 /// Arguments of `snapkv fidelity`.
 #[derive(Debug, Args)]
@@ -61,7 +61,7 @@ pub struct FidelityArgs {
         value_delimiter = ',',
         default_value = "snapkv,snapkv-shared-layer,snapkv-shared-all,streaming,random"
     )]
-    methods: Vec<String>,
+    methods: Vec<MethodSpec>,
     /// Budgets in cells per KV head, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "256,512")]
     budgets: Vec<usize>,
@@ -100,7 +100,6 @@ struct Report<'a> {
 
 /// Runs `snapkv fidelity`.
 pub fn run(args: &FidelityArgs) -> snapkv::Result<()> {
-    check_methods(&args.methods)?;
     let w = args.snap.window;
     let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
     let tokens = prompt_tokens(args, &model)?;
@@ -142,17 +141,18 @@ pub fn run(args: &FidelityArgs) -> snapkv::Result<()> {
     }
     push(&mut rows, "f16".into(), "full", None, full.usage, agr);
 
-    for name in args.methods.iter().filter(|m| m.as_str() != "full") {
+    for spec in args.methods.iter().filter(|m| !m.is_full()) {
         for &budget in &args.budgets {
-            let method = Method::by_name(name, args.snap.config(budget))?;
+            let method = spec.method(&args.snap, budget)?;
             let b = branch(&mut ctx, &snapshot, &method)?;
             let agr = compare(&mut ctx, p, &cont, &reference)?;
             eprintln!(
-                "{name} @ {budget}: mean KL {:.5}, top-1 {:.1}%",
+                "{} @ {budget}: mean KL {:.5}, top-1 {:.1}%",
+                spec.label,
                 agr.mean_kl(),
                 100.0 * agr.top1()
             );
-            push(&mut rows, "f16".into(), name, Some(budget), b.usage, agr);
+            push(&mut rows, "f16".into(), &spec.label, Some(budget), b.usage, agr);
         }
     }
     drop(ctx);

@@ -106,3 +106,107 @@ pub fn parse_cache_type(s: &str) -> Result<CacheType, String> {
         .find(|t| t.name() == s)
         .ok_or_else(|| format!("unknown cache type {s:?} (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, iq4_nl)"))
 }
+
+/// A method as written on the command line: a name (`full` or a selector)
+/// optionally followed by `:key=value` overrides of the shared method
+/// options, e.g. `snapkv:kernel=15:pool=avg:gqa=max`. Overrides let one run
+/// compare variants of a method over the same evaluated prompts; the window
+/// cannot be overridden (every method of a run observes the same window).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodSpec {
+    /// The text as given, used as the method's label in reports.
+    pub label: String,
+    /// `full` or a selector name.
+    pub name: String,
+    kernel: Option<usize>,
+    pool: Option<Pooling>,
+    gqa: Option<GqaAggregation>,
+}
+
+impl MethodSpec {
+    /// Whether this is the uncompressed cache.
+    pub fn is_full(&self) -> bool {
+        self.name == "full"
+    }
+
+    /// The method for a budget of `cells` cells per KV head.
+    ///
+    /// # Errors
+    /// As [`snapkv::eval::Method::by_name`] (an invalid configuration).
+    pub fn method(&self, opts: &MethodOptions, cells: usize) -> snapkv::Result<snapkv::eval::Method> {
+        let mut cfg = opts.config(cells);
+        if let Some(k) = self.kernel {
+            cfg.kernel = k;
+        }
+        if let Some(p) = self.pool {
+            cfg.pooling = p;
+        }
+        if let Some(g) = self.gqa {
+            cfg.gqa = g;
+        }
+        snapkv::eval::Method::by_name(&self.name, cfg)
+    }
+}
+
+impl std::str::FromStr for MethodSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(':');
+        let name = parts.next().unwrap_or_default().to_string();
+        let known = snapkv::eval::method_names();
+        if !known.contains(&name.as_str()) {
+            return Err(format!("unknown method {name:?} (known: {})", known.join(", ")));
+        }
+        let mut spec = MethodSpec {
+            label: s.to_string(),
+            name,
+            kernel: None,
+            pool: None,
+            gqa: None,
+        };
+        for part in parts {
+            if spec.is_full() {
+                return Err(format!("{s:?}: full takes no options"));
+            }
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{s:?}: expected key=value after ':', got {part:?}"))?;
+            match key {
+                "kernel" => spec.kernel = Some(value.parse().map_err(|e| format!("{s:?}: kernel: {e}"))?),
+                "pool" => spec.pool = Some(value.parse().map_err(|e| format!("{s:?}: pool: {e}"))?),
+                "gqa" => spec.gqa = Some(value.parse().map_err(|e| format!("{s:?}: gqa: {e}"))?),
+                _ => return Err(format!("{s:?}: unknown option {key:?} (kernel, pool, gqa)")),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MethodSpec;
+
+    #[test]
+    fn method_specs_parse_names_and_overrides() {
+        let plain: MethodSpec = "snapkv".parse().unwrap();
+        assert_eq!((plain.name.as_str(), plain.kernel, plain.pool), ("snapkv", None, None));
+        let spec: MethodSpec = "snapkv-shared-layer:kernel=15:pool=avg:gqa=max".parse().unwrap();
+        assert_eq!(spec.name, "snapkv-shared-layer");
+        assert_eq!(spec.kernel, Some(15));
+        assert_eq!(spec.pool, Some(snapkv::Pooling::Avg));
+        assert_eq!(spec.gqa, Some(snapkv::GqaAggregation::Max));
+        assert_eq!(spec.label, "snapkv-shared-layer:kernel=15:pool=avg:gqa=max");
+        assert!("full".parse::<MethodSpec>().unwrap().is_full());
+        for bad in [
+            "nonsense",
+            "full:kernel=3",
+            "snapkv:kernel",
+            "snapkv:kernel=x",
+            "snapkv:window=8",
+            "snapkv:pool=min",
+        ] {
+            assert!(bad.parse::<MethodSpec>().is_err(), "{bad}");
+        }
+    }
+}
