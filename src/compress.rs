@@ -63,9 +63,12 @@ pub struct CompressionStats {
     pub bytes_before: usize,
     /// Bytes after.
     pub bytes_after: usize,
-    /// Seconds evaluating the prompt before the window (prefill path only).
+    /// Seconds evaluating the prompt before the armed micro-batch (prefill
+    /// path only).
     pub prefill_seconds: f64,
-    /// Seconds evaluating the observation window with the observer armed.
+    /// Seconds evaluating the armed micro-batch: on the prefill path the
+    /// last micro-batch of the prompt (which ends with the window), on the
+    /// hook path the re-evaluated window.
     pub window_seconds: f64,
     /// Seconds the observer spent copying tensors (part of `window_seconds`).
     pub observe_seconds: f64,
@@ -157,10 +160,12 @@ impl Compressor {
     }
 
     /// Evaluates `tokens` into sequence `seq` (after what it already holds)
-    /// and compresses it: the prompt before the window is evaluated in
-    /// batches, the window with the observer armed, then the sequence is
-    /// compacted. No token is evaluated twice. The logits of the last token
-    /// are available afterwards (`logits_ith(-1)`).
+    /// and compresses it: the tokens are evaluated in batches, the last
+    /// micro-batch (which ends with the observation window) with the
+    /// observer armed to capture the window's rows, then the sequence is
+    /// compacted. No token is evaluated twice, and the window costs no more
+    /// than any other tokens of the prompt. The logits of the last token are
+    /// available afterwards (`logits_ith(-1)`).
     ///
     /// When the sequence fits the budget it is evaluated without the
     /// observer and left untouched (`compressed == false`).
@@ -211,12 +216,16 @@ impl Compressor {
             });
         }
         check_window_fits(ctx, w)?;
-        let split = tokens.len() - w;
+        // The last micro-batch holds the window; it is evaluated on its own
+        // (armed) so that it is exactly one micro-batch.
+        let split = tokens.len() - tokens.len().min(ctx.n_ubatch());
         let t0 = Instant::now();
-        ctx.decode_tokens(seq, &tokens[..split], start, false)?;
+        if split > 0 {
+            ctx.decode_tokens(seq, &tokens[..split], start, false)?;
+        }
         let prefill_seconds = t0.elapsed().as_secs_f64();
         let (capture, window_seconds) =
-            self.observe_window(ctx, observer, seq, &tokens[split..], start + split as Pos)?;
+            self.observe_window(ctx, observer, seq, &tokens[split..], start + split as Pos, w)?;
         let mut stats = self.compress_captured(ctx, seq, &capture, budget)?;
         stats.prefill_seconds = prefill_seconds;
         stats.window_seconds = window_seconds;
@@ -285,7 +294,7 @@ impl Compressor {
                     reason: "llama.cpp could not remove the window for re-evaluation".into(),
                 });
             }
-            let (capture, window_seconds) = self.observe_window(ctx, observer, seq, window, first)?;
+            let (capture, window_seconds) = self.observe_window(ctx, observer, seq, window, first, w)?;
             let mut stats = self.compress_captured(ctx, seq, &capture, budget)?;
             stats.window_seconds = window_seconds;
             Ok(stats)
@@ -314,26 +323,30 @@ impl Compressor {
         }
     }
 
-    /// Evaluates the window with the observer armed; returns the capture and
-    /// the seconds it took.
+    /// Evaluates `batch` (at most one micro-batch, ending with the window of
+    /// `window` tokens) with the observer armed to capture the window's
+    /// rows; returns the capture and the seconds it took.
     fn observe_window(
         &self,
         ctx: &mut ContextRef,
         observer: &WindowObserver,
         seq: SeqId,
-        window: &[Token],
+        batch: &[Token],
         start: Pos,
+        window: usize,
     ) -> Result<(Capture, f64)> {
+        debug_assert!(window <= batch.len() && batch.len() <= ctx.n_ubatch());
         let model = ctx.model();
         let before = observer.activity();
         observer.arm(CaptureRequest {
             n_layer: model.n_layer(),
             n_head: model.n_head(),
             head_dim: model.head_dim(),
-            n_tokens: window.len(),
+            n_tokens: batch.len(),
+            keep: window,
         });
         let t0 = Instant::now();
-        let decoded = ctx.decode_tokens(seq, window, start, true);
+        let decoded = ctx.decode_tokens(seq, batch, start, true);
         ctx.synchronize();
         let capture = observer.disarm();
         decoded?;
@@ -733,9 +746,12 @@ mod tests {
             .with_flash_attn(fa);
         let mut ctx = Context::new(model, &params.with_observer(observer.clone())).unwrap();
         let p = tokens.len();
-        ctx.decode_tokens(0, &tokens[..p - w], 0, false).unwrap();
+        // The armed batch is longer than the window, as on the prefill
+        // path: only its last `w` rows are captured.
+        let armed = 100;
+        ctx.decode_tokens(0, &tokens[..p - armed], 0, false).unwrap();
         let (capture, _) = comp
-            .observe_window(&mut ctx, &observer, 0, &tokens[p - w..], (p - w) as Pos)
+            .observe_window(&mut ctx, &observer, 0, &tokens[p - armed..], (p - armed) as Pos, w)
             .unwrap();
         assert!(capture.error.is_none(), "{:?}", capture.error);
         let blob = ctx.state_seq_get(0).unwrap();

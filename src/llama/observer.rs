@@ -40,11 +40,22 @@ pub(crate) struct CaptureRequest {
     pub n_head: usize,
     /// Query head size.
     pub head_dim: usize,
-    /// Tokens in the window batch.
+    /// Tokens in the armed micro-batch.
     pub n_tokens: usize,
+    /// The last `keep` tokens of the batch are the observation window: only
+    /// their rows are captured (`keep <= n_tokens`).
+    pub keep: usize,
 }
 
-/// The model's attention probabilities of one layer: `[head][query][column]`.
+impl CaptureRequest {
+    /// The first captured row of the batch.
+    fn first_row(&self) -> usize {
+        self.n_tokens - self.keep.min(self.n_tokens)
+    }
+}
+
+/// The model's attention probabilities of one layer for the window's
+/// queries: `[head][query][column]`.
 #[derive(Debug, Clone)]
 pub(crate) struct SoftmaxRows {
     /// Columns per row (the cells attended over, padded).
@@ -56,7 +67,7 @@ pub(crate) struct SoftmaxRows {
 /// What one armed window pass captured.
 #[derive(Debug, Default)]
 pub(crate) struct Capture {
-    /// Per layer: post-RoPE queries `[token][head][dim]`.
+    /// Per layer: post-RoPE queries of the window `[token][head][dim]`.
     pub queries: Vec<Option<Vec<f32>>>,
     /// Per layer: attention probabilities (flash attention off only).
     pub softmax: Vec<Option<SoftmaxRows>>,
@@ -223,26 +234,46 @@ unsafe fn classify(t: *const sys::ggml_tensor) -> Option<Wanted> {
     None
 }
 
-/// Copies a contiguous f32 tensor to host memory.
+/// Copies, from a contiguous f32 tensor viewed as `slices` blocks of `rows`
+/// rows of `row_len` values, rows `first_row..rows` of every block (block
+/// after block) to host memory.
 ///
 /// # Safety
 /// `t` must be a computed, valid tensor.
-unsafe fn read_f32(t: *const sys::ggml_tensor) -> Result<Vec<f32>, String> {
+unsafe fn read_f32_rows(
+    t: *const sys::ggml_tensor,
+    row_len: usize,
+    rows: usize,
+    slices: usize,
+    first_row: usize,
+) -> Result<Vec<f32>, String> {
     // SAFETY: valid tensor per the caller.
-    unsafe {
-        if (*t).type_ != sys::GGML_TYPE_F32 {
-            return Err(format!("tensor type {} is not f32", (*t).type_));
-        }
-        if !sys::ggml_is_contiguous(t) {
-            return Err("tensor is not contiguous".into());
-        }
-        let n = sys::ggml_nelements(t) as usize;
-        let mut out = vec![0f32; n];
-        // ggml_backend_tensor_get works for host and device buffers; out
-        // holds exactly ggml_nbytes(t) bytes for a contiguous f32 tensor.
-        sys::ggml_backend_tensor_get(t, out.as_mut_ptr().cast(), 0, sys::ggml_nbytes(t));
-        Ok(out)
+    let (type_, contiguous, n) = unsafe { ((*t).type_, sys::ggml_is_contiguous(t), sys::ggml_nelements(t)) };
+    if type_ != sys::GGML_TYPE_F32 {
+        return Err(format!("tensor type {type_} is not f32"));
     }
+    if !contiguous {
+        return Err("tensor is not contiguous".into());
+    }
+    if n < 0 || n as usize != row_len * rows * slices || first_row > rows {
+        return Err(format!(
+            "cannot take rows {first_row}.. of {slices} × {rows} rows of {row_len} values from {n} values"
+        ));
+    }
+    let take = (rows - first_row) * row_len;
+    let mut out = vec![0f32; take * slices];
+    if take == 0 {
+        return Ok(out);
+    }
+    for (slice, dst) in out.chunks_exact_mut(take).enumerate() {
+        let offset = (slice * rows + first_row) * row_len * std::mem::size_of::<f32>();
+        // SAFETY: the tensor is a contiguous array of row_len × rows × slices
+        // f32 (checked above), so [offset, offset + take × 4) lies inside
+        // it; `dst` holds exactly `take` f32. ggml_backend_tensor_get works
+        // for host and device buffers.
+        unsafe { sys::ggml_backend_tensor_get(t, dst.as_mut_ptr().cast(), offset, std::mem::size_of_val(dst)) };
+    }
+    Ok(out)
 }
 
 impl WindowObserver {
@@ -264,8 +295,10 @@ impl WindowObserver {
                         "Qcur-{il} seen twice: the window was split over several ubatches"
                     ))
                 } else {
+                    // Queries are [token][head][dim] in memory: one block
+                    // of n_tokens rows of n_head × head_dim values.
                     // SAFETY: valid computed tensor.
-                    unsafe { read_f32(t) }
+                    unsafe { read_f32_rows(t, req.head_dim * req.n_head, req.n_tokens, 1, req.first_row()) }
                         .map(|q| st.capture.queries[il] = Some(q))
                         .map_err(|e| format!("Qcur-{il}: {e}"))
                 }
@@ -279,7 +312,7 @@ impl WindowObserver {
                     Err(format!("kq_soft_max-{il} seen twice"))
                 } else {
                     // SAFETY: valid computed tensor.
-                    unsafe { read_f32(t) }
+                    unsafe { read_f32_rows(t, ne[0] as usize, req.n_tokens, req.n_head, req.first_row()) }
                         .map(|data| {
                             st.capture.softmax[il] = Some(SoftmaxRows {
                                 n_cols: ne[0] as usize,
@@ -365,6 +398,7 @@ mod tests {
             n_head: 2,
             head_dim: 4,
             n_tokens: 5,
+            keep: 2,
         });
         assert!(obs.is_armed());
         let cap = obs.disarm();
