@@ -188,8 +188,8 @@ typedef struct snapkv_stats {
     uint64_t cells_after;   /* cells after (the budget when compressed) */
     uint64_t bytes_before;  /* bytes of the sequence's state before (0 for a no-op) */
     uint64_t bytes_after;   /* bytes after */
-    double prefill_seconds; /* evaluating the prompt before the window (snapkv_prefill) */
-    double window_seconds;  /* evaluating the observation window */
+    double prefill_seconds; /* evaluating the prompt before its last micro-batch (snapkv_prefill) */
+    double window_seconds;  /* evaluating the armed micro-batch (prefill: the last one; hook: the window) */
     double observe_seconds; /* copying captured tensors (part of window_seconds) */
     double score_seconds;   /* scoring */
     double select_seconds;  /* selecting */
@@ -228,9 +228,9 @@ void snapkv_observer_free(snapkv_observer * obs);
 
 /* Evaluates `tokens` into sequence `seq_id` of `ctx` (after the positions it
  * already holds) and compresses the sequence to params->budget cells per KV
- * head: the prompt before the window is evaluated in batches of n_batch,
- * the window with the observer armed, then the cache is compacted. No
- * token is evaluated twice. Afterwards the logits of the last token are
+ * head: the prompt is evaluated in batches of n_batch, its last
+ * micro-batch (which ends with the window) with the observer armed, then
+ * the cache is compacted. No token is evaluated twice. Afterwards the logits of the last token are
  * available (llama_get_logits_ith(ctx, -1)) and decoding continues at
  * position (previous length + n_tokens). When the sequence fits the budget
  * it is evaluated and left uncompressed (stats->compressed == false).
@@ -284,6 +284,40 @@ snapkv_status snapkv_compress_after_prefill(
     llama_seq_id seq_id,
     const llama_token * window_tokens,
     size_t n_window_tokens,
+    snapkv_stats * stats);
+
+/* The observed-decode hook, for hosts that evaluate the prompt themselves
+ * and want no token evaluated twice. Step 1: snapkv_observe arms `obs` so
+ * that the host's next llama_decode calls on `ctx` (the prompt, in any
+ * batch and micro-batch sizes) record the rows of their last
+ * params->window tokens; while armed every decode splits its graph at the
+ * recorded tensors (a small cost). Step 2, right after the prompt:
+ * snapkv_compress_observed compresses the sequence from those rows and
+ * disarms. Nothing is re-evaluated; the logits of the last token stay as
+ * the host's decode left them. Decode only this sequence between the two
+ * calls: the last `window` tokens decoded must be the sequence's last
+ * `window` tokens (their positions are checked).
+ *
+ * snapkv_observe: ctx, obs, params borrowed for the call; ctx must carry
+ * `obs` (else snapkv_compress_observed reports
+ * SNAPKV_ERR_OBSERVER_NOT_ATTACHED). Errors: SNAPKV_ERR_NULL_POINTER,
+ * SNAPKV_ERR_INVALID_PARAMS. Arming again restarts the recording. */
+snapkv_status snapkv_observe(struct llama_context * ctx, snapkv_observer * obs, const snapkv_params * params);
+
+/* Step 2 of the observed-decode hook; pass the same params as to
+ * snapkv_observe. Ownership as snapkv_prefill. Errors:
+ * SNAPKV_ERR_INVALID_ARGUMENT (not armed, or the tokens decoded since
+ * snapkv_observe do not end with the sequence's last `window` tokens),
+ * SNAPKV_ERR_OBSERVER_NOT_ATTACHED (no decode reached the observer),
+ * SNAPKV_ERR_INVALID_SEQUENCE, SNAPKV_ERR_EMPTY_SEQUENCE,
+ * SNAPKV_ERR_UNSUPPORTED, ...; on any of them the sequence's cells are
+ * exactly as before the call (except SNAPKV_ERR_RESTORE_FAILED and
+ * SNAPKV_ERR_PANIC). The observer is disarmed in every case. */
+snapkv_status snapkv_compress_observed(
+    struct llama_context * ctx,
+    snapkv_observer * obs,
+    const snapkv_params * params,
+    llama_seq_id seq_id,
     snapkv_stats * stats);
 
 /* ------------------------------------------------------------------------ */

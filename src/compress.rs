@@ -305,6 +305,114 @@ impl Compressor {
         })
     }
 
+    /// Arms the context's observer so that the caller's own next decodes
+    /// (the prompt, evaluated with [`ContextRef::decode_tokens`] or
+    /// `llama_decode`, in any batch sizes) record the rows of their last
+    /// `window` tokens. Follow with
+    /// [`compress_observed`](Self::compress_observed) right after the
+    /// prompt: the window is then never evaluated twice, and the hook costs
+    /// what the prefill path costs. While armed, every decode splits its
+    /// graph at the captured tensors (a small cost); `compress_observed`
+    /// disarms.
+    ///
+    /// # Errors
+    /// [`Error::ObserverMissing`] when the context has no observer;
+    /// [`Error::Algo`] for an invalid configuration.
+    pub fn observe_decodes(&self, ctx: &crate::Context<'_>) -> Result<()> {
+        let observer = ctx.observer().ok_or(Error::ObserverMissing)?;
+        self.observe_decodes_with(ctx, observer)
+    }
+
+    /// [`observe_decodes`](Self::observe_decodes) with an explicit observer.
+    ///
+    /// # Errors
+    /// [`Error::Algo`] for an invalid configuration.
+    pub fn observe_decodes_with(&self, ctx: &ContextRef, observer: &WindowObserver) -> Result<()> {
+        self.config.validate()?;
+        let model = ctx.model();
+        observer.arm(CaptureRequest {
+            n_layer: model.n_layer(),
+            n_head: model.n_head(),
+            head_dim: model.head_dim(),
+            n_tokens: None,
+            keep: self.config.window,
+        });
+        Ok(())
+    }
+
+    /// The hook after [`observe_decodes`](Self::observe_decodes): disarms
+    /// the observer and compresses sequence `seq` from the window rows the
+    /// caller's decodes recorded. Nothing is re-evaluated; the logits of the
+    /// last token stay as the caller's decode left them.
+    ///
+    /// The last `window` tokens decoded while armed must be the last
+    /// `window` tokens of `seq` (their positions are checked; decode only
+    /// `seq` while armed).
+    ///
+    /// # Errors
+    /// [`Error::ObserverMissing`] when no decode reached the observer (it is
+    /// not this context's callback, or nothing was decoded);
+    /// [`Error::InvalidArgument`] when fewer than `window` tokens were
+    /// decoded while armed or their positions are not the end of `seq`;
+    /// [`Error::EmptySequence`], [`Error::Unsupported`], capture and state
+    /// errors. On any error the sequence is exactly as it was.
+    pub fn compress_observed(&self, ctx: &mut crate::Context<'_>, seq: SeqId) -> Result<CompressionStats> {
+        let observer = ctx.observer().cloned().ok_or(Error::ObserverMissing)?;
+        self.compress_observed_with(ctx, &observer, seq)
+    }
+
+    /// [`compress_observed`](Self::compress_observed) with an explicit
+    /// observer.
+    ///
+    /// # Errors
+    /// As [`compress_observed`](Self::compress_observed).
+    pub fn compress_observed_with(
+        &self,
+        ctx: &mut ContextRef,
+        observer: &WindowObserver,
+        seq: SeqId,
+    ) -> Result<CompressionStats> {
+        let armed = observer.is_armed();
+        let capture = observer.disarm();
+        if !armed {
+            return Err(Error::InvalidArgument {
+                param: "observer",
+                reason: "not armed: call observe_decodes before decoding the prompt".into(),
+            });
+        }
+        ctx.check_seq(seq)?;
+        let w = self.config.window;
+        let last = ctx.seq_pos_max(seq).ok_or(Error::EmptySequence { seq })?;
+        if capture.callbacks == 0 {
+            return Err(Error::ObserverMissing);
+        }
+        if let Some(e) = &capture.error {
+            return Err(Error::Capture(e.clone()));
+        }
+        let expected: Vec<Pos> = (last + 1 - w as Pos..=last).collect();
+        if capture.positions != expected {
+            let got = match (capture.positions.first(), capture.positions.last()) {
+                (Some(a), Some(b)) => format!("{} tokens at positions {a}..={b}", capture.positions.len()),
+                _ => "no tokens".into(),
+            };
+            return Err(Error::InvalidArgument {
+                param: "seq",
+                reason: format!(
+                    "the decodes observed ended with {got}, but the window is the {w} tokens at positions {}..={last} \
+                     of sequence {seq}: decode the prompt (only this sequence) after observe_decodes and compress \
+                     before decoding anything else",
+                    last + 1 - w as Pos
+                ),
+            });
+        }
+        let snapshot_cells = SeqState::parse(&ctx.state_seq_get(seq)?, &model_shape(ctx.model()))?.n_cells();
+        let Some(budget) = self.config.cells_to_keep(snapshot_cells)? else {
+            return Ok(self.noop_stats(snapshot_cells, 0.0));
+        };
+        check_supported(ctx.model())?;
+        self.compress_captured(ctx, seq, &capture, budget)
+    }
+
     fn noop_stats(&self, cells: usize, prefill_seconds: f64) -> CompressionStats {
         CompressionStats {
             compressed: false,
@@ -342,7 +450,7 @@ impl Compressor {
             n_layer: model.n_layer(),
             n_head: model.n_head(),
             head_dim: model.head_dim(),
-            n_tokens: batch.len(),
+            n_tokens: Some(batch.len()),
             keep: window,
         });
         let t0 = Instant::now();

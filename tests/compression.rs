@@ -274,6 +274,123 @@ fn hook_path_selects_what_the_prefill_path_selects() {
     }
 }
 
+/// The observed-decode hook: the caller decodes the prompt itself (in any
+/// micro-batch sizes, even smaller than the window) with the observer armed,
+/// then compresses without re-evaluating anything. It must choose what the
+/// prefill path chooses and leave the caller's logits alone.
+#[test]
+fn observed_decodes_select_what_the_prefill_path_selects() {
+    let tokens = tiny_prompt(300, 16);
+    let (comp, chosen) = recording(config(96), SnapKvSelector);
+    for fa in [FlashAttention::On, FlashAttention::Off] {
+        let mut a = Context::new(
+            tiny(),
+            &params(1024, fa)
+                .with_batch(512, 512)
+                .with_observer(WindowObserver::new()),
+        )
+        .unwrap();
+        comp.prefill(&mut a, 0, &tokens).unwrap();
+        let via_prefill = chosen.lock().unwrap().take().unwrap();
+        // ubatch 20 < window 32: the window's rows come from two micro-batches.
+        for (n_batch, ubatch) in [(512, 512), (512, 96), (64, 20)] {
+            let mut b = Context::new(
+                tiny(),
+                &params(1024, fa)
+                    .with_batch(n_batch, ubatch)
+                    .with_observer(WindowObserver::new()),
+            )
+            .unwrap();
+            comp.observe_decodes(&b).unwrap();
+            b.decode_tokens(0, &tokens, 0, true).unwrap();
+            let logits = b.logits_ith(-1).unwrap().to_vec();
+            let stats = comp.compress_observed(&mut b, 0).unwrap();
+            assert!(stats.compressed);
+            assert_eq!(stats.window_seconds, 0.0, "nothing re-evaluated");
+            assert_eq!(n_cells(&b, 0), 96);
+            assert!(bits_equal(&logits, b.logits_ith(-1).unwrap()), "logits untouched");
+            let via_observed = chosen.lock().unwrap().take().unwrap();
+            let agree = agreement(&via_prefill, &via_observed);
+            // Different micro-batch sizes round the queries differently;
+            // a near-tie may then fall the other way.
+            assert!(agree >= 0.99, "flash {fa:?}, ubatch {ubatch}: agreement {agree}");
+            let p = tokens.len() as i32;
+            a.seq_rm(0, p, -1);
+            a.decode_tokens(0, &[tokens[2]], p, true).unwrap();
+            b.decode_tokens(0, &[tokens[2]], p, true).unwrap();
+            if agree == 1.0 {
+                let diff = max_abs_diff(a.logits_ith(-1).unwrap(), b.logits_ith(-1).unwrap());
+                assert!(diff < 1e-2, "flash {fa:?}, ubatch {ubatch}: logits differ by {diff}");
+            }
+        }
+    }
+}
+
+fn same_state(ctx: &snapkv::ContextRef, expected: &[u8], line: u32) {
+    let now = ctx.state_seq_get(0).unwrap();
+    let first = now.iter().zip(expected).position(|(a, b)| a != b);
+    assert!(
+        now == expected,
+        "line {line}: state differs: {} vs {} bytes, first difference at {first:?}",
+        now.len(),
+        expected.len()
+    );
+}
+
+/// Misuse of the observed-decode hook is refused and loses nothing.
+#[test]
+fn observed_decodes_refuse_misuse() {
+    let tokens = tiny_prompt(300, 21);
+    let comp = Compressor::new(config(96)).unwrap();
+    let mut ctx = observed(tiny(), 1024, FlashAttention::Auto);
+    ctx.decode_tokens(0, &tokens, 0, true).unwrap();
+    let full = ctx.state_seq_get(0).unwrap();
+    // Not armed.
+    assert!(matches!(
+        comp.compress_observed(&mut ctx, 0),
+        Err(snapkv::Error::InvalidArgument { param: "observer", .. })
+    ));
+    // Armed, but the last tokens decoded are not the sequence's end: a
+    // token decoded and removed again.
+    comp.observe_decodes(&ctx).unwrap();
+    ctx.decode_tokens(0, &tokens[..40], 300, false).unwrap();
+    assert!(ctx.seq_rm(0, 300, -1));
+    assert!(matches!(
+        comp.compress_observed(&mut ctx, 0),
+        Err(snapkv::Error::InvalidArgument { param: "seq", .. })
+    ));
+    same_state(&ctx, &full, line!());
+    // Fewer tokens than the window decoded while armed.
+    ctx.seq_rm(0, 290, -1);
+    comp.observe_decodes(&ctx).unwrap();
+    ctx.decode_tokens(0, &tokens[290..], 290, true).unwrap();
+    // (The last 10 cells were recomputed in a smaller batch: their values
+    // may differ in the last bits, so this is the state to keep now.)
+    let full = ctx.state_seq_get(0).unwrap();
+    assert!(matches!(
+        comp.compress_observed(&mut ctx, 0),
+        Err(snapkv::Error::InvalidArgument { param: "seq", .. })
+    ));
+    same_state(&ctx, &full, line!());
+    // Nothing decoded while armed.
+    comp.observe_decodes(&ctx).unwrap();
+    assert!(matches!(
+        comp.compress_observed(&mut ctx, 0),
+        Err(snapkv::Error::ObserverMissing)
+    ));
+    // An observer that is not this context's callback.
+    let foreign = WindowObserver::new();
+    comp.observe_decodes_with(&ctx, &foreign).unwrap();
+    ctx.seq_rm(0, 0, -1);
+    ctx.decode_tokens(0, &tokens, 0, true).unwrap();
+    let full = ctx.state_seq_get(0).unwrap();
+    assert!(matches!(
+        comp.compress_observed_with(&mut ctx, &foreign, 0),
+        Err(snapkv::Error::ObserverMissing)
+    ));
+    same_state(&ctx, &full, line!());
+}
+
 /// Fraction of kept positions two selections share, over all heads.
 fn agreement(a: &Selection, b: &Selection) -> f64 {
     let mut same = 0usize;
@@ -516,10 +633,15 @@ fn a_compressed_sequence_can_grow_and_be_compressed_again() {
 }
 
 #[test]
-fn cli_reports_compression_on_both_paths() {
+fn cli_reports_compression_on_every_path() {
     let model = tiny_model_path(&TinyModelSpec::default()).unwrap();
     let prompt = filler(300, 24);
-    for extra in [&[][..], &["--hook"][..], &["--flash-attn", "off"][..]] {
+    for extra in [
+        &[][..],
+        &["--hook"][..],
+        &["--observed"][..],
+        &["--flash-attn", "off"][..],
+    ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
             .arg("generate")
             .arg("-m")

@@ -302,6 +302,54 @@ pub unsafe extern "C" fn snapkv_compress_after_prefill(
     })
 }
 
+/// Arms the observer so that the caller's own next decodes record the
+/// window rows (step 1 of the observed-decode hook).
+///
+/// # Safety
+/// See snapkv.h.
+#[no_mangle]
+pub unsafe extern "C" fn snapkv_observe(
+    ctx: *mut LlamaContext,
+    obs: *mut SnapkvObserver,
+    params: *const SnapkvParams,
+) -> i32 {
+    boundary(|| {
+        let ctx = ptr::context(ctx)?;
+        let obs = ptr::observer(obs)?;
+        let params = ptr::params(params)?;
+        check_llama()?;
+        compressor(&params)?.observe_decodes_with(ctx, obs)?;
+        Ok(())
+    })
+}
+
+/// Compresses a sequence from the window rows recorded since
+/// `snapkv_observe` (step 2 of the observed-decode hook).
+///
+/// # Safety
+/// See snapkv.h.
+#[no_mangle]
+pub unsafe extern "C" fn snapkv_compress_observed(
+    ctx: *mut LlamaContext,
+    obs: *mut SnapkvObserver,
+    params: *const SnapkvParams,
+    seq_id: SeqId,
+    stats: *mut SnapkvStats,
+) -> i32 {
+    boundary(|| {
+        let ctx = ptr::context(ctx)?;
+        let obs = ptr::observer(obs)?;
+        let params = ptr::params(params)?;
+        let out = ptr::stats_out(stats)?;
+        check_llama()?;
+        let compressor = compressor(&params)?;
+        check_seq(ctx, seq_id)?;
+        let stats = compressor.compress_observed_with(ctx, obs, seq_id)?;
+        out.write(&SnapkvStats::from(&stats));
+        Ok(())
+    })
+}
+
 /// Entry `index` of the layout table (drift test): its name and value.
 /// `SNAPKV_ERR_INVALID_ARGUMENT` past the end.
 ///

@@ -40,18 +40,13 @@ pub(crate) struct CaptureRequest {
     pub n_head: usize,
     /// Query head size.
     pub head_dim: usize,
-    /// Tokens in the armed micro-batch.
-    pub n_tokens: usize,
-    /// The last `keep` tokens of the batch are the observation window: only
-    /// their rows are captured (`keep <= n_tokens`).
+    /// `Some(n)`: one micro-batch of exactly `n` tokens is armed (a second
+    /// one is an error). `None`: any number of micro-batches of any size;
+    /// the capture holds the last `keep` rows seen over all of them.
+    pub n_tokens: Option<usize>,
+    /// The observation window: the last `keep` tokens evaluated while armed.
+    /// Only their rows are captured.
     pub keep: usize,
-}
-
-impl CaptureRequest {
-    /// The first captured row of the batch.
-    fn first_row(&self) -> usize {
-        self.n_tokens - self.keep.min(self.n_tokens)
-    }
 }
 
 /// The model's attention probabilities of one layer for the window's
@@ -71,15 +66,21 @@ pub(crate) struct Capture {
     pub queries: Vec<Option<Vec<f32>>>,
     /// Per layer: attention probabilities (flash attention off only).
     pub softmax: Vec<Option<SoftmaxRows>>,
+    /// Positions of the captured window rows (from the first layer's RoPE).
+    pub positions: Vec<i32>,
     /// The first problem met (shape, type, duplicate layer).
     pub error: Option<String>,
     /// Time spent copying tensors in the callback.
     pub seconds: f64,
+    /// Graph callbacks received while armed (0: the observer is not the
+    /// context's callback, or nothing was decoded).
+    pub callbacks: u64,
 }
 
 #[derive(Default)]
 struct State {
     request: Option<CaptureRequest>,
+    calls_at_arm: u64,
     capture: Capture,
     chained_asked: bool,
 }
@@ -177,9 +178,12 @@ impl WindowObserver {
         st.capture = Capture {
             queries: vec![None; request.n_layer],
             softmax: vec![None; request.n_layer],
+            positions: Vec::new(),
             error: None,
             seconds: 0.0,
+            callbacks: 0,
         };
+        st.calls_at_arm = self.armed_calls.load(Ordering::SeqCst);
         self.arms.fetch_add(1, Ordering::SeqCst);
         self.armed.store(true, Ordering::SeqCst);
     }
@@ -197,7 +201,9 @@ impl WindowObserver {
         self.armed.store(false, Ordering::SeqCst);
         let mut st = self.lock();
         st.request = None;
-        std::mem::take(&mut st.capture)
+        let mut capture = std::mem::take(&mut st.capture);
+        capture.callbacks = self.armed_calls.load(Ordering::SeqCst) - st.calls_at_arm;
+        capture
     }
 
     /// Whether the observer is capturing.
@@ -276,6 +282,45 @@ unsafe fn read_f32_rows(
     Ok(out)
 }
 
+/// Appends `rows` (whole rows of `row_len` values) to `buffer` and drops
+/// rows from its front so that at most `keep` rows remain.
+fn roll<T>(buffer: &mut Vec<T>, rows: Vec<T>, row_len: usize, keep: usize) {
+    if rows.len() >= keep * row_len {
+        *buffer = rows;
+    } else {
+        buffer.extend(rows);
+    }
+    let excess = buffer.len().saturating_sub(keep * row_len);
+    buffer.drain(..excess);
+}
+
+/// Reads the positions of a RoPE node's rows (its second source, I32), the
+/// last `take` of `n_tokens`.
+///
+/// # Safety
+/// `t` must be a computed, valid ROPE tensor.
+unsafe fn read_rope_positions(t: *const sys::ggml_tensor, n_tokens: usize, take: usize) -> Result<Vec<i32>, String> {
+    // SAFETY: a ROPE node's src[1] is its position tensor, an input that is
+    // set before the graph runs.
+    let pos = unsafe { (*t).src[1] };
+    if pos.is_null() {
+        return Err("RoPE node without positions".into());
+    }
+    // SAFETY: pos is a valid tensor of the same graph.
+    let (type_, n, contiguous) = unsafe { ((*pos).type_, sys::ggml_nelements(pos), sys::ggml_is_contiguous(pos)) };
+    if type_ != sys::GGML_TYPE_I32 || n < 0 || n as usize != n_tokens || !contiguous {
+        return Err(format!(
+            "RoPE positions of type {type_} with {n} values; expected {n_tokens} i32 (one position per token)"
+        ));
+    }
+    let mut out = vec![0i32; take];
+    let offset = (n_tokens - take) * std::mem::size_of::<i32>();
+    // SAFETY: the tensor holds n_tokens contiguous i32 (checked above) and
+    // `out` takes the last `take <= n_tokens` of them.
+    unsafe { sys::ggml_backend_tensor_get(pos, out.as_mut_ptr().cast(), offset, std::mem::size_of_val(&out[..])) };
+    Ok(out)
+}
+
 impl WindowObserver {
     fn on_data(&self, t: *const sys::ggml_tensor, wanted: Wanted) {
         let start = Instant::now();
@@ -284,49 +329,90 @@ impl WindowObserver {
         // SAFETY: the scheduler hands us a computed, valid tensor.
         let ne = unsafe { (*t).ne };
         let result = match wanted {
-            Wanted::Query(il) => {
-                let want = [req.head_dim as i64, req.n_head as i64, req.n_tokens as i64, 1];
-                if il >= req.n_layer {
-                    Err(format!("Qcur-{il}: layer out of range"))
-                } else if ne != want {
-                    Err(format!("Qcur-{il}: shape {ne:?}, expected {want:?}"))
-                } else if st.capture.queries[il].is_some() {
-                    Err(format!(
-                        "Qcur-{il} seen twice: the window was split over several ubatches"
-                    ))
-                } else {
-                    // Queries are [token][head][dim] in memory: one block
-                    // of n_tokens rows of n_head × head_dim values.
-                    // SAFETY: valid computed tensor.
-                    unsafe { read_f32_rows(t, req.head_dim * req.n_head, req.n_tokens, 1, req.first_row()) }
-                        .map(|q| st.capture.queries[il] = Some(q))
-                        .map_err(|e| format!("Qcur-{il}: {e}"))
-                }
-            }
-            Wanted::Softmax(il) => {
-                if il >= req.n_layer {
-                    Err(format!("kq_soft_max-{il}: layer out of range"))
-                } else if ne[1] != req.n_tokens as i64 || ne[2] != req.n_head as i64 || ne[3] != 1 {
-                    Err(format!("kq_soft_max-{il}: unexpected shape {ne:?}"))
-                } else if st.capture.softmax[il].is_some() {
-                    Err(format!("kq_soft_max-{il} seen twice"))
-                } else {
-                    // SAFETY: valid computed tensor.
-                    unsafe { read_f32_rows(t, ne[0] as usize, req.n_tokens, req.n_head, req.first_row()) }
-                        .map(|data| {
-                            st.capture.softmax[il] = Some(SoftmaxRows {
-                                n_cols: ne[0] as usize,
-                                data,
-                            })
-                        })
-                        .map_err(|e| format!("kq_soft_max-{il}: {e}"))
-                }
-            }
+            Wanted::Query(il) => Self::on_queries(&mut st.capture, &req, t, il, ne),
+            Wanted::Softmax(il) => Self::on_softmax(&mut st.capture, &req, t, il, ne),
         };
         if let Err(e) = result {
             st.capture.error.get_or_insert(e);
         }
         st.capture.seconds += start.elapsed().as_secs_f64();
+    }
+
+    fn on_queries(
+        capture: &mut Capture,
+        req: &CaptureRequest,
+        t: *const sys::ggml_tensor,
+        il: usize,
+        ne: [i64; 4],
+    ) -> Result<(), String> {
+        let n_tokens = ne[2].max(0) as usize;
+        let want = [
+            req.head_dim as i64,
+            req.n_head as i64,
+            req.n_tokens.unwrap_or(n_tokens) as i64,
+            1,
+        ];
+        if il >= req.n_layer {
+            return Err(format!("Qcur-{il}: layer out of range"));
+        }
+        if ne != want {
+            return Err(format!("Qcur-{il}: shape {ne:?}, expected {want:?}"));
+        }
+        if req.n_tokens.is_some() && capture.queries[il].is_some() {
+            return Err(format!(
+                "Qcur-{il} seen twice: the window was split over several ubatches"
+            ));
+        }
+        let take = req.keep.min(n_tokens);
+        let row_len = req.head_dim * req.n_head;
+        // Queries are [token][head][dim] in memory: one block of n_tokens
+        // rows of n_head × head_dim values.
+        // SAFETY: valid computed tensor.
+        let rows = unsafe { read_f32_rows(t, row_len, n_tokens, 1, n_tokens - take) }
+            .map_err(|e| format!("Qcur-{il}: {e}"))?;
+        roll(
+            capture.queries[il].get_or_insert_with(Vec::new),
+            rows,
+            row_len,
+            req.keep,
+        );
+        if il == 0 {
+            // SAFETY: a computed ROPE node (classify checked the op).
+            let pos = unsafe { read_rope_positions(t, n_tokens, take) }.map_err(|e| format!("Qcur-0: {e}"))?;
+            roll(&mut capture.positions, pos, 1, req.keep);
+        }
+        Ok(())
+    }
+
+    fn on_softmax(
+        capture: &mut Capture,
+        req: &CaptureRequest,
+        t: *const sys::ggml_tensor,
+        il: usize,
+        ne: [i64; 4],
+    ) -> Result<(), String> {
+        let n_tokens = ne[1].max(0) as usize;
+        if il >= req.n_layer {
+            return Err(format!("kq_soft_max-{il}: layer out of range"));
+        }
+        if req.n_tokens.is_some_and(|n| n != n_tokens) || ne[2] != req.n_head as i64 || ne[3] != 1 {
+            return Err(format!("kq_soft_max-{il}: unexpected shape {ne:?}"));
+        }
+        if req.n_tokens.is_some() && capture.softmax[il].is_some() {
+            return Err(format!("kq_soft_max-{il} seen twice"));
+        }
+        if n_tokens < req.keep {
+            // The window's rows are spread over micro-batches whose softmax
+            // columns differ: score this layer from the queries instead.
+            capture.softmax[il] = None;
+            return Ok(());
+        }
+        let n_cols = ne[0].max(0) as usize;
+        // SAFETY: valid computed tensor.
+        let data = unsafe { read_f32_rows(t, n_cols, n_tokens, req.n_head, n_tokens - req.keep) }
+            .map_err(|e| format!("kq_soft_max-{il}: {e}"))?;
+        capture.softmax[il] = Some(SoftmaxRows { n_cols, data });
+        Ok(())
     }
 }
 
@@ -397,7 +483,7 @@ mod tests {
             n_layer: 3,
             n_head: 2,
             head_dim: 4,
-            n_tokens: 5,
+            n_tokens: Some(5),
             keep: 2,
         });
         assert!(obs.is_armed());

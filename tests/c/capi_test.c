@@ -324,11 +324,43 @@ int main(int argc, char ** argv) {
     }
     st = sentinel;
     expect(snapkv_prefill(ctx, obs, &p, S1, toks, n_prompt, &st), SNAPKV_OK, "prefill(seq 1)", NULL);
-    CHECK(st.compressed && st.cells_after == 64 && st.prefill_seconds > 0.0, "prefill stats");
+    CHECK(st.compressed && st.cells_after == 64 && st.window_seconds > 0.0, "prefill stats");
     CHECK(llama_get_logits_ith(ctx, -1) != NULL, "logits after prefill");
     printf("compressed: %llu -> %llu cells, %llu -> %llu bytes\n", (unsigned long long) st.cells_before,
            (unsigned long long) st.cells_after, (unsigned long long) st.bytes_before,
            (unsigned long long) st.bytes_after);
+
+    /* The observed-decode hook: the host decodes, snapkv only compresses. */
+    st = sentinel;
+    expect(snapkv_compress_observed(ctx, obs, &p, S1, &st), SNAPKV_ERR_INVALID_ARGUMENT, "compress_observed(not armed)",
+           "not armed");
+    expect(snapkv_observe(NULL, obs, &p), SNAPKV_ERR_NULL_POINTER, "observe(NULL ctx)", "ctx");
+    bad = p; bad.kernel = 2;
+    expect(snapkv_observe(ctx, obs, &bad), SNAPKV_ERR_INVALID_PARAMS, "observe(kernel 2)", "kernel");
+    CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1");
+    expect(snapkv_observe(ctx, obs, &p), SNAPKV_OK, "observe", NULL);
+    CHECK(decode(ctx, S1, toks, n_prompt, 0) == 0, "host decodes the prompt while observed");
+    {
+        const float * before = llama_get_logits_ith(ctx, -1);
+        float first = before[0];
+        expect(snapkv_compress_observed(ctx, obs, &p, S1, &st), SNAPKV_OK, "compress_observed(seq 1)", NULL);
+        CHECK(st.compressed && st.cells_after == 64 && st.window_seconds == 0.0, "observed stats: nothing re-evaluated");
+        CHECK(llama_get_logits_ith(ctx, -1)[0] == first, "logits left as the host's decode left them");
+    }
+    {
+        llama_token t = (llama_token) argmax(llama_get_logits_ith(ctx, -1), llama_vocab_n_tokens(vocab));
+        CHECK(decode(ctx, S1, &t, 1, n_prompt) == 0, "decode after the observed hook");
+    }
+    /* Observing a context the observer is not attached to. */
+    expect(snapkv_observe(plain, obs, &p), SNAPKV_OK, "observe(plain)", NULL);
+    CHECK(decode(plain, S0, toks, 1, n_prompt) == 0, "decode plain");
+    free(ref_plain);
+    ref_plain = seq_state(plain, S0, &ref_plain_n);
+    st = sentinel;
+    expect(snapkv_compress_observed(plain, obs, &p, S0, &st), SNAPKV_ERR_OBSERVER_NOT_ATTACHED,
+           "compress_observed(context without observer)", "observer");
+    CHECK(same_state(plain, S0, ref_plain, ref_plain_n), "context without observer unchanged");
+    CHECK(memcmp(&st, &sentinel, sizeof st) == 0, "stats untouched on failure");
 
     free(ref0);
     free(ref1);

@@ -42,6 +42,11 @@ pub struct GenerateArgs {
     /// evaluated the prompt themselves).
     #[arg(long, requires = "snapkv")]
     hook: bool,
+    /// With --snapkv: evaluate the whole prompt with the observer recording
+    /// its last window rows, then compress without re-evaluating anything
+    /// (the observed-decode hook).
+    #[arg(long, requires = "snapkv", conflicts_with = "hook")]
+    observed: bool,
     /// Selection method with --snapkv: snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random.
     #[arg(long, default_value = "snapkv")]
     method: String,
@@ -90,6 +95,14 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
             let mut s = compressor.compress_after_prefill(&mut ctx, 0, &tokens)?;
             s.prefill_seconds = prefill_seconds;
             Some(s)
+        } else if args.observed {
+            let t0 = Instant::now();
+            compressor.observe_decodes(&ctx)?;
+            ctx.decode_tokens(0, &tokens, 0, true)?;
+            let prefill_seconds = t0.elapsed().as_secs_f64();
+            let mut s = compressor.compress_observed(&mut ctx, 0)?;
+            s.prefill_seconds = prefill_seconds;
+            Some(s)
         } else {
             Some(compressor.prefill(&mut ctx, 0, &tokens)?)
         }
@@ -133,7 +146,10 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
                 s.score_source
             );
             // On the hook path the whole window pass is extra work; on the
-            // prefill path the window is part of the prompt evaluation.
+            // prefill path the window is part of the prompt evaluation; on
+            // the observed path nothing is re-evaluated (the cost of
+            // recording while the prompt is decoded is inside its prefill
+            // time).
             let extra = s.overhead_seconds()
                 + if args.hook {
                     s.window_seconds - s.observe_seconds
@@ -148,6 +164,8 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
                 "          compression cost ({} path): {:.3} s = {:.2}% of prefill",
                 if args.hook {
                     "hook, window re-evaluated"
+                } else if args.observed {
+                    "observed-decode hook"
                 } else {
                     "prefill"
                 },
