@@ -130,8 +130,8 @@ snapkv_status snapkv_check_llama(void);
 /* ------------------------------------------------------------------------ */
 
 enum snapkv_pooling {
-    SNAPKV_POOLING_MAX = 0, /* max over the kernel window (default) */
-    SNAPKV_POOLING_AVG = 1  /* mean over the kernel window */
+    SNAPKV_POOLING_MAX = 0, /* max over the kernel window */
+    SNAPKV_POOLING_AVG = 1  /* mean over the kernel window (default) */
 };
 
 enum snapkv_gqa {
@@ -154,7 +154,7 @@ typedef struct snapkv_params {
     /* Fraction of the prompt kept, in (0, 1], rounded up; used only when
      * budget is 0. Default 0 (unused). */
     double budget_fraction;
-    /* enum snapkv_pooling. Default SNAPKV_POOLING_MAX. */
+    /* enum snapkv_pooling. Default SNAPKV_POOLING_AVG. */
     int32_t pooling;
     /* enum snapkv_gqa. Default SNAPKV_GQA_MEAN. */
     int32_t gqa;

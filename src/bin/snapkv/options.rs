@@ -79,7 +79,7 @@ pub struct MethodOptions {
     #[arg(long, default_value_t = 7)]
     pub kernel: usize,
     /// Pooling: max or avg.
-    #[arg(long, default_value = "max")]
+    #[arg(long, default_value = "avg")]
     pub pool: Pooling,
     /// Aggregation of query heads sharing a KV head: mean or max.
     #[arg(long, default_value = "mean")]
