@@ -35,6 +35,11 @@ pub struct BenchArgs {
     /// Tokens to decode per measurement (end-of-generation does not stop it).
     #[arg(short = 'n', long = "n-predict", default_value_t = 64)]
     n_predict: usize,
+    /// Also measure the observed-decode hook: evaluate each prompt a second
+    /// time, in the same batches, with the observer recording, and compress
+    /// from that (costs one more prefill per length).
+    #[arg(long)]
+    observed: bool,
     /// Output directory for bench-<model>.json and the decode plot.
     #[arg(long, default_value = "results/bench")]
     out: PathBuf,
@@ -67,6 +72,13 @@ struct Point {
     kv_ratio: f64,
     /// Compressed decode speed over the fresh prompt's.
     vs_fresh: f64,
+    /// With --observed: seconds evaluating the prompt (same batches as
+    /// `prefill_seconds`) with the observer recording.
+    observed_prefill_seconds: Option<f64>,
+    /// With --observed: (observed prefill - prefill + score + select +
+    /// compact) / prefill, the cost of the observed-decode hook. Includes the
+    /// run-to-run noise of two prefills.
+    observed_overhead_fraction: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -157,6 +169,10 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
         }
         // The full branch's window evaluation stands for the prompt's last w tokens.
         let prefill_seconds = snapshot.prefill_seconds + full.window_seconds;
+        let observed = match (&method, args.observed) {
+            (Method::Compress(c), true) => Some(observed_run(&mut ctx, c, tokens, w, chunk, *length)?),
+            _ => None,
+        };
         let score_total = s.score_seconds + s.select_seconds + s.compact_seconds;
         let point = Point {
             length: *length,
@@ -179,6 +195,10 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
             kv_bytes_compressed: comp.usage.kv_bytes,
             kv_ratio: full.usage.kv_bytes as f64 / comp.usage.kv_bytes.max(1) as f64,
             vs_fresh: gen_comp.tokens_per_second() / fresh.decode_tokens_per_second.max(1e-9),
+            observed_prefill_seconds: observed.as_ref().map(|o| o.0),
+            observed_overhead_fraction: observed.as_ref().map(|(t, os)| {
+                (t - prefill_seconds + os.score_seconds + os.select_seconds + os.compact_seconds) / prefill_seconds
+            }),
         };
         eprintln!(
             "{length}: decode full {:.1} tok/s, {} {:.1} tok/s, overhead {:.2}% of prefill",
@@ -191,6 +211,17 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
     }
 
     print_table(args, &fresh, &points);
+    for p in &points {
+        if let (Some(t), Some(f)) = (p.observed_prefill_seconds, p.observed_overhead_fraction) {
+            println!(
+                "observed-decode hook at {} tokens: prefill {:.2} s recording vs {:.2} s not; cost {:.2}% of prefill",
+                p.prompt_tokens,
+                t,
+                p.prefill_seconds,
+                100.0 * f
+            );
+        }
+    }
     let stem = model_stem(&args.model.model);
     write_json(
         &args.out.join(format!("bench-{stem}.json")),
@@ -295,4 +326,34 @@ fn print_table(args: &BenchArgs, fresh: &Fresh, points: &[Point]) {
         "(cells and MiB: full, then compressed; overhead = observe + score + select + compact over prefill)"
     );
     print!("{s}");
+}
+
+/// Evaluates `tokens` again into sequence 0, in the batches the snapshot and
+/// the window branch used, with the observer recording; then compresses
+/// from what it recorded. Returns the evaluation seconds and the stats.
+fn observed_run(
+    ctx: &mut snapkv::Context<'_>,
+    compressor: &snapkv::Compressor,
+    tokens: &[snapkv::llama::Token],
+    w: usize,
+    chunk: usize,
+    length: usize,
+) -> snapkv::Result<(f64, snapkv::CompressionStats)> {
+    let p = tokens.len();
+    ctx.seq_rm(0, -1, -1);
+    let mut bar = Progress::new(format!("observed {length}"), p);
+    compressor.observe_decodes(ctx)?;
+    let t0 = std::time::Instant::now();
+    let mut done = 0;
+    for part in tokens[..p - w].chunks(chunk.max(1)) {
+        ctx.decode_tokens(0, part, done as i32, false)?;
+        done += part.len();
+        bar.set(done);
+    }
+    ctx.decode_tokens(0, &tokens[p - w..], (p - w) as i32, true)?;
+    ctx.synchronize();
+    let seconds = t0.elapsed().as_secs_f64();
+    bar.finish(p);
+    let stats = compressor.compress_observed(ctx, 0)?;
+    Ok((seconds, stats))
 }
