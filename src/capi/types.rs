@@ -372,7 +372,7 @@ mod tests {
         let p = SnapkvParams::default();
         assert_eq!(p.size as usize, size_of::<SnapkvParams>());
         assert_eq!((p.window, p.budget, p.kernel), (32, 1024, 7));
-        assert_eq!((p.budget_fraction, p.pooling, p.gqa), (0.0, POOLING_MAX, GQA_MEAN));
+        assert_eq!((p.budget_fraction, p.pooling, p.gqa), (0.0, POOLING_AVG, GQA_MEAN));
         assert_eq!(p.to_config().unwrap(), SnapKvConfig::default());
     }
 
