@@ -343,7 +343,7 @@ fn heatmaps(args: &EvalArgs, records: &[Record], haystack: &str, model: &str) {
             Some(b) => format!("{task} · {method} @ {b} cells · {model}"),
             None => format!("{task} · full cache · {model}"),
         };
-        let stem = args.out.join(name.replace(['/', ' '], "_"));
+        let stem = args.out.join(name.replace(['/', ' ', ':', '='], "_"));
         plot::report(plot::heatmap(
             &stem,
             &Heatmap {
