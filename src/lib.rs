@@ -13,8 +13,11 @@
 //!
 //! - **Rust**: load a [`Model`], create a [`Context`] with a
 //!   [`WindowObserver`] attached, then either [`Compressor::prefill`] (evaluate
-//!   and compress in one call) or, for a sequence you evaluated yourself,
-//!   [`Compressor::compress_after_prefill`] (re-evaluates only the window).
+//!   and compress in one call) or, for a sequence you evaluate yourself,
+//!   [`Compressor::observe_decodes`] before your decodes and
+//!   [`Compressor::compress_observed`] after them (nothing evaluated twice),
+//!   or [`Compressor::compress_after_prefill`] afterwards (re-evaluates only
+//!   the window).
 //! - **C / C++**: `include/snapkv.h` over `libsnapkv.so` / `libsnapkv.a`.
 //! - **Plugin**: built with the `dynamic-link` feature, `libsnapkv.so` uses
 //!   the host program's shared libllama, so a llama.cpp program can load it
@@ -38,6 +41,8 @@
 //! - `LLAMA_CPP_DIR`: build against your own llama.cpp tree instead of
 //!   `vendor/llama.cpp` (fetched by `vendor/fetch-llama-cpp.sh`).
 //! - `SNAPKV_CMAKE_ARGS`: extra `-DNAME=VALUE` options for llama.cpp's cmake.
+//! - `.cargo/config.toml` compiles this repository's own builds for AVX2/FMA
+//!   on x86-64 (as llama.cpp is built); `RUSTFLAGS` replaces that.
 //!
 //! The llama.cpp pin lives in `vendor/pin.env`; `vendor/README.md` says how
 //! to bump it.
