@@ -65,8 +65,8 @@ pub struct FidelityArgs {
     /// Budgets in cells per KV head, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "256,512")]
     budgets: Vec<usize>,
-    /// Quantized KV cache types to compare (K and V both), comma-separated; empty for none.
-    #[arg(long, value_delimiter = ',', default_value = "q8_0,q4_0", value_parser = parse_cache_type)]
+    /// Quantized KV cache types to compare (K and V both), comma-separated; `--quant` with no value for none.
+    #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "q8_0,q4_0", value_parser = parse_cache_type)]
     quant: Vec<CacheType>,
     /// Output directory for fidelity-<model>.json.
     #[arg(long, default_value = "results/fidelity")]
@@ -295,4 +295,27 @@ fn print_table(rows: &[Row], p: usize, n: usize) {
         );
     }
     print!("{s}");
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: super::FidelityArgs,
+    }
+
+    #[test]
+    fn quant_rows_default_to_q8_0_and_q4_0_and_can_be_turned_off() {
+        let default = Wrapper::try_parse_from(["fidelity"]).unwrap();
+        let names: Vec<&str> = default.args.quant.iter().map(|q| q.name()).collect();
+        assert_eq!(names, ["q8_0", "q4_0"]);
+        let none = Wrapper::try_parse_from(["fidelity", "--quant"]).unwrap();
+        assert!(none.args.quant.is_empty());
+        let one = Wrapper::try_parse_from(["fidelity", "--quant", "q8_0"]).unwrap();
+        assert_eq!(one.args.quant.len(), 1);
+        assert!(Wrapper::try_parse_from(["fidelity", "--quant", "q9"]).is_err());
+    }
 }
