@@ -422,18 +422,14 @@ mod tests {
         };
         assert_eq!(code, Status::NullPointer.code());
         assert!(last_error().contains("ctx"));
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { snapkv_params_default(std::ptr::null_mut()) },
-            Status::NullPointer.code()
-        );
+        // SAFETY: a NULL params pointer is a documented error, not UB.
+        let code = unsafe { snapkv_params_default(std::ptr::null_mut()) };
+        assert_eq!(code, Status::NullPointer.code());
         // SAFETY: NULL is a documented no-op.
         unsafe { snapkv_observer_free(std::ptr::null_mut()) };
-        // SAFETY: as above.
-        assert_eq!(
-            unsafe { snapkv_observer_attach(std::ptr::null_mut(), std::ptr::null_mut()) },
-            Status::NullPointer.code()
-        );
+        // SAFETY: NULL observer and params are a documented error, not UB.
+        let code = unsafe { snapkv_observer_attach(std::ptr::null_mut(), std::ptr::null_mut()) };
+        assert_eq!(code, Status::NullPointer.code());
     }
 
     #[test]
