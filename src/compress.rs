@@ -226,7 +226,7 @@ impl Compressor {
         let prefill_seconds = t0.elapsed().as_secs_f64();
         let (capture, window_seconds) =
             self.observe_window(ctx, observer, seq, &tokens[split..], start + split as Pos, w)?;
-        let mut stats = self.compress_captured(ctx, seq, &capture, budget)?;
+        let mut stats = self.compress_captured(ctx, seq, &capture, Some(budget))?;
         stats.prefill_seconds = prefill_seconds;
         stats.window_seconds = window_seconds;
         Ok(stats)
@@ -295,7 +295,7 @@ impl Compressor {
                 });
             }
             let (capture, window_seconds) = self.observe_window(ctx, observer, seq, window, first, w)?;
-            let mut stats = self.compress_captured(ctx, seq, &capture, budget)?;
+            let mut stats = self.compress_captured(ctx, seq, &capture, Some(budget))?;
             stats.window_seconds = window_seconds;
             Ok(stats)
         })();
@@ -405,12 +405,9 @@ impl Compressor {
                 ),
             });
         }
-        let snapshot_cells = SeqState::parse(&ctx.state_seq_get(seq)?, &model_shape(ctx.model()))?.n_cells();
-        let Some(budget) = self.config.cells_to_keep(snapshot_cells)? else {
-            return Ok(self.noop_stats(snapshot_cells, 0.0));
-        };
-        check_supported(ctx.model())?;
-        self.compress_captured(ctx, seq, &capture, budget)
+        // The budget follows from the cells the state holds, which
+        // compress_captured reads anyway.
+        self.compress_captured(ctx, seq, &capture, None)
     }
 
     fn noop_stats(&self, cells: usize, prefill_seconds: f64) -> CompressionStats {
@@ -467,12 +464,15 @@ impl Compressor {
     }
 
     /// Scores, selects and compacts sequence `seq` from a window capture.
+    /// `budget`: cells to keep, or `None` to derive it from the cells the
+    /// sequence holds (then a sequence that fits is left alone and the model
+    /// is checked only when there is something to compress).
     fn compress_captured(
         &self,
         ctx: &mut ContextRef,
         seq: SeqId,
         capture: &Capture,
-        budget: usize,
+        budget: Option<usize>,
     ) -> Result<CompressionStats> {
         if let Some(e) = &capture.error {
             return Err(Error::Capture(e.clone()));
@@ -483,12 +483,21 @@ impl Compressor {
         let t_compact = Instant::now();
         let blob = ctx.state_seq_get(seq)?;
         let state = SeqState::parse(&blob, &shape)?;
-        if state.n_cells() <= budget {
-            // The sequence holds fewer cells than its positions suggest
-            // (it was compressed before): nothing to evict.
+        let derived = budget.is_none();
+        let budget = match budget {
+            Some(b) => Some(b).filter(|&b| state.n_cells() > b),
+            None => self.config.cells_to_keep(state.n_cells())?,
+        };
+        let Some(budget) = budget else {
+            // Nothing to evict (given a budget: the sequence holds fewer
+            // cells than its positions suggest, it was compressed before).
             let mut stats = self.noop_stats(state.n_cells(), 0.0);
             stats.observe_seconds = capture.seconds;
             return Ok(stats);
+        };
+        if derived {
+            // The other callers checked before evaluating anything.
+            check_supported(model)?;
         }
         let order = position_order(state.positions(), w)?;
         let mut compact_seconds = t_compact.elapsed().as_secs_f64();
