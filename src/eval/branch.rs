@@ -11,6 +11,7 @@
 
 use std::time::Instant;
 
+use super::metrics::{log_softmax, Agreement};
 use crate::compress::model_shape;
 use crate::error::{Error, Result};
 use crate::llama::{Batch, ContextRef, Pos, SeqId, Token};
@@ -285,6 +286,61 @@ pub fn teacher_force(
     Ok(())
 }
 
+/// Next-token log-probabilities along `continuation` for sequence `seq`,
+/// whose last decode ended with the prompt's last token: the first row from
+/// that decode's logits, then one row after each token of `continuation`
+/// but the last, which are teacher-forced at positions `start..` (and stay
+/// in the cache). Row `i` is the distribution `continuation[i]` was drawn
+/// from.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] when the last decode left no logits for its
+/// last token; decode errors.
+pub fn continuation_distributions(
+    ctx: &mut ContextRef,
+    seq: SeqId,
+    start: Pos,
+    continuation: &[Token],
+) -> Result<Vec<Vec<f32>>> {
+    let first = ctx.logits_ith(-1).ok_or_else(|| Error::InvalidArgument {
+        param: "logits",
+        reason: "the last decode left no logits for its last token".into(),
+    })?;
+    let mut rows = vec![log_softmax(first)];
+    forced_distributions(ctx, seq, start, continuation, &mut rows)?;
+    Ok(rows)
+}
+
+/// Appends to `rows` the next-token log-probabilities after each token of
+/// `continuation` but the last, teacher-forced at positions `start..`.
+///
+/// # Errors
+/// Decode errors.
+pub fn forced_distributions(
+    ctx: &mut ContextRef,
+    seq: SeqId,
+    start: Pos,
+    continuation: &[Token],
+    rows: &mut Vec<Vec<f32>>,
+) -> Result<()> {
+    if let Some((_, forced)) = continuation.split_last() {
+        if !forced.is_empty() {
+            teacher_force(ctx, seq, start, forced, |_, row| rows.push(log_softmax(row)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Compares two sets of rows from [`continuation_distributions`]
+/// position by position (as many positions as the shorter has).
+pub fn agreement(reference: &[Vec<f32>], candidate: &[Vec<f32>]) -> Agreement {
+    let mut agr = Agreement::default();
+    for (r, c) in reference.iter().zip(candidate) {
+        agr.add(r, c);
+    }
+    agr
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,6 +415,43 @@ mod tests {
         teacher_force(&mut ctx, 0, p as Pos, &forced, |i, row| rows.push((i, row.to_vec()))).unwrap();
         assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), vec![0, 1, 2]);
         assert_eq!(seq_usage(&ctx, 0).unwrap().cells, 96 + 3);
+
+        // Continuation distributions: one row per continuation token; the
+        // same cache twice agrees exactly, and each row is the log-softmax
+        // of what a plain decode leaves there (up to batch-size rounding).
+        branch(&mut ctx, &snap, &Method::Full).unwrap();
+        let reference = continuation_distributions(&mut ctx, 0, p as Pos, &forced).unwrap();
+        assert_eq!(reference.len(), forced.len());
+        assert_eq!(reference[0], log_softmax(&l_full));
+        branch(&mut ctx, &snap, &Method::Full).unwrap();
+        let again = continuation_distributions(&mut ctx, 0, p as Pos, &forced).unwrap();
+        let same = agreement(&reference, &again);
+        assert_eq!((same.n, same.kl_sum, same.top1_same), (3, 0.0, 3));
+        branch(&mut ctx, &snap, &Method::Full).unwrap();
+        ctx.decode_tokens(0, &forced[..2], p as Pos, true).unwrap();
+        let plain = log_softmax(&logits(&ctx));
+        let diff = plain
+            .iter()
+            .zip(&reference[2])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(diff < 1e-3, "forced row differs from a plain decode by {diff}");
+        // An evicting cache is measured against it: a positive KL.
+        branch(&mut ctx, &snap, &streaming).unwrap();
+        let evicted = agreement(
+            &reference,
+            &continuation_distributions(&mut ctx, 0, p as Pos, &forced).unwrap(),
+        );
+        assert_eq!(evicted.n, 3);
+        assert!(evicted.mean_kl() > 0.0, "streaming matched the full cache exactly");
+        // A continuation of one token forces nothing.
+        branch(&mut ctx, &snap, &Method::Full).unwrap();
+        assert_eq!(
+            continuation_distributions(&mut ctx, 0, p as Pos, &forced[..1])
+                .unwrap()
+                .len(),
+            1
+        );
     }
 
     #[test]

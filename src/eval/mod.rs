@@ -7,6 +7,9 @@ pub mod branch;
 pub mod metrics;
 pub mod tasks;
 
-pub use branch::{branch, method_names, seq_usage, teacher_force, Branch, Method, SeqUsage, Snapshot};
+pub use branch::{
+    agreement, branch, continuation_distributions, forced_distributions, method_names, seq_usage, teacher_force,
+    Branch, Method, SeqUsage, Snapshot,
+};
 pub use metrics::{argmax, kl_divergence, log_softmax, Agreement};
 pub use tasks::{generate as generate_task, Haystack, TaskInstance, TaskKind, TaskSizes, TaskSpec};

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Serialize;
 use snapkv::eval::{
-    branch, generate_task, log_softmax, seq_usage, teacher_force, Agreement, Haystack, Method, SeqUsage, Snapshot,
-    TaskKind, TaskSizes, TaskSpec,
+    agreement, branch, continuation_distributions, generate_task, seq_usage, Agreement, Haystack, Method, SeqUsage,
+    Snapshot, TaskKind, TaskSizes, TaskSpec,
 };
 use snapkv::{generate, init_backend, CacheType, ChatMessage, Context, FlashAttention, Model, ModelParams, Sampler};
 
@@ -118,7 +118,7 @@ pub fn run(args: &FidelityArgs) -> snapkv::Result<()> {
     let continuation = model.detokenize(&cont, false);
     eprintln!("continuation ({} tokens): {:?}", cont.len(), continuation);
     let full = branch(&mut ctx, &snapshot, &Method::Full)?;
-    let reference = distributions(&mut ctx, p, &cont)?;
+    let reference = continuation_distributions(&mut ctx, 0, p as i32, &cont)?;
     let mut rows = Vec::new();
     let full_bytes = full.usage.kv_bytes.max(1);
     let push = |rows: &mut Vec<Row>, cache: String, method: &str, budget, usage: SeqUsage, agr: Agreement| {
@@ -244,28 +244,11 @@ fn prompt_tokens(args: &FidelityArgs, model: &Model) -> snapkv::Result<Vec<snapk
     model.tokenize(&text, true, true)
 }
 
-/// Log-probabilities at every continuation position: after the prompt
-/// (the logits the branch left) and after each forced token but the last.
-fn distributions(ctx: &mut snapkv::ContextRef, p: usize, cont: &[i32]) -> snapkv::Result<Vec<Vec<f32>>> {
-    let first = ctx.logits_ith(-1).ok_or_else(|| snapkv::Error::InvalidArgument {
-        param: "logits",
-        reason: "no logits after the prompt".into(),
-    })?;
-    let mut out = vec![log_softmax(first)];
-    if cont.len() > 1 {
-        teacher_force(ctx, 0, p as i32, &cont[..cont.len() - 1], |_, row| {
-            out.push(log_softmax(row))
-        })?;
-    }
-    Ok(out)
-}
-
 fn compare(ctx: &mut snapkv::ContextRef, p: usize, cont: &[i32], reference: &[Vec<f32>]) -> snapkv::Result<Agreement> {
-    let mut agr = Agreement::default();
-    for (r, c) in reference.iter().zip(distributions(ctx, p, cont)?) {
-        agr.add(r, &c);
-    }
-    Ok(agr)
+    Ok(agreement(
+        reference,
+        &continuation_distributions(ctx, 0, p as i32, cont)?,
+    ))
 }
 
 fn print_table(rows: &[Row], p: usize, n: usize) {
