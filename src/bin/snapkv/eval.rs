@@ -11,8 +11,12 @@ use std::time::Instant;
 
 use clap::Args;
 use serde::Serialize;
-use snapkv::eval::{branch, generate_task, Haystack, Snapshot, TaskKind, TaskSizes, TaskSpec};
-use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
+use snapkv::eval::{
+    agreement, branch, forced_distributions, generate_task, log_softmax, Branch, Haystack, Method, Snapshot, TaskKind,
+    TaskSizes, TaskSpec,
+};
+use snapkv::llama::{Pos, Token};
+use snapkv::{generate, init_backend, Generation, Model, ModelParams, Sampler};
 
 use crate::common::{model_stem, RunInfo};
 use crate::common::{observed_context, short_answer, task_prompt, token_counter, write_json};
@@ -73,6 +77,15 @@ struct Record {
     score: f64,
     expected: Vec<String>,
     answer: String,
+    /// Mean KL divergence (nats/token) from the full cache's next-token
+    /// distributions along the full cache's answer, teacher-forced.
+    mean_kl: f64,
+    /// Largest KL divergence at one position of that answer.
+    max_kl: f64,
+    /// Fraction of the answer's positions with the full cache's top-1 token.
+    top1: f64,
+    /// Positions compared (the full cache's answer length).
+    kl_positions: usize,
     decode_tokens_per_second: f64,
     compression_seconds: f64,
 }
@@ -152,6 +165,9 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                         (p - w) as f64 / snapshot.prefill_seconds,
                         t_start.elapsed().as_secs_f64()
                     );
+                    // The reference: the full cache's own greedy answer and the
+                    // next-token distributions it was drawn from.
+                    let reference = run_method(ctx, &snapshot, &Method::Full, n_gen, None)?;
                     for spec in &args.methods {
                         let budgets: Vec<Option<usize>> = if spec.is_full() {
                             vec![None]
@@ -159,16 +175,27 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                             args.budgets.iter().map(|&b| Some(b)).collect()
                         };
                         for budget in budgets {
-                            let method = spec.method(&args.snap, budget.unwrap_or(p))?;
-                            let b = branch(ctx, &snapshot, &method)?;
-                            let mut sampler = Sampler::greedy();
-                            let gen = generate(ctx, 0, &mut sampler, p as i32, n_gen, true)?;
-                            let text = model.detokenize(&gen.tokens, false);
+                            let run = if spec.is_full() {
+                                None
+                            } else {
+                                let method = spec.method(&args.snap, budget.unwrap_or(p))?;
+                                Some(run_method(
+                                    ctx,
+                                    &snapshot,
+                                    &method,
+                                    n_gen,
+                                    Some(&reference.answer.tokens),
+                                )?)
+                            };
+                            let run = run.as_ref().unwrap_or(&reference);
+                            let fidelity = agreement(&reference.distributions, &run.distributions);
+                            let text = model.detokenize(&run.answer.tokens, false);
                             let score = task.score(&text);
                             eprintln!(
-                                "    {:<24} {:>5.0}%  {:?}",
+                                "    {:<24} {:>5.0}%  KL {:>7.4}  {:?}",
                                 budget.map_or_else(|| spec.label.clone(), |b| format!("{} @ {b}", spec.label)),
                                 100.0 * score,
+                                fidelity.mean_kl(),
                                 short_answer(&text, 60)
                             );
                             records.push(Record {
@@ -180,13 +207,17 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                                 seed,
                                 method: spec.label.clone(),
                                 budget,
-                                cells: b.usage.cells,
-                                kv_bytes: b.usage.kv_bytes,
+                                cells: run.branch.usage.cells,
+                                kv_bytes: run.branch.usage.kv_bytes,
                                 score,
                                 expected: task.answers.clone(),
                                 answer: text,
-                                decode_tokens_per_second: gen.tokens_per_second(),
-                                compression_seconds: b.stats.as_ref().map_or(0.0, |s| s.overhead_seconds()),
+                                mean_kl: fidelity.mean_kl(),
+                                max_kl: fidelity.kl_max,
+                                top1: fidelity.top1(),
+                                kl_positions: fidelity.n,
+                                decode_tokens_per_second: run.answer.tokens_per_second(),
+                                compression_seconds: run.branch.stats.as_ref().map_or(0.0, |s| s.overhead_seconds()),
                             });
                         }
                     }
@@ -196,6 +227,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
     }
 
     print_table(args, &records);
+    print_fidelity_table(args, &records);
     std::fs::create_dir_all(&args.out)?;
     write_json(
         &args.out.join("eval.json"),
@@ -208,6 +240,54 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
     write_csv(&args.out.join("eval.csv"), &records)?;
     heatmaps(args, &records, haystack.name(), &model_stem(&args.model.model));
     Ok(())
+}
+
+/// One method on one prompt: the branch, its greedy answer, and the
+/// next-token distributions of its cache along `forced` (the full cache's
+/// answer), or along its own answer when `forced` is `None`.
+struct MethodRun {
+    branch: Branch,
+    answer: Generation,
+    distributions: Vec<Vec<f32>>,
+}
+
+fn run_method(
+    ctx: &mut snapkv::Context<'_>,
+    snapshot: &Snapshot,
+    method: &Method,
+    n_gen: usize,
+    forced: Option<&[Token]>,
+) -> snapkv::Result<MethodRun> {
+    let p = snapshot.n_prompt() as Pos;
+    let branch = branch(ctx, snapshot, method)?;
+    let first = ctx
+        .logits_ith(-1)
+        .map(log_softmax)
+        .ok_or_else(|| snapkv::Error::InvalidArgument {
+            param: "logits",
+            reason: "no logits after the prompt".into(),
+        })?;
+    let answer = generate(ctx, snapshot.seq(), &mut Sampler::greedy(), p, n_gen, true)?;
+    // Back to the end of the prompt; the cache keeps what the method left.
+    if !ctx.seq_rm(snapshot.seq(), p, -1) {
+        return Err(snapkv::Error::InvalidArgument {
+            param: "seq_rm",
+            reason: "llama.cpp could not remove the generated tokens".into(),
+        });
+    }
+    let mut distributions = vec![first];
+    forced_distributions(
+        ctx,
+        snapshot.seq(),
+        p,
+        forced.unwrap_or(&answer.tokens),
+        &mut distributions,
+    )?;
+    Ok(MethodRun {
+        branch,
+        answer,
+        distributions,
+    })
 }
 
 type Key<'a> = (&'static str, &'a str, Option<usize>);
@@ -271,6 +351,71 @@ fn print_table(args: &EvalArgs, records: &[Record]) {
     print!("{out}");
 }
 
+/// KL and top-1 sums over the answer positions of several prompts.
+#[derive(Default)]
+struct PooledKl {
+    kl: f64,
+    top1: f64,
+    positions: usize,
+}
+
+impl PooledKl {
+    fn mean_kl(&self) -> f64 {
+        self.kl / self.positions.max(1) as f64
+    }
+}
+
+/// Mean KL divergence per token from the full cache along its own answers
+/// (pooled over every prompt of a task), top-1 agreement, and the ratio to
+/// `streaming` at the same budget where the run has it.
+fn print_fidelity_table(args: &EvalArgs, records: &[Record]) {
+    let order = |m: &str| args.methods.iter().position(|x| x.label == m).unwrap_or(usize::MAX);
+    // (task order, method order, (task, method, budget)) -> pooled sums
+    let mut sums: BTreeMap<(usize, usize, Key), PooledKl> = BTreeMap::new();
+    for r in records {
+        let task_ix = args.tasks.iter().position(|t| t.name() == r.task).unwrap_or(0);
+        let e = sums
+            .entry((task_ix, order(&r.method), (r.task, r.method.as_str(), r.budget)))
+            .or_default();
+        e.kl += r.mean_kl * r.kl_positions as f64;
+        e.top1 += r.top1 * r.kl_positions as f64;
+        e.positions += r.kl_positions;
+    }
+    let streaming: BTreeMap<(&str, Option<usize>), f64> = sums
+        .iter()
+        .filter(|((_, _, (_, method, _)), _)| *method == "streaming")
+        .map(|((_, _, (task, _, budget)), v)| ((*task, *budget), v.mean_kl()))
+        .collect();
+    let width = args.methods.iter().map(|m| m.label.len()).max().unwrap_or(0).max(20);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<11} {:<width$} {:>7} {:>10} {:>7} {:>12}",
+        "task", "method", "budget", "mean KL", "top-1", "/ streaming"
+    );
+    for (&(_, _, (task, method, budget)), v) in &sums {
+        let kl = v.mean_kl();
+        let ratio = streaming
+            .get(&(task, budget))
+            .filter(|&&s| s > 0.0 && budget.is_some())
+            .map_or_else(|| "-".to_string(), |s| format!("{:.3}", kl / s));
+        let _ = writeln!(
+            out,
+            "{:<11} {:<width$} {:>7} {:>10.4} {:>6.1}% {:>12}",
+            task,
+            method,
+            budget.map_or_else(|| "-".into(), |b| b.to_string()),
+            kl,
+            100.0 * v.top1 / v.positions.max(1) as f64,
+            ratio
+        );
+    }
+    println!(
+        "\nfidelity to the full cache along its own answers, teacher-forced (KL nats/token, pooled over the prompts):"
+    );
+    print!("{out}");
+}
+
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
@@ -281,12 +426,12 @@ fn csv_field(s: &str) -> String {
 
 fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
     let mut s = String::from(
-        "task,haystack,length,prompt_tokens,depth,seed,method,budget,cells,kv_bytes,score,expected,answer,decode_tok_s,compression_s\n",
+        "task,haystack,length,prompt_tokens,depth,seed,method,budget,cells,kv_bytes,score,expected,answer,mean_kl,max_kl,top1,kl_positions,decode_tok_s,compression_s\n",
     );
     for r in records {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{:.2},{:.4}",
+            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{:.6},{:.4},{:.4},{},{:.2},{:.4}",
             r.task,
             csv_field(&r.haystack),
             r.length,
@@ -300,6 +445,10 @@ fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
             r.score,
             csv_field(&r.expected.join(" ")),
             csv_field(r.answer.trim()),
+            r.mean_kl,
+            r.max_kl,
+            r.top1,
+            r.kl_positions,
             r.decode_tokens_per_second,
             r.compression_seconds
         );
