@@ -53,7 +53,11 @@ struct Point {
     prompt_tokens: usize,
     prefill_tokens_per_second: f64,
     prefill_seconds: f64,
+    /// The compressing branch's evaluation of the window, observer armed
+    /// (what the re-evaluating hook spends on evaluation).
     window_seconds: f64,
+    /// The full branch's evaluation of the same window, observer not armed.
+    window_unobserved_seconds: f64,
     observe_seconds: f64,
     score_seconds: f64,
     select_seconds: f64,
@@ -180,6 +184,7 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
             prefill_tokens_per_second: p as f64 / prefill_seconds,
             prefill_seconds,
             window_seconds: s.window_seconds,
+            window_unobserved_seconds: full.window_seconds,
             observe_seconds: s.observe_seconds,
             score_seconds: s.score_seconds,
             select_seconds: s.select_seconds,
