@@ -195,29 +195,6 @@ pub unsafe extern "C" fn snapkv_observer_free(obs: *mut SnapkvObserver) {
     });
 }
 
-/// Maps a compression result, recognising an observer that never saw the
-/// window pass: it is not the context's `cb_eval`.
-fn observed<T>(
-    result: crate::Result<T>,
-    obs: &WindowObserver,
-    before: crate::llama::observer::Activity,
-) -> Result<T, Failure> {
-    result.map_err(|err| {
-        if obs.activity().missed_window_since(before) {
-            Failure::new(
-                Status::ObserverNotAttached,
-                format!(
-                    "the observer saw no graph callback while the observation window was evaluated: it is not \
-                     attached to this context (call snapkv_observer_attach on the llama_context_params before \
-                     llama_init_from_model, with this observer) [{err}]"
-                ),
-            )
-        } else {
-            err.into()
-        }
-    })
-}
-
 fn compressor(params: &SnapkvParams) -> Result<Compressor, Failure> {
     Ok(Compressor::new(params.to_config()?)?)
 }
@@ -251,9 +228,9 @@ pub unsafe extern "C" fn snapkv_prefill(
         let compressor = compressor(&params)?;
         check_seq(ctx, seq_id)?;
         let last_before = ctx.seq_pos_max(seq_id);
-        let before = obs.activity();
         let result = compressor.prefill_with(ctx, obs, seq_id, tokens);
-        let stats = observed(result, obs, before).map_err(|mut failure| {
+        let stats = result.map_err(|err| {
+            let mut failure = Failure::from(err);
             // Leave the sequence as it was: remove what this call evaluated.
             if ctx.seq_pos_max(seq_id) != last_before {
                 let start = last_before.map_or(0, |p| p + 1);
@@ -294,9 +271,7 @@ pub unsafe extern "C" fn snapkv_compress_after_prefill(
         check_llama()?;
         let compressor = compressor(&params)?;
         check_seq(ctx, seq_id)?;
-        let before = obs.activity();
-        let result = compressor.compress_after_prefill_with(ctx, obs, seq_id, window);
-        let stats = observed(result, obs, before)?;
+        let stats = compressor.compress_after_prefill_with(ctx, obs, seq_id, window)?;
         out.write(&SnapkvStats::from(&stats));
         Ok(())
     })

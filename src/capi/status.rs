@@ -196,7 +196,17 @@ impl Failure {
 
 impl From<Error> for Failure {
     fn from(err: Error) -> Self {
-        Self::new(status_of(&err), err.to_string())
+        let message = match err {
+            // Through the C ABI the observer is always given, so the
+            // engine's "missing" means it is not this context's cb_eval.
+            Error::ObserverMissing => "the observer saw no graph callback while the observation window was \
+                                      evaluated: it is not attached to this context (call \
+                                      snapkv_observer_attach on the llama_context_params before \
+                                      llama_init_from_model, with this observer)"
+                .to_string(),
+            _ => err.to_string(),
+        };
+        Self::new(status_of(&err), message)
     }
 }
 

@@ -134,6 +134,9 @@ int main(int argc, char ** argv) {
         "Remember the pass key number, it is the first thing you will be asked about. The sun is yellow. ";
     char prompt[4096];
     llama_token toks[N_MAX];
+    /* First part (N_BIG - 512) fits; the armed 512 do not, with one or two KV streams. */
+    enum { N_BIG = 1000 };
+    static llama_token big[N_BIG];
     int n_prompt, i;
     struct llama_model_params mp;
     struct llama_model * model;
@@ -290,6 +293,15 @@ int main(int argc, char ** argv) {
            "prefill(context without observer)", "not attached");
     expect(snapkv_compress_after_prefill(ctx, other, &p, S0, toks, n_prompt, &st), SNAPKV_ERR_OBSERVER_NOT_ATTACHED,
            "hook(another context's observer)", "not attached");
+
+    /* More than the context holds: the armed last micro-batch finds no room.
+       That is llama_decode failing, not a missing observer, and what the
+       call evaluated before it is removed again (checked below). */
+    for (i = 0; i < N_BIG; i++) {
+        big[i] = toks[i % n_prompt];
+    }
+    expect(snapkv_prefill(ctx, obs, &p, S1, big, N_BIG, &st), SNAPKV_ERR_DECODE, "prefill(more than the context holds)",
+           NULL);
 
     /* The copy-out of the last error (the failure above). */
     {
