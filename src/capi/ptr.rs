@@ -24,9 +24,8 @@ use crate::sys;
 /// A host's `llama_context *` as a borrowed [`ContextRef`]; never freed here.
 pub(super) fn context<'a>(ctx: *mut LlamaContext) -> Result<&'a mut ContextRef, Failure> {
     let ctx = NonNull::new(ctx).ok_or_else(|| Failure::null("ctx"))?;
-    // SAFETY: snapkv.h: `ctx` is a live llama_context owned by the caller
-    // and not used by another thread during the call; ContextRef is a
-    // borrowed view that never frees it.
+    // SAFETY: snapkv.h: `ctx` is a live llama_context the caller owns and does not
+    // use elsewhere during the call; ContextRef borrows it and never frees it.
     Ok(unsafe { ContextRef::from_mut_ptr(ctx.as_ptr().cast::<sys::llama_context>()) })
 }
 
@@ -48,9 +47,8 @@ pub(super) fn observer<'a>(obs: *mut SnapkvObserver) -> Result<&'a WindowObserve
 /// `ManuallyDrop` keeps the handle's reference count untouched).
 pub(super) fn observer_arc(obs: *mut SnapkvObserver) -> Result<ManuallyDrop<Arc<WindowObserver>>, Failure> {
     let obs = NonNull::new(obs).ok_or_else(|| Failure::null("obs"))?;
-    // SAFETY: as in `observer`: the pointer came from Arc::into_raw in
-    // `observer_into_raw` and still owns one strong count, which the
-    // ManuallyDrop never releases.
+    // SAFETY: the pointer came from Arc::into_raw (`observer_into_raw`) and owns
+    // one strong count, which the ManuallyDrop never releases.
     Ok(ManuallyDrop::new(unsafe {
         Arc::from_raw(obs.as_ptr().cast::<WindowObserver>().cast_const())
     }))
@@ -70,9 +68,8 @@ pub(super) fn context_params<'a>(
     params: *mut LlamaContextParams,
 ) -> Result<&'a mut sys::llama_context_params, Failure> {
     let params = NonNull::new(params).ok_or_else(|| Failure::null("params"))?;
-    // SAFETY: snapkv.h: `params` points at a struct llama_context_params of
-    // the llama.h this library was built for (snapkv_observer_attach checks
-    // the llama.cpp version first), writable for the call.
+    // SAFETY: snapkv.h: a writable llama_context_params of the llama.h we were
+    // built for (snapkv_observer_attach checks the llama.cpp version first).
     Ok(unsafe { &mut *params.as_ptr().cast::<sys::llama_context_params>() })
 }
 
@@ -98,8 +95,7 @@ pub(super) fn params(params: *const SnapkvParams) -> Result<SnapkvParams, Failur
 pub(super) fn params_out<'a>(params: *mut SnapkvParams) -> Result<&'a mut SnapkvParams, Failure> {
     let params = NonNull::new(params).ok_or_else(|| Failure::null("params"))?;
     // SAFETY: snapkv.h: `params` points at writable storage for one
-    // snapkv_params (the caller's sizeof, which is ours when the drift test
-    // passes).
+    // snapkv_params (the header's layout, kept equal by the drift test).
     Ok(unsafe { &mut *params.as_ptr() })
 }
 

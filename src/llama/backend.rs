@@ -52,6 +52,10 @@ pub fn set_log_level(level: LogLevel) {
     LOG_LEVEL.store(level as u8, Ordering::Relaxed);
 }
 
+/// The log callback installed into llama.cpp and ggml.
+///
+/// # Safety
+/// Called by llama.cpp only, with `text` NULL or a NUL-terminated string.
 unsafe extern "C" fn log_trampoline(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
     // Never unwind into C: a panic in a log handler is swallowed.
     let _ = std::panic::catch_unwind(|| {

@@ -188,9 +188,8 @@ impl<'m> Context<'m> {
         if let Some(obs) = &params.observer {
             obs.attach(&mut cp);
         }
-        // SAFETY: model is valid for 'm; cp is a complete params struct. The
-        // observer (if any) is kept alive by `self.observer` for the context's
-        // life, so the callback's user pointer stays valid.
+        // SAFETY: model is valid for 'm; cp is complete; `self.observer` keeps
+        // the observer (the callback's user pointer) alive as long as the context.
         let raw = unsafe { sys::llama_init_from_model(model.as_ptr() as *mut _, cp) };
         let raw = NonNull::new(raw).ok_or_else(|| {
             Error::ContextCreate(
@@ -391,9 +390,8 @@ impl ContextRef {
     /// end: -1 is the last output). `None` when that output was not
     /// requested.
     pub fn logits_ith(&self, i: i32) -> Option<&[f32]> {
-        // SAFETY: valid context; llama.cpp returns NULL for invalid ids
-        // (after logging) or a pointer to n_vocab floats that stay valid
-        // until the next decode, which needs &mut self.
+        // SAFETY: valid context; NULL for invalid ids, else n_vocab floats that
+        // stay valid until the next decode, which needs &mut self.
         unsafe {
             let p = sys::llama_get_logits_ith(self.ptr(), i);
             if p.is_null() {

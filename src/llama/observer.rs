@@ -273,10 +273,8 @@ unsafe fn read_f32_rows(
     }
     for (slice, dst) in out.chunks_exact_mut(take).enumerate() {
         let offset = (slice * rows + first_row) * row_len * std::mem::size_of::<f32>();
-        // SAFETY: the tensor is a contiguous array of row_len × rows × slices
-        // f32 (checked above), so [offset, offset + take × 4) lies inside
-        // it; `dst` holds exactly `take` f32. ggml_backend_tensor_get works
-        // for host and device buffers.
+        // SAFETY: t is contiguous row_len × rows × slices f32 (checked above), so the
+        // read [offset, +take×4) lies inside it; dst holds exactly take f32.
         unsafe { sys::ggml_backend_tensor_get(t, dst.as_mut_ptr().cast(), offset, std::mem::size_of_val(dst)) };
     }
     Ok(out)
@@ -417,6 +415,10 @@ impl WindowObserver {
 }
 
 /// The `cb_eval` installed into llama.cpp. Never unwinds into C.
+///
+/// # Safety
+/// Called by ggml's scheduler only: `t` is a graph node computed (or about
+/// to be) on this call, and `user_data` is the pointer `attach` installed.
 unsafe extern "C" fn eval_trampoline(t: *mut sys::ggml_tensor, ask: bool, user_data: *mut c_void) -> bool {
     let outcome = std::panic::catch_unwind(|| {
         if user_data.is_null() || t.is_null() {
