@@ -135,11 +135,14 @@ pub fn run(args: &FidelityArgs) -> snapkv::Result<()> {
             positions: agr.n,
         })
     };
-    let mut agr = Agreement::default();
-    for r in &reference {
-        agr.add(r, r);
-    }
-    push(&mut rows, "f16".into(), "full", None, full.usage, agr);
+    push(
+        &mut rows,
+        "f16".into(),
+        "full",
+        None,
+        full.usage,
+        agreement(&reference, &reference),
+    );
 
     for spec in args.methods.iter().filter(|m| !m.is_full()) {
         for &budget in &args.budgets {
