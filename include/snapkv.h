@@ -134,6 +134,12 @@ enum snapkv_pooling {
     SNAPKV_POOLING_AVG = 1  /* mean over the kernel window (default) */
 };
 
+enum snapkv_pool_align {
+    SNAPKV_POOL_ALIGN_CENTERED = 0, /* the kernel window centred on each position (SnapKV; default) */
+    SNAPKV_POOL_ALIGN_TRAILING = 1  /* the window ends at each position: a voted position keeps the
+                                       kernel - 1 tokens after it */
+};
+
 enum snapkv_gqa {
     SNAPKV_GQA_MEAN = 0, /* mean of the query heads sharing a KV head (default) */
     SNAPKV_GQA_MAX = 1   /* max of them */
@@ -158,6 +164,8 @@ typedef struct snapkv_params {
     int32_t pooling;
     /* enum snapkv_gqa. Default SNAPKV_GQA_MEAN. */
     int32_t gqa;
+    /* enum snapkv_pool_align. Default SNAPKV_POOL_ALIGN_CENTERED. */
+    int32_t pool_align;
 } snapkv_params;
 
 /* Fills *params with the defaults (and params->size). Caller owns params.

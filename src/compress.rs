@@ -27,8 +27,8 @@ use crate::error::{Error, Result};
 use crate::llama::observer::{Capture, CaptureRequest};
 use crate::llama::{dequantize_row, CacheType, ContextRef, ModelRef, Pos, SeqId, Token, WindowObserver};
 use crate::snapkv::{
-    gather_keys, hadamard, pool_and_aggregate, position_order, rewrite, selector_by_name, CellOrder, ModelShape,
-    QueryScorer, SelectionShape, Selector, SeqState, SnapKvConfig, SnapKvSelector, Votes,
+    gather_keys, hadamard, pool_and_aggregate, position_order, rewrite, selector_by_name, CellOrder, KeptPositions,
+    ModelShape, QueryScorer, SelectionShape, Selector, SeqState, SnapKvConfig, SnapKvSelector, Votes,
 };
 
 /// Model architectures whose graph naming (`Qcur-<il>` after RoPE,
@@ -78,6 +78,9 @@ pub struct CompressionStats {
     pub select_seconds: f64,
     /// Seconds reading, rewriting and writing the sequence state.
     pub compact_seconds: f64,
+    /// The prompt positions each KV head kept (`None` when nothing was
+    /// compressed).
+    pub kept: Option<KeptPositions>,
 }
 
 impl CompressionStats {
@@ -425,6 +428,7 @@ impl Compressor {
             score_seconds: 0.0,
             select_seconds: 0.0,
             compact_seconds: 0.0,
+            kept: None,
         }
     }
 
@@ -511,6 +515,7 @@ impl Compressor {
                 shape.n_head_kv,
                 self.config.kernel,
                 self.config.pooling,
+                self.config.pool_align,
                 self.config.gqa,
             )?;
             (Some(scores), source)
@@ -526,6 +531,11 @@ impl Compressor {
             prefix_len: order.prefix_len,
         };
         let selection = self.selector.select(scores.as_ref(), &sel_shape, n_keep)?;
+        let prefix_positions: Vec<i32> = order.by_position[..order.prefix_len]
+            .iter()
+            .map(|&cell| state.positions()[cell])
+            .collect();
+        let kept = KeptPositions::new(&selection, &prefix_positions)?;
         let select_seconds = t_select.elapsed().as_secs_f64();
 
         let t_rewrite = Instant::now();
@@ -551,6 +561,7 @@ impl Compressor {
             score_seconds,
             select_seconds,
             compact_seconds,
+            kept: Some(kept),
         })
     }
 }
@@ -751,7 +762,7 @@ mod tests {
 
     use super::*;
     use crate::llama::{Context, ContextParams, FlashAttention, Model, ModelParams};
-    use crate::snapkv::{GqaAggregation, Pooling};
+    use crate::snapkv::{GqaAggregation, PoolAlign, Pooling};
     use crate::testing::{tiny_model_path, TinyModelSpec};
 
     fn tiny() -> &'static Model {
@@ -883,7 +894,15 @@ mod tests {
             assert_eq!(source, ScoreSource::QueryKey);
             naive_votes_qk(model, &capture, &state, w)
         };
-        let scores = pool_and_aggregate(&votes, model.n_head_kv(), 7, Pooling::Max, GqaAggregation::Mean).unwrap();
+        let scores = pool_and_aggregate(
+            &votes,
+            model.n_head_kv(),
+            7,
+            Pooling::Max,
+            PoolAlign::Centered,
+            GqaAggregation::Mean,
+        )
+        .unwrap();
         let naive = naive_scores(&naive_votes, model.n_head_kv(), 7);
 
         let n_keep = 96 - w;

@@ -430,6 +430,7 @@ mod tests {
             budget_fraction: 0.0,
             pooling: 9,
             gqa: 9,
+            pool_align: 9,
         };
         // SAFETY: p is writable.
         assert_eq!(unsafe { snapkv_params_default(&mut p) }, 0);

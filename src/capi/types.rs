@@ -7,7 +7,7 @@ use std::mem::{offset_of, size_of};
 
 use super::status::{Failure, Status};
 use crate::compress::{CompressionStats, ScoreSource};
-use crate::snapkv::{Budget, GqaAggregation, Pooling, SnapKvConfig};
+use crate::snapkv::{Budget, GqaAggregation, PoolAlign, Pooling, SnapKvConfig};
 
 /// `snapkv_observer`: opaque in C; in Rust the pointer is an
 /// `Arc<WindowObserver>` turned into a raw pointer (see `ptr.rs`).
@@ -36,6 +36,10 @@ pub struct LlamaContextParams {
 pub const POOLING_MAX: i32 = 0;
 /// `SNAPKV_POOLING_AVG`.
 pub const POOLING_AVG: i32 = 1;
+/// `SNAPKV_POOL_ALIGN_CENTERED`.
+pub const POOL_ALIGN_CENTERED: i32 = 0;
+/// `SNAPKV_POOL_ALIGN_TRAILING`.
+pub const POOL_ALIGN_TRAILING: i32 = 1;
 /// `SNAPKV_GQA_MEAN`.
 pub const GQA_MEAN: i32 = 0;
 /// `SNAPKV_GQA_MAX`.
@@ -69,6 +73,8 @@ pub struct SnapkvParams {
     pub pooling: i32,
     /// `enum snapkv_gqa`.
     pub gqa: i32,
+    /// `enum snapkv_pool_align`.
+    pub pool_align: i32,
 }
 
 impl Default for SnapkvParams {
@@ -92,6 +98,10 @@ impl Default for SnapkvParams {
             gqa: match c.gqa {
                 GqaAggregation::Mean => GQA_MEAN,
                 GqaAggregation::Max => GQA_MAX,
+            },
+            pool_align: match c.pool_align {
+                PoolAlign::Centered => POOL_ALIGN_CENTERED,
+                PoolAlign::Trailing => POOL_ALIGN_TRAILING,
             },
         }
     }
@@ -149,6 +159,15 @@ impl SnapkvParams {
                 )))
             }
         };
+        let pool_align = match self.pool_align {
+            POOL_ALIGN_CENTERED => PoolAlign::Centered,
+            POOL_ALIGN_TRAILING => PoolAlign::Trailing,
+            other => {
+                return Err(invalid(format!(
+                    "pool_align: unknown value {other} (SNAPKV_POOL_ALIGN_CENTERED or SNAPKV_POOL_ALIGN_TRAILING)"
+                )))
+            }
+        };
         let budget = match (self.budget, self.budget_fraction) {
             (0, 0.0) => {
                 return Err(invalid(
@@ -169,6 +188,7 @@ impl SnapkvParams {
             budget,
             kernel: self.kernel as usize,
             pooling,
+            pool_align,
             gqa,
         };
         config.validate().map_err(|e| invalid(e.to_string()))?;
@@ -307,6 +327,8 @@ pub fn abi_items() -> Vec<AbiItem> {
         abi_size!(crate::sys::llama_context_params, "struct llama_context_params"),
         abi_const!("SNAPKV_POOLING_MAX", POOLING_MAX),
         abi_const!("SNAPKV_POOLING_AVG", POOLING_AVG),
+        abi_const!("SNAPKV_POOL_ALIGN_CENTERED", POOL_ALIGN_CENTERED),
+        abi_const!("SNAPKV_POOL_ALIGN_TRAILING", POOL_ALIGN_TRAILING),
         abi_const!("SNAPKV_GQA_MEAN", GQA_MEAN),
         abi_const!("SNAPKV_GQA_MAX", GQA_MAX),
         abi_const!("SNAPKV_SCORE_NONE", SCORE_NONE),
@@ -334,7 +356,8 @@ pub fn abi_items() -> Vec<AbiItem> {
         kernel,
         budget_fraction,
         pooling,
-        gqa
+        gqa,
+        pool_align
     ));
     items.extend(abi_offsets!(
         SnapkvStats,
@@ -373,6 +396,7 @@ mod tests {
         assert_eq!(p.size as usize, size_of::<SnapkvParams>());
         assert_eq!((p.window, p.budget, p.kernel), (32, 1024, 7));
         assert_eq!((p.budget_fraction, p.pooling, p.gqa), (0.0, POOLING_AVG, GQA_MEAN));
+        assert_eq!(p.pool_align, POOL_ALIGN_CENTERED);
         assert_eq!(p.to_config().unwrap(), SnapKvConfig::default());
     }
 
@@ -385,6 +409,7 @@ mod tests {
             (SnapkvParams { budget: 32, ..base }, "budget"),
             (SnapkvParams { pooling: 7, ..base }, "pooling"),
             (SnapkvParams { gqa: -1, ..base }, "gqa"),
+            (SnapkvParams { pool_align: 2, ..base }, "pool_align"),
             (SnapkvParams { budget: 0, ..base }, "budget"),
             (
                 SnapkvParams {

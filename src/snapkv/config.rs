@@ -19,6 +19,34 @@ pub enum Pooling {
     Avg,
 }
 
+/// Where the pooling window of a position lies, and so which neighbours a
+/// position that drew attention brings along.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PoolAlign {
+    /// The window is centred on the position (SnapKV's pooling, padding
+    /// `kernel / 2` on each side): a voted position keeps the `kernel / 2`
+    /// tokens before and after it. The default.
+    #[default]
+    Centered,
+    /// The window ends at the position (the `kernel` positions up to and
+    /// including it): a voted position keeps the `kernel - 1` tokens that
+    /// follow it. Attention from a question tends to land on where a fact
+    /// starts (its label); the tokens after it hold the value that an
+    /// answer copies.
+    Trailing,
+}
+
+impl PoolAlign {
+    /// The positions a window reaches before and after its own position,
+    /// for an odd `kernel`.
+    pub fn extents(self, kernel: usize) -> (usize, usize) {
+        match self {
+            PoolAlign::Centered => (kernel / 2, kernel / 2),
+            PoolAlign::Trailing => (kernel.saturating_sub(1), 0),
+        }
+    }
+}
+
 /// How the scores of the query heads that share one KV head are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum GqaAggregation {
@@ -58,6 +86,8 @@ pub struct SnapKvConfig {
     pub kernel: usize,
     /// Pooling kind. Default avg.
     pub pooling: Pooling,
+    /// Where the pooling window lies. Default centred.
+    pub pool_align: PoolAlign,
     /// GQA aggregation. Default mean.
     pub gqa: GqaAggregation,
 }
@@ -69,6 +99,7 @@ impl Default for SnapKvConfig {
             budget: Budget::default(),
             kernel: 7,
             pooling: Pooling::default(),
+            pool_align: PoolAlign::default(),
             gqa: GqaAggregation::default(),
         }
     }
@@ -169,6 +200,31 @@ impl fmt::Display for Pooling {
         f.write_str(match self {
             Pooling::Max => "max",
             Pooling::Avg => "avg",
+        })
+    }
+}
+
+impl FromStr for PoolAlign {
+    type Err = AlgoError;
+
+    /// Parses `centered` or `trailing` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "centered" => Ok(PoolAlign::Centered),
+            "trailing" => Ok(PoolAlign::Trailing),
+            _ => Err(AlgoError::InvalidConfig {
+                param: "pool_align",
+                reason: format!("expected `centered` or `trailing`, got `{s}`"),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for PoolAlign {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PoolAlign::Centered => "centered",
+            PoolAlign::Trailing => "trailing",
         })
     }
 }
@@ -280,8 +336,21 @@ mod tests {
         for g in [GqaAggregation::Mean, GqaAggregation::Max] {
             assert_eq!(g.to_string().parse::<GqaAggregation>().unwrap(), g);
         }
+        for a in [PoolAlign::Centered, PoolAlign::Trailing] {
+            assert_eq!(a.to_string().parse::<PoolAlign>().unwrap(), a);
+        }
         assert_eq!("MAX".parse::<Pooling>().unwrap(), Pooling::Max);
         assert!("mean".parse::<Pooling>().is_err());
         assert!("avg".parse::<GqaAggregation>().is_err());
+        assert!("left".parse::<PoolAlign>().is_err());
+    }
+
+    #[test]
+    fn pool_windows_reach_kernel_minus_one_positions() {
+        assert_eq!(SnapKvConfig::default().pool_align, PoolAlign::Centered);
+        assert_eq!(PoolAlign::Centered.extents(7), (3, 3));
+        assert_eq!(PoolAlign::Trailing.extents(7), (6, 0));
+        assert_eq!(PoolAlign::Centered.extents(1), (0, 0));
+        assert_eq!(PoolAlign::Trailing.extents(1), (0, 0));
     }
 }

@@ -24,7 +24,7 @@ pub mod state_blob;
 pub mod synthetic;
 
 pub use compact::rewrite;
-pub use config::{Budget, GqaAggregation, Pooling, SnapKvConfig};
+pub use config::{Budget, GqaAggregation, PoolAlign, Pooling, SnapKvConfig};
 pub use error::AlgoError;
 pub use ggml_type::{decode_f32_row, CacheType};
 pub use keys::{gather_keys, QuantizedRowDecoder};
@@ -33,7 +33,7 @@ pub use scores::{
     QueryScorer, Votes,
 };
 pub use select::{
-    selector_by_name, RandomSelector, Selection, SelectionShape, Selector, SharedAllLayersSelector,
+    selector_by_name, KeptPositions, RandomSelector, Selection, SelectionShape, Selector, SharedAllLayersSelector,
     SharedPerLayerSelector, SnapKvSelector, StreamingSelector, SELECTOR_NAMES,
 };
 pub use state_blob::{ModelShape, SeqState, VLayout, STATE_SEQ_MAGIC};

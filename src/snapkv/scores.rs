@@ -8,7 +8,7 @@
 
 use std::thread;
 
-use super::config::{GqaAggregation, Pooling};
+use super::config::{GqaAggregation, PoolAlign, Pooling};
 use super::error::AlgoError;
 
 /// The cells of a sequence in position order, split into prefix and window.
@@ -634,9 +634,11 @@ fn fast_exp(x: f32) -> f32 {
 /// Pools every `(layer, query head)` vote row over prefix positions and
 /// aggregates the query heads that share a KV head into one score row.
 ///
-/// Pooling: kernel `kernel` (odd), stride 1, padding `kernel / 2`, the
-/// window truncated at the edges (max → max of the in-range values, avg →
-/// mean of the in-range values); `kernel == 1` leaves the votes unchanged.
+/// Pooling: kernel `kernel` (odd), stride 1, the window of position `j`
+/// placed by `align` (centred: `j - kernel/2 ..= j + kernel/2`; trailing:
+/// `j - kernel + 1 ..= j`) and truncated at the edges (max → max of the
+/// in-range values, avg → mean of the in-range values); `kernel == 1`
+/// leaves the votes unchanged.
 /// Aggregation: query head `h` belongs to KV head `h / (n_head / n_head_kv)`;
 /// the group's pooled rows are combined by mean or max. Runs in
 /// `O(n_layer · n_head · prefix_len)`.
@@ -650,6 +652,7 @@ pub fn pool_and_aggregate(
     n_head_kv: usize,
     kernel: usize,
     pooling: Pooling,
+    align: PoolAlign,
     gqa: GqaAggregation,
 ) -> Result<HeadScores, AlgoError> {
     if kernel == 0 || kernel % 2 == 0 {
@@ -685,7 +688,7 @@ pub fn pool_and_aggregate(
         .zip(out.chunks_exact_mut(n_head_kv * n))
     {
         for (h, row) in layer_votes.chunks_exact(n).enumerate() {
-            pooler.pool(row, kernel, pooling, &mut pooled);
+            pooler.pool(row, align.extents(kernel), pooling, &mut pooled);
             let dst = &mut layer_out[(h / group) * n..(h / group + 1) * n];
             let first_in_group = h % group == 0;
             match gqa {
@@ -721,27 +724,30 @@ struct Pooler {
 }
 
 impl Pooler {
-    fn pool(&mut self, row: &[f32], kernel: usize, pooling: Pooling, out: &mut [f32]) {
-        if kernel == 1 {
+    /// Pools `row` into `out` over windows reaching `before` positions
+    /// back and `after` forward, truncated at the ends.
+    fn pool(&mut self, row: &[f32], (before, after): (usize, usize), pooling: Pooling, out: &mut [f32]) {
+        if before == 0 && after == 0 {
             out.copy_from_slice(row);
             return;
         }
         match pooling {
-            Pooling::Max => self.max_pool(row, kernel, out),
-            Pooling::Avg => self.avg_pool(row, kernel, out),
+            Pooling::Max => self.max_pool(row, before, after, out),
+            Pooling::Avg => self.avg_pool(row, before, after, out),
         }
     }
 
-    /// van Herk / Gil-Werman: on the row padded with `-inf` by `kernel/2`
-    /// each side, a window `[j, j+k)` is the max of the suffix maximum of
-    /// its first block and the prefix maximum of its last block.
-    fn max_pool(&mut self, row: &[f32], k: usize, out: &mut [f32]) {
-        let pad = k / 2;
+    /// van Herk / Gil-Werman: on the row padded with `-inf` by `before` and
+    /// `after`, a window `[j, j+k)` (`k = before + after + 1`) is the max of
+    /// the suffix maximum of its first block and the prefix maximum of its
+    /// last block.
+    fn max_pool(&mut self, row: &[f32], before: usize, after: usize, out: &mut [f32]) {
+        let k = before + after + 1;
         let n = row.len();
-        let m = n + 2 * pad;
+        let m = n + before + after;
         let at = |i: usize| {
-            if i >= pad && i < pad + n {
-                row[i - pad]
+            if i >= before && i < before + n {
+                row[i - before]
             } else {
                 f32::NEG_INFINITY
             }
@@ -765,8 +771,7 @@ impl Pooler {
         }
     }
 
-    fn avg_pool(&mut self, row: &[f32], k: usize, out: &mut [f32]) {
-        let pad = k / 2;
+    fn avg_pool(&mut self, row: &[f32], before: usize, after: usize, out: &mut [f32]) {
         let n = row.len();
         self.prefix_sums.clear();
         self.prefix_sums.push(0.0);
@@ -776,8 +781,8 @@ impl Pooler {
             self.prefix_sums.push(acc);
         }
         for (j, o) in out.iter_mut().enumerate() {
-            let lo = j.saturating_sub(pad);
-            let hi = (j + pad + 1).min(n);
+            let lo = j.saturating_sub(before);
+            let hi = (j + after + 1).min(n);
             *o = ((self.prefix_sums[hi] - self.prefix_sums[lo]) / (hi - lo) as f64) as f32;
         }
     }
@@ -859,12 +864,15 @@ pub(crate) mod tests {
     }
 
     /// Naive O(n·k) pooling with truncated windows.
-    fn naive_pool(row: &[f64], kernel: usize, pooling: Pooling) -> Vec<f64> {
-        let pad = kernel / 2;
+    fn naive_pool(row: &[f64], kernel: usize, pooling: Pooling, align: PoolAlign) -> Vec<f64> {
+        let (before, after) = match align {
+            PoolAlign::Centered => (kernel / 2, kernel / 2),
+            PoolAlign::Trailing => (kernel - 1, 0),
+        };
         (0..row.len())
             .map(|j| {
-                let lo = j.saturating_sub(pad);
-                let hi = (j + pad).min(row.len() - 1);
+                let lo = j.saturating_sub(before);
+                let hi = (j + after).min(row.len() - 1);
                 let window = &row[lo..=hi];
                 match pooling {
                     Pooling::Max => window.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
@@ -875,12 +883,19 @@ pub(crate) mod tests {
     }
 
     /// Naive scores `[kv_head][prefix]` for one layer.
-    fn naive_scores(d: Dims, votes: &[f64], kernel: usize, pooling: Pooling, gqa: GqaAggregation) -> Vec<f64> {
+    fn naive_scores(
+        d: Dims,
+        votes: &[f64],
+        kernel: usize,
+        pooling: Pooling,
+        align: PoolAlign,
+        gqa: GqaAggregation,
+    ) -> Vec<f64> {
         let group = d.n_head / d.n_head_kv;
         let mut out = Vec::new();
         for g in 0..d.n_head_kv {
             let pooled: Vec<Vec<f64>> = (g * group..(g + 1) * group)
-                .map(|h| naive_pool(&votes[h * d.prefix_len..][..d.prefix_len], kernel, pooling))
+                .map(|h| naive_pool(&votes[h * d.prefix_len..][..d.prefix_len], kernel, pooling, align))
                 .collect();
             for i in 0..d.prefix_len {
                 let column = pooled.iter().map(|p| p[i]);
@@ -926,11 +941,13 @@ pub(crate) mod tests {
         assert_close(&fast_layer, &ref_votes, 1e-4, "votes");
         for kernel in [1, 3, 7] {
             for pooling in [Pooling::Max, Pooling::Avg] {
-                for gqa in [GqaAggregation::Mean, GqaAggregation::Max] {
-                    let scores = pool_and_aggregate(&votes, d.n_head_kv, kernel, pooling, gqa).unwrap();
-                    let reference = naive_scores(d, &ref_votes, kernel, pooling, gqa);
-                    let fast: Vec<f32> = (0..d.n_head_kv).flat_map(|g| scores.row(1, g).to_vec()).collect();
-                    assert_close(&fast, &reference, 1e-4, "scores");
+                for align in [PoolAlign::Centered, PoolAlign::Trailing] {
+                    for gqa in [GqaAggregation::Mean, GqaAggregation::Max] {
+                        let scores = pool_and_aggregate(&votes, d.n_head_kv, kernel, pooling, align, gqa).unwrap();
+                        let reference = naive_scores(d, &ref_votes, kernel, pooling, align, gqa);
+                        let fast: Vec<f32> = (0..d.n_head_kv).flat_map(|g| scores.row(1, g).to_vec()).collect();
+                        assert_close(&fast, &reference, 1e-4, "scores");
+                    }
                 }
             }
         }
@@ -989,8 +1006,15 @@ pub(crate) mod tests {
         let votes = fast_votes(d, &queries, &keys, scale, 1);
         // Avg pooling and mean aggregation leave no exact ties in random data;
         // budgets whose boundary falls on a near tie (< 1e-6) are skipped.
-        let scores = pool_and_aggregate(&votes, 2, 5, Pooling::Avg, GqaAggregation::Mean).unwrap();
-        let reference = naive_scores(d, &ref_votes, 5, Pooling::Avg, GqaAggregation::Mean);
+        let scores = pool_and_aggregate(&votes, 2, 5, Pooling::Avg, PoolAlign::Centered, GqaAggregation::Mean).unwrap();
+        let reference = naive_scores(
+            d,
+            &ref_votes,
+            5,
+            Pooling::Avg,
+            PoolAlign::Centered,
+            GqaAggregation::Mean,
+        );
         let shape = SelectionShape {
             n_layer: 2,
             n_head_kv: 2,
@@ -1106,15 +1130,24 @@ pub(crate) mod tests {
         votes
             .row_mut(0, 0)
             .copy_from_slice(&[1.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 2.0]);
-        let max = pool_and_aggregate(&votes, 1, 3, Pooling::Max, GqaAggregation::Mean).unwrap();
+        let max = pool_and_aggregate(&votes, 1, 3, Pooling::Max, PoolAlign::Centered, GqaAggregation::Mean).unwrap();
         assert_eq!(max.row(0, 0), &[1.0, 1.0, 5.0, 5.0, 5.0, 0.0, 2.0, 2.0]);
-        let avg = pool_and_aggregate(&votes, 1, 3, Pooling::Avg, GqaAggregation::Mean).unwrap();
+        let avg = pool_and_aggregate(&votes, 1, 3, Pooling::Avg, PoolAlign::Centered, GqaAggregation::Mean).unwrap();
         let expected = [0.5, 1.0 / 3.0, 5.0 / 3.0, 5.0 / 3.0, 5.0 / 3.0, 0.0, 2.0 / 3.0, 1.0];
         for (a, b) in avg.row(0, 0).iter().zip(expected) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
-        let wide = pool_and_aggregate(&votes, 1, 21, Pooling::Max, GqaAggregation::Mean).unwrap();
+        let wide = pool_and_aggregate(&votes, 1, 21, Pooling::Max, PoolAlign::Centered, GqaAggregation::Mean).unwrap();
         assert!(wide.row(0, 0).iter().all(|&v| v == 5.0));
+        // Trailing windows end at the position: a vote reaches the two
+        // positions after it and none before.
+        let max = pool_and_aggregate(&votes, 1, 3, Pooling::Max, PoolAlign::Trailing, GqaAggregation::Mean).unwrap();
+        assert_eq!(max.row(0, 0), &[1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 0.0, 2.0]);
+        let avg = pool_and_aggregate(&votes, 1, 3, Pooling::Avg, PoolAlign::Trailing, GqaAggregation::Mean).unwrap();
+        let expected = [1.0, 0.5, 1.0 / 3.0, 5.0 / 3.0, 5.0 / 3.0, 5.0 / 3.0, 0.0, 2.0 / 3.0];
+        for (a, b) in avg.row(0, 0).iter().zip(expected) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
     }
 
     #[test]
@@ -1123,9 +1156,9 @@ pub(crate) mod tests {
         for (h, row) in [[1.0, 4.0], [3.0, 0.0], [2.0, 2.0], [0.0, 6.0]].iter().enumerate() {
             votes.row_mut(0, h).copy_from_slice(row);
         }
-        let mean = pool_and_aggregate(&votes, 2, 1, Pooling::Max, GqaAggregation::Mean).unwrap();
+        let mean = pool_and_aggregate(&votes, 2, 1, Pooling::Max, PoolAlign::Centered, GqaAggregation::Mean).unwrap();
         assert_eq!(mean.as_slice(), &[2.0, 2.0, 1.0, 4.0]);
-        let max = pool_and_aggregate(&votes, 2, 1, Pooling::Max, GqaAggregation::Max).unwrap();
+        let max = pool_and_aggregate(&votes, 2, 1, Pooling::Max, PoolAlign::Centered, GqaAggregation::Max).unwrap();
         assert_eq!(max.as_slice(), &[3.0, 4.0, 2.0, 6.0]);
     }
 
@@ -1133,7 +1166,15 @@ pub(crate) mod tests {
     fn pooling_refuses_bad_parameters() {
         let votes = Votes::new(1, 4, 2).unwrap();
         for (kv, kernel) in [(3, 3), (0, 3), (2, 4), (2, 0)] {
-            assert!(pool_and_aggregate(&votes, kv, kernel, Pooling::Max, GqaAggregation::Mean).is_err());
+            assert!(pool_and_aggregate(
+                &votes,
+                kv,
+                kernel,
+                Pooling::Max,
+                PoolAlign::Centered,
+                GqaAggregation::Mean
+            )
+            .is_err());
         }
     }
 
@@ -1172,13 +1213,15 @@ pub(crate) mod tests {
             row in proptest::collection::vec(0f32..10.0, 1..60),
             half_kernel in 0usize..12,
             avg in any::<bool>(),
+            trailing in any::<bool>(),
         ) {
             let kernel = 2 * half_kernel + 1;
             let pooling = if avg { Pooling::Avg } else { Pooling::Max };
+            let align = if trailing { PoolAlign::Trailing } else { PoolAlign::Centered };
             let mut votes = Votes::new(1, 1, row.len()).unwrap();
             votes.row_mut(0, 0).copy_from_slice(&row);
-            let scores = pool_and_aggregate(&votes, 1, kernel, pooling, GqaAggregation::Mean).unwrap();
-            let reference = naive_pool(&row.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(), kernel, pooling);
+            let scores = pool_and_aggregate(&votes, 1, kernel, pooling, align, GqaAggregation::Mean).unwrap();
+            let reference = naive_pool(&row.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(), kernel, pooling, align);
             for (a, b) in scores.row(0, 0).iter().zip(&reference) {
                 prop_assert!((f64::from(*a) - b).abs() <= 1e-5 * b.abs().max(1.0));
             }
@@ -1213,7 +1256,15 @@ pub(crate) mod tests {
         }
         let t_votes = start.elapsed();
         let start = std::time::Instant::now();
-        let scores = pool_and_aggregate(&votes, n_head_kv, 7, Pooling::Max, GqaAggregation::Mean).unwrap();
+        let scores = pool_and_aggregate(
+            &votes,
+            n_head_kv,
+            7,
+            Pooling::Max,
+            PoolAlign::Centered,
+            GqaAggregation::Mean,
+        )
+        .unwrap();
         let t_pool = start.elapsed();
         let start = std::time::Instant::now();
         let shape = SelectionShape {

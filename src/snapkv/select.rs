@@ -147,6 +147,87 @@ impl Selection {
     }
 }
 
+/// The prompt positions every KV head kept: a [`Selection`] with its prefix
+/// indices translated to the positions those cells held before
+/// compression. The window, which every head keeps whole, is not listed.
+///
+/// It answers "did the compression keep this part of the prompt?", e.g. the
+/// tokens of a fact that a question asks about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptPositions {
+    /// Layers.
+    pub n_layer: usize,
+    /// KV heads per layer.
+    pub n_head_kv: usize,
+    /// Positions kept per head.
+    pub n_keep: usize,
+    positions: Vec<i32>,
+}
+
+impl KeptPositions {
+    /// Translates `selection` through `prefix_positions`, the position of
+    /// each prefix cell in the order the selection indexes them.
+    ///
+    /// # Errors
+    /// [`AlgoError::InvalidSelection`] when `prefix_positions` does not have
+    /// the selection's `prefix_len` entries.
+    pub fn new(selection: &Selection, prefix_positions: &[i32]) -> Result<Self, AlgoError> {
+        if prefix_positions.len() != selection.prefix_len {
+            return Err(AlgoError::InvalidSelection(format!(
+                "{} prefix positions for a selection over {} prefix cells",
+                prefix_positions.len(),
+                selection.prefix_len
+            )));
+        }
+        Ok(KeptPositions {
+            n_layer: selection.n_layer,
+            n_head_kv: selection.n_head_kv,
+            n_keep: selection.n_keep,
+            positions: selection
+                .as_slice()
+                .iter()
+                .map(|&i| prefix_positions[i as usize])
+                .collect(),
+        })
+    }
+
+    /// Positions kept by KV head `kv_head` of layer `layer`, in the order of
+    /// the selection (ascending when the prefix was in position order).
+    ///
+    /// # Panics
+    /// If `layer` or `kv_head` is out of range.
+    pub fn row(&self, layer: usize, kv_head: usize) -> &[i32] {
+        assert!(layer < self.n_layer && kv_head < self.n_head_kv);
+        let start = (layer * self.n_head_kv + kv_head) * self.n_keep;
+        &self.positions[start..start + self.n_keep]
+    }
+
+    /// For each layer, the fraction of `wanted` that its KV heads kept,
+    /// averaged over the heads (1.0 for an empty `wanted`).
+    pub fn fraction_kept_per_layer(&self, wanted: &[i32]) -> Vec<f64> {
+        (0..self.n_layer)
+            .map(|layer| {
+                if wanted.is_empty() || self.n_head_kv == 0 {
+                    return 1.0;
+                }
+                let kept: usize = (0..self.n_head_kv)
+                    .map(|h| {
+                        let row = self.row(layer, h);
+                        wanted.iter().filter(|p| row.contains(p)).count()
+                    })
+                    .sum();
+                kept as f64 / (wanted.len() * self.n_head_kv) as f64
+            })
+            .collect()
+    }
+
+    /// The fraction of `wanted` kept, averaged over every layer and KV head.
+    pub fn fraction_kept(&self, wanted: &[i32]) -> f64 {
+        let per_layer = self.fraction_kept_per_layer(wanted);
+        per_layer.iter().sum::<f64>() / per_layer.len().max(1) as f64
+    }
+}
+
 /// A method that decides which prefix cells every KV head keeps.
 pub trait Selector: Send + Sync {
     /// The method's name as the CLI spells it.
@@ -562,6 +643,26 @@ mod tests {
         let all = SharedAllLayersSelector.select(Some(&scores), &s, 2).unwrap();
         // means over 4 rows: [2.25, 4.5, 2.75, 4.375]
         assert_eq!(all.as_slice(), &[1, 3, 1, 3, 1, 3, 1, 3]);
+    }
+
+    #[test]
+    fn kept_positions_translate_indices_and_count_what_was_kept() {
+        // Two layers, two KV heads, prefix cells 0..4 hold positions 10..14.
+        let sel = Selection::new(2, 2, 2, 4, vec![0, 1, 2, 3, 0, 3, 1, 2]).unwrap();
+        let kept = KeptPositions::new(&sel, &[10, 11, 12, 13]).unwrap();
+        assert_eq!(kept.row(0, 1), &[12, 13]);
+        assert_eq!(kept.row(1, 0), &[10, 13]);
+        // Positions 10 and 11: layer 0 keeps both in head 0, none in head 1;
+        // layer 1 keeps one in each head.
+        assert_eq!(kept.fraction_kept_per_layer(&[10, 11]), vec![0.5, 0.5]);
+        assert_eq!(kept.fraction_kept(&[13]), 0.5);
+        assert_eq!(kept.fraction_kept(&[10, 11, 12, 13]), 0.5);
+        assert_eq!(kept.fraction_kept(&[99]), 0.0);
+        assert_eq!(kept.fraction_kept(&[]), 1.0);
+        assert!(matches!(
+            KeptPositions::new(&sel, &[10, 11, 12]),
+            Err(AlgoError::InvalidSelection(_))
+        ));
     }
 
     #[test]

@@ -266,6 +266,9 @@ int main(int argc, char ** argv) {
     bad = p; bad.gqa = -1;
     expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS, "params.gqa = -1",
            "gqa");
+    bad = p; bad.pool_align = 2;
+    expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
+           "params.pool_align = 2", "pool_align");
     bad = p; bad.size = 0;
     expect(snapkv_compress_after_prefill(ctx, obs, &bad, S0, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
            "params.size = 0", "snapkv_params_default");

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use snapkv::{Budget, CacheType, FlashAttention, GqaAggregation, Pooling, SnapKvConfig};
+use snapkv::{Budget, CacheType, FlashAttention, GqaAggregation, PoolAlign, Pooling, SnapKvConfig};
 
 /// The default model: Qwen2.5-Coder-0.5B-Instruct, fetched by scripts/fetch-models.sh.
 pub const DEFAULT_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct.gguf";
@@ -81,6 +81,10 @@ pub struct MethodOptions {
     /// Pooling: max or avg.
     #[arg(long, default_value = "avg")]
     pub pool: Pooling,
+    /// Where a position's pooling window lies: centered on it, or trailing (ending at it, so that a position
+    /// that drew attention keeps the tokens after it).
+    #[arg(long = "pool-align", default_value = "centered")]
+    pub pool_align: PoolAlign,
     /// Aggregation of query heads sharing a KV head: mean or max.
     #[arg(long, default_value = "mean")]
     pub gqa: GqaAggregation,
@@ -93,6 +97,7 @@ impl MethodOptions {
         cfg.window = self.window;
         cfg.kernel = self.kernel;
         cfg.pooling = self.pool;
+        cfg.pool_align = self.pool_align;
         cfg.gqa = self.gqa;
         cfg.budget = Budget::Cells(cells);
         cfg
@@ -109,7 +114,7 @@ pub fn parse_cache_type(s: &str) -> Result<CacheType, String> {
 
 /// A method as written on the command line: a name (`full` or a selector)
 /// optionally followed by `:key=value` overrides of the shared method
-/// options, e.g. `snapkv:kernel=15:pool=avg:gqa=max`. Overrides let one run
+/// options, e.g. `snapkv:kernel=15:pool=avg:align=trailing:gqa=max`. Overrides let one run
 /// compare variants of a method over the same evaluated prompts; the window
 /// cannot be overridden (every method of a run observes the same window).
 #[derive(Debug, Clone, PartialEq)]
@@ -120,6 +125,7 @@ pub struct MethodSpec {
     pub name: String,
     kernel: Option<usize>,
     pool: Option<Pooling>,
+    align: Option<PoolAlign>,
     gqa: Option<GqaAggregation>,
 }
 
@@ -140,6 +146,9 @@ impl MethodSpec {
         }
         if let Some(p) = self.pool {
             cfg.pooling = p;
+        }
+        if let Some(a) = self.align {
+            cfg.pool_align = a;
         }
         if let Some(g) = self.gqa {
             cfg.gqa = g;
@@ -163,6 +172,7 @@ impl std::str::FromStr for MethodSpec {
             name,
             kernel: None,
             pool: None,
+            align: None,
             gqa: None,
         };
         for part in parts {
@@ -175,8 +185,9 @@ impl std::str::FromStr for MethodSpec {
             match key {
                 "kernel" => spec.kernel = Some(value.parse().map_err(|e| format!("{s:?}: kernel: {e}"))?),
                 "pool" => spec.pool = Some(value.parse().map_err(|e| format!("{s:?}: pool: {e}"))?),
+                "align" => spec.align = Some(value.parse().map_err(|e| format!("{s:?}: align: {e}"))?),
                 "gqa" => spec.gqa = Some(value.parse().map_err(|e| format!("{s:?}: gqa: {e}"))?),
-                _ => return Err(format!("{s:?}: unknown option {key:?} (kernel, pool, gqa)")),
+                _ => return Err(format!("{s:?}: unknown option {key:?} (kernel, pool, align, gqa)")),
             }
         }
         Ok(spec)
@@ -191,12 +202,18 @@ mod tests {
     fn method_specs_parse_names_and_overrides() {
         let plain: MethodSpec = "snapkv".parse().unwrap();
         assert_eq!((plain.name.as_str(), plain.kernel, plain.pool), ("snapkv", None, None));
-        let spec: MethodSpec = "snapkv-shared-layer:kernel=15:pool=avg:gqa=max".parse().unwrap();
+        let spec: MethodSpec = "snapkv-shared-layer:kernel=15:pool=avg:align=trailing:gqa=max"
+            .parse()
+            .unwrap();
         assert_eq!(spec.name, "snapkv-shared-layer");
         assert_eq!(spec.kernel, Some(15));
         assert_eq!(spec.pool, Some(snapkv::Pooling::Avg));
+        assert_eq!(spec.align, Some(snapkv::PoolAlign::Trailing));
         assert_eq!(spec.gqa, Some(snapkv::GqaAggregation::Max));
-        assert_eq!(spec.label, "snapkv-shared-layer:kernel=15:pool=avg:gqa=max");
+        assert_eq!(
+            spec.label,
+            "snapkv-shared-layer:kernel=15:pool=avg:align=trailing:gqa=max"
+        );
         assert!("full".parse::<MethodSpec>().unwrap().is_full());
         for bad in [
             "nonsense",
@@ -205,6 +222,7 @@ mod tests {
             "snapkv:kernel=x",
             "snapkv:window=8",
             "snapkv:pool=min",
+            "snapkv:align=left",
         ] {
             assert!(bad.parse::<MethodSpec>().is_err(), "{bad}");
         }
