@@ -12,4 +12,4 @@ pub use branch::{
     Branch, Method, SeqUsage, Snapshot,
 };
 pub use metrics::{argmax, kl_divergence, log_softmax, Agreement};
-pub use tasks::{generate as generate_task, Haystack, TaskInstance, TaskKind, TaskSizes, TaskSpec};
+pub use tasks::{generate as generate_task, Haystack, PromptLayout, TaskInstance, TaskKind, TaskSizes, TaskSpec};

@@ -16,11 +16,21 @@
 //!
 //! The *depth* of an instance (0 = start of the document, 1 = its end) is
 //! where the asked needles sit; distractors are spread at random. At least
-//! one filler sentence always follows the last needle, and the question —
-//! which is at the end of the user message — is longer than an observation
-//! window, so every needle lies before the window.
+//! one filler sentence always follows the last needle, and more than an
+//! observation window's worth of text (the end of the document, the answer
+//! instructions and the question) follows it, so every needle lies before
+//! the window.
+//!
+//! The [`PromptLayout`] decides what the observation window sees. The
+//! default ends with a generic answer-format instruction longer than the
+//! window, so the window holds no word of what is asked
+//! ([`PromptLayout::InstructionsLast`]): SnapKV must find the facts from
+//! how the prompt ends, not from the question's words. RULER puts the
+//! question last, so the window holds the question itself
+//! ([`PromptLayout::QuestionLast`]).
 
 use std::fmt;
+use std::ops::Range;
 use std::str::FromStr;
 
 /// The kinds of task.
@@ -99,8 +109,56 @@ impl Default for TaskSizes {
     }
 }
 
+/// The order of the question and the answer-format instructions after the
+/// document.
+///
+/// SnapKV scores the prompt by the attention of its last tokens, so what
+/// those tokens say matters: with the question last the observation window
+/// sees what is asked (the label, the value); with a long instruction last
+/// it sees only how to answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PromptLayout {
+    /// The instructions, then the question as the last sentence of the user
+    /// message (RULER's layout).
+    QuestionLast,
+    /// The question, then an answer-format instruction of more than 32
+    /// tokens: a 32-token window holds no word of the question (the
+    /// default, and the layout of the results in the README).
+    #[default]
+    InstructionsLast,
+}
+
+impl PromptLayout {
+    /// Both layouts.
+    pub const ALL: [PromptLayout; 2] = [PromptLayout::QuestionLast, PromptLayout::InstructionsLast];
+
+    /// The name the CLI and the reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            PromptLayout::QuestionLast => "question-last",
+            PromptLayout::InstructionsLast => "instructions-last",
+        }
+    }
+}
+
+impl fmt::Display for PromptLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for PromptLayout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        PromptLayout::ALL
+            .into_iter()
+            .find(|l| l.name() == s)
+            .ok_or_else(|| format!("unknown prompt layout {s:?} (question-last, instructions-last)"))
+    }
+}
+
 /// What to generate: a task, the target length of the user message in
-/// tokens, the depth of the asked needles and the seed.
+/// tokens, the depth of the asked needles, the seed and the prompt layout.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TaskSpec {
     /// The task.
@@ -114,6 +172,22 @@ pub struct TaskSpec {
     pub seed: u64,
     /// Needle-set sizes.
     pub sizes: TaskSizes,
+    /// The order of question and instructions after the document.
+    pub layout: PromptLayout,
+}
+
+impl TaskSpec {
+    /// A spec with the default needle-set sizes and layout.
+    pub fn new(kind: TaskKind, length: usize, depth: f64, seed: u64) -> Self {
+        TaskSpec {
+            kind,
+            length,
+            depth,
+            seed,
+            sizes: TaskSizes::default(),
+            layout: PromptLayout::default(),
+        }
+    }
 }
 
 /// A generated task instance.
@@ -121,17 +195,21 @@ pub struct TaskSpec {
 pub struct TaskInstance {
     /// What it was generated from.
     pub spec: TaskSpec,
-    /// The user message: instruction, document, question (question last).
+    /// The user message: introduction, document, then the request (question
+    /// and answer instructions, in the spec's layout).
     pub user_message: String,
-    /// The question (the end of `user_message`).
+    /// The request after the document: question and answer instructions
+    /// (the end of `user_message`).
     pub question: String,
+    /// The question sentence(s) alone, without the answer instructions.
+    pub asked: String,
     /// Every expected answer string; all must appear in the output.
     pub answers: Vec<String>,
     /// Every needle sentence, in document order.
     pub needles: Vec<String>,
     /// Byte offset in `user_message` just past the last needle.
     pub last_needle_end: usize,
-    /// Byte offset in `user_message` where the question starts.
+    /// Byte offset in `user_message` where the request (`question`) starts.
     pub question_start: usize,
 }
 
@@ -144,6 +222,24 @@ impl TaskInstance {
         }
         let found = self.answers.iter().filter(|a| contains_word(output, a)).count();
         found as f64 / self.answers.len() as f64
+    }
+
+    /// Byte ranges in `user_message` of the needles the question asks
+    /// about: those that state an expected answer (for variable tracking,
+    /// every assignment of the asked chain), in document order.
+    pub fn asked_needle_spans(&self) -> Vec<Range<usize>> {
+        let mut from = 0;
+        let mut spans = Vec::new();
+        for needle in &self.needles {
+            let Some(at) = self.user_message[from..].find(needle.as_str()).map(|i| from + i) else {
+                continue;
+            };
+            from = at + needle.len();
+            if self.answers.iter().any(|a| contains_word(needle, a)) {
+                spans.push(at..from);
+            }
+        }
+        spans
     }
 }
 
@@ -359,6 +455,14 @@ const LABELS: &[&str] = &[
 const INTRO: &str =
     "Read the document below carefully. Some sentences in it hold facts that a question at the end asks about.";
 
+/// How to answer, before the question ([`PromptLayout::QuestionLast`]).
+const ANSWER_RULES: &str = "Answer the question below using only the document above, not anything you may know from \
+                            elsewhere. Do not explain your answer or add any other words: reply with nothing but";
+
+/// How to answer, after the question ([`PromptLayout::InstructionsLast`]).
+const ANSWER_RULES_AFTER: &str = " Answer using only the document above, not anything you may know from elsewhere, \
+                                  and do not explain your answer or add any other words. Reply with nothing but";
+
 /// One needle sentence and where it goes.
 struct Placed {
     text: String,
@@ -380,17 +484,17 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
     let sizes = spec.sizes;
     let mut labels: Vec<&str> = LABELS.to_vec();
     shuffle(&mut labels, &mut rng);
-    let tail = " Answer using only the document above, not anything you may know from elsewhere, and do not explain \
-                your answer or add any other words. Reply with nothing but";
-    let (needles, question, answers) = match spec.kind {
+    // Each task says what it asks (`asked`) and how the answer is to be
+    // given, in the words of each layout (`short`, `long`).
+    let (needles, asked, short, long, answers) = match spec.kind {
         TaskKind::Passkey => {
             let v = rng.number(7);
             let needles = vec![Placed {
                 text: format!("The pass key is {v}. Remember it. {v} is the pass key."),
                 depth,
             }];
-            let q = format!("Question: What is the pass key hidden in the document?{tail} the pass key, a number.");
-            (needles, q, vec![v])
+            let q = "What is the pass key hidden in the document?".to_string();
+            (needles, q, "the pass key, a number", "the pass key, a number", vec![v])
         }
         TaskKind::MultiKey => {
             let n = sizes.keys.clamp(1, LABELS.len());
@@ -408,10 +512,10 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
                 });
             }
             let q = format!(
-                "Question: What is the special magic number for {} mentioned in the document?{tail} that number.",
+                "What is the special magic number for {} mentioned in the document?",
                 labels[0]
             );
-            (needles, q, vec![answer])
+            (needles, q, "that number", "the number asked for", vec![answer])
         }
         TaskKind::MultiValue => {
             let n = sizes.values.max(1);
@@ -438,10 +542,16 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
                 });
             }
             let q = format!(
-                "Question: What are all the special magic numbers for {} mentioned in the document? There are {n} of them.{tail} those numbers, separated by commas.",
+                "What are all the special magic numbers for {} mentioned in the document? There are {n} of them.",
                 labels[0]
             );
-            (needles, q, answers)
+            (
+                needles,
+                q,
+                "those numbers, separated by commas",
+                "the numbers asked for, separated by commas",
+                answers,
+            )
         }
         TaskKind::VarTrack => {
             let len = sizes.chain.max(1);
@@ -484,12 +594,22 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
                 }
             }
             let q = format!(
-                "Question: Which variables in the document are assigned the value {target_value}, directly or through other variables? There are {len} of them.{tail} their names, separated by commas."
+                "Which variables in the document are assigned the value {target_value}, directly or through other variables? There are {len} of them."
             );
-            (needles, q, answers)
+            (
+                needles,
+                q,
+                "their names, separated by commas",
+                "the names of the variables asked for, separated by commas",
+                answers,
+            )
         }
     };
 
+    let question = match spec.layout {
+        PromptLayout::QuestionLast => format!("{ANSWER_RULES} {long}.\n\nQuestion: {asked}"),
+        PromptLayout::InstructionsLast => format!("Question: {asked}{ANSWER_RULES_AFTER} {short}."),
+    };
     let fixed = count(INTRO) + count(&question) + needles.iter().map(|n| count(&n.text) + 1).sum::<usize>() + 4;
     let filler = haystack.fill(&mut rng, spec.length.saturating_sub(fixed), count);
     let n = filler.len();
@@ -526,6 +646,7 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
         spec: *spec,
         user_message: format!("{body}{question}"),
         question,
+        asked,
         answers,
         needles: needle_order,
         last_needle_end,
@@ -555,13 +676,7 @@ mod tests {
     }
 
     fn spec(kind: TaskKind, length: usize, depth: f64, seed: u64) -> TaskSpec {
-        TaskSpec {
-            kind,
-            length,
-            depth,
-            seed,
-            sizes: TaskSizes::default(),
-        }
+        TaskSpec::new(kind, length, depth, seed)
     }
 
     fn text_haystack() -> Haystack {
@@ -587,10 +702,17 @@ mod tests {
 
     #[test]
     fn every_needle_is_in_the_document_before_the_question() {
-        for kind in TaskKind::ALL {
+        for (kind, layout) in TaskKind::ALL
+            .into_iter()
+            .flat_map(|k| PromptLayout::ALL.map(|l| (k, l)))
+        {
             for depth in [0.0, 0.1, 0.5, 0.9, 1.0] {
                 for seed in 0..5 {
-                    let t = generate(&spec(kind, 600, depth, seed), &Haystack::Builtin, &mut words);
+                    let spec = TaskSpec {
+                        layout,
+                        ..spec(kind, 600, depth, seed)
+                    };
+                    let t = generate(&spec, &Haystack::Builtin, &mut words);
                     assert!(t.user_message.ends_with(&t.question));
                     assert_eq!(&t.user_message[t.question_start..], t.question);
                     assert!(t.last_needle_end < t.question_start);
@@ -601,11 +723,47 @@ mod tests {
                     // A filler sentence follows the last needle inside the document.
                     let gap = &t.user_message[t.last_needle_end..t.question_start];
                     assert!(words(gap) >= 5, "{kind} {depth}: {gap:?}");
-                    // The question alone is longer than a 32-token window.
-                    assert!(words(&t.question) >= 30, "{kind}: {}", t.question);
+                    // More than a 32-token window follows the last needle.
+                    let after = &t.user_message[t.last_needle_end..];
+                    assert!(words(after) >= 30, "{kind} {layout}: {after:?}");
+                    assert!(t.question.contains(&t.asked));
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_layout_decides_what_ends_the_prompt() {
+        for kind in TaskKind::ALL {
+            let at = |layout| {
+                let spec = TaskSpec {
+                    layout,
+                    ..spec(kind, 800, 0.5, 3)
+                };
+                generate(&spec, &Haystack::Builtin, &mut words)
+            };
+            let last = at(PromptLayout::QuestionLast);
+            let asked = format!("Question: {}", last.asked);
+            assert!(last.user_message.ends_with(&asked), "{kind}: {}", last.question);
+            // The question is short enough for a 32-token window to hold it whole.
+            assert!(words(&asked) < 25, "{kind}: {asked}");
+            let instructions = at(PromptLayout::InstructionsLast);
+            assert_eq!(instructions.asked, last.asked);
+            assert!(instructions.question.starts_with(&asked), "{kind}");
+            // What follows the question is longer than a 32-token window.
+            assert!(words(&instructions.question[asked.len()..]) >= 30, "{kind}");
+            // The same needles and answers either way.
+            assert_eq!(instructions.answers, last.answers);
+            let sorted = |t: &TaskInstance| {
+                let mut n = t.needles.clone();
+                n.sort();
+                n
+            };
+            assert_eq!(sorted(&instructions), sorted(&last));
+        }
+        assert_eq!("question-last".parse(), Ok(PromptLayout::QuestionLast));
+        assert_eq!("instructions-last".parse(), Ok(PromptLayout::InstructionsLast));
+        assert!("other".parse::<PromptLayout>().is_err());
     }
 
     #[test]
@@ -645,6 +803,16 @@ mod tests {
             for a in &t.answers {
                 assert!(t.needles.iter().any(|n| contains_word(n, a)), "{kind}: {a}");
             }
+            // The asked needles: one per expected value (a chain's
+            // assignments for variable tracking), each stating an answer.
+            let spans = t.asked_needle_spans();
+            assert_eq!(spans.len(), t.answers.len(), "{kind}");
+            for span in &spans {
+                let text = &t.user_message[span.clone()];
+                assert!(t.needles.iter().any(|n| n == text), "{kind}: {text:?}");
+                assert!(t.answers.iter().any(|a| contains_word(text, a)), "{kind}: {text:?}");
+            }
+            assert!(spans.windows(2).all(|w| w[0].end <= w[1].start));
         }
     }
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use serde::Serialize;
-use snapkv::eval::{branch, generate_task, seq_usage, Haystack, Method, Snapshot, TaskKind, TaskSizes, TaskSpec};
+use snapkv::eval::{branch, generate_task, seq_usage, Haystack, Method, Snapshot, TaskKind, TaskSpec};
 use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
 
 use crate::common::{model_stem, observed_context, task_prompt, token_counter, write_json};
@@ -114,13 +114,7 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
         .lengths
         .iter()
         .map(|&length| {
-            let spec = TaskSpec {
-                kind: TaskKind::Passkey,
-                length,
-                depth: 0.5,
-                seed: 1,
-                sizes: TaskSizes::default(),
-            };
+            let spec = TaskSpec::new(TaskKind::Passkey, length, 0.5, 1);
             let task = generate_task(&spec, &Haystack::Builtin, &mut count);
             task_prompt(&model, &task, w).map(|p| (length, p.tokens))
         })

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use clap::Args;
 use serde::Serialize;
-use snapkv::eval::{generate_task, seq_usage, Haystack, Method, TaskKind, TaskSizes, TaskSpec};
+use snapkv::eval::{generate_task, seq_usage, Haystack, Method, TaskKind, TaskSpec};
 use snapkv::{init_backend, Context, Error, Model, ModelParams, WindowObserver};
 
 use crate::common::{context_params, model_stem, task_prompt, token_counter, write_json, RunInfo};
@@ -70,13 +70,7 @@ pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
     let mut count = token_counter(&model);
     let prompts = (0..args.n_seq as u64)
         .map(|seed| {
-            let spec = TaskSpec {
-                kind: TaskKind::Passkey,
-                length: args.length,
-                depth: 0.5,
-                seed,
-                sizes: TaskSizes::default(),
-            };
+            let spec = TaskSpec::new(TaskKind::Passkey, args.length, 0.5, seed);
             let task = generate_task(&spec, &Haystack::Builtin, &mut count);
             task_prompt(&model, &task, args.snap.window).map(|p| p.tokens)
         })

@@ -34,6 +34,8 @@ pub fn observed_context<'m>(model: &'m Model, opts: &ModelOptions, cells: usize)
 pub struct ChatPrompt {
     /// The tokens of the templated text.
     pub tokens: Vec<snapkv::llama::Token>,
+    /// Positions of the tokens of the needles the question asks about.
+    pub asked_positions: Vec<i32>,
 }
 
 /// Builds the chat prompt of a task instance and checks that every needle
@@ -47,7 +49,8 @@ pub fn task_prompt(model: &Model, task: &TaskInstance, window: usize) -> snapkv:
             param: "chat template",
             reason: "the template changed the user message".into(),
         })?;
-    let upto = model.tokenize(&text[..at + task.last_needle_end], true, true)?.len();
+    let tokens_before = |end: usize| model.tokenize(&text[..at + end], true, true).map(|t| t.len());
+    let upto = tokens_before(task.last_needle_end)?;
     if upto + window > tokens.len() {
         return Err(snapkv::Error::InvalidArgument {
             param: "task",
@@ -57,7 +60,14 @@ pub fn task_prompt(model: &Model, task: &TaskInstance, window: usize) -> snapkv:
             ),
         });
     }
-    Ok(ChatPrompt { tokens })
+    let mut asked_positions = Vec::new();
+    for span in task.asked_needle_spans() {
+        asked_positions.extend(tokens_before(span.start)? as i32..tokens_before(span.end)? as i32);
+    }
+    Ok(ChatPrompt {
+        tokens,
+        asked_positions,
+    })
 }
 
 /// Token counter for task generation: the model's tokenizer.

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use snapkv::eval::{branch, generate_task, Haystack, Snapshot, TaskKind, TaskSizes, TaskSpec};
+use snapkv::eval::{branch, generate_task, Haystack, PromptLayout, Snapshot, TaskKind, TaskSpec};
 use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
 
 use crate::common::Progress;
@@ -33,6 +33,10 @@ pub struct DemoArgs {
     /// Seed of the document.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The order of question and answer instructions after the document: question-last (the question ends
+    /// the prompt, inside the observation window) or instructions-last (a long answer instruction ends it).
+    #[arg(long, default_value = "instructions-last")]
+    layout: PromptLayout,
     /// Methods, comma-separated (full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random).
     #[arg(long, value_delimiter = ',', default_value = "full,snapkv,streaming")]
     methods: Vec<MethodSpec>,
@@ -60,11 +64,8 @@ pub fn run(args: &DemoArgs) -> snapkv::Result<()> {
     };
     let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
     let spec = TaskSpec {
-        kind: args.task,
-        length: args.length,
-        depth: args.depth,
-        seed: args.seed,
-        sizes: TaskSizes::default(),
+        layout: args.layout,
+        ..TaskSpec::new(args.task, args.length, args.depth, args.seed)
     };
     let task = generate_task(&spec, &haystack, &mut token_counter(&model));
     let w = args.snap.window;
@@ -90,7 +91,7 @@ pub fn run(args: &DemoArgs) -> snapkv::Result<()> {
         snapshot.prefill_seconds,
         (n_prompt - w) as f64 / snapshot.prefill_seconds
     );
-    println!("question: {}", task.question.lines().next().unwrap_or(""));
+    println!("question: {}", task.asked);
     println!("expected: {}", task.answers.join(", "));
     println!();
     println!(

@@ -12,8 +12,8 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 use snapkv::eval::{
-    agreement, branch, forced_distributions, generate_task, log_softmax, Branch, Haystack, Method, Snapshot, TaskKind,
-    TaskSizes, TaskSpec,
+    agreement, branch, forced_distributions, generate_task, log_softmax, Branch, Haystack, Method, PromptLayout,
+    Snapshot, TaskKind, TaskSpec,
 };
 use snapkv::llama::{Pos, Token};
 use snapkv::{generate, init_backend, Generation, Model, ModelParams, Sampler};
@@ -51,6 +51,10 @@ pub struct EvalArgs {
     /// Filler from a text file (a real text) instead of built-in sentences.
     #[arg(long)]
     haystack: Option<PathBuf>,
+    /// The order of question and answer instructions after the document: question-last (the question ends
+    /// the prompt, inside the observation window) or instructions-last (a long answer instruction ends it).
+    #[arg(long, default_value = "instructions-last")]
+    layout: PromptLayout,
     /// Tokens to generate per answer (0 = enough for the expected answer plus 16).
     #[arg(short = 'n', long = "n-predict", default_value_t = 0)]
     n_predict: usize,
@@ -86,6 +90,11 @@ struct Record {
     top1: f64,
     /// Positions compared (the full cache's answer length).
     kl_positions: usize,
+    /// Fraction of the asked needles' tokens the cache kept, averaged over
+    /// every layer and KV head (1 for the full cache).
+    needle_kept: f64,
+    /// The same per layer (empty for the full cache).
+    needle_kept_per_layer: Vec<f64>,
     decode_tokens_per_second: f64,
     compression_seconds: f64,
 }
@@ -94,6 +103,8 @@ struct Record {
 struct Report<'a> {
     info: RunInfo,
     window: usize,
+    /// The prompt layout of every task (question-last or instructions-last).
+    layout: &'static str,
     records: &'a [Record],
 }
 
@@ -135,11 +146,8 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                 for &depth in &args.depths {
                     done += 1;
                     let spec = TaskSpec {
-                        kind,
-                        length,
-                        depth,
-                        seed,
-                        sizes: TaskSizes::default(),
+                        layout: args.layout,
+                        ..TaskSpec::new(kind, length, depth, seed)
                     };
                     let task = generate_task(&spec, &haystack, &mut count);
                     let prompt = task_prompt(&model, &task, w)?;
@@ -191,11 +199,16 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                             let fidelity = agreement(&reference.distributions, &run.distributions);
                             let text = model.detokenize(&run.answer.tokens, false);
                             let score = task.score(&text);
+                            let kept = run.branch.stats.as_ref().and_then(|s| s.kept.as_ref());
+                            let needle_kept = kept.map_or(1.0, |k| k.fraction_kept(&prompt.asked_positions));
+                            let needle_kept_per_layer =
+                                kept.map_or_else(Vec::new, |k| k.fraction_kept_per_layer(&prompt.asked_positions));
                             eprintln!(
-                                "    {:<24} {:>5.0}%  KL {:>7.4}  {:?}",
+                                "    {:<24} {:>5.0}%  KL {:>7.4}  needles kept {:>5.1}%  {:?}",
                                 budget.map_or_else(|| spec.label.clone(), |b| format!("{} @ {b}", spec.label)),
                                 100.0 * score,
                                 fidelity.mean_kl(),
+                                100.0 * needle_kept,
                                 short_answer(&text, 60)
                             );
                             records.push(Record {
@@ -216,6 +229,8 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                                 max_kl: fidelity.kl_max,
                                 top1: fidelity.top1(),
                                 kl_positions: fidelity.n,
+                                needle_kept,
+                                needle_kept_per_layer,
                                 decode_tokens_per_second: run.answer.tokens_per_second(),
                                 compression_seconds: run.branch.stats.as_ref().map_or(0.0, |s| s.overhead_seconds()),
                             });
@@ -234,6 +249,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
         &Report {
             info: RunInfo::new(&model, &args.model),
             window: w,
+            layout: args.layout.name(),
             records: &records,
         },
     )?;
@@ -292,20 +308,31 @@ fn run_method(
 
 type Key<'a> = (&'static str, &'a str, Option<usize>);
 
+/// The records of each table row — a (task, method, budget) — in the order
+/// the command line named the tasks and methods.
+fn rows<'r>(args: &EvalArgs, records: &'r [Record]) -> BTreeMap<(usize, usize, Key<'r>), Vec<&'r Record>> {
+    let task_order = |t: &str| args.tasks.iter().position(|x| x.name() == t).unwrap_or(usize::MAX);
+    let method_order = |m: &str| args.methods.iter().position(|x| x.label == m).unwrap_or(usize::MAX);
+    let mut rows: BTreeMap<_, Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        rows.entry((
+            task_order(r.task),
+            method_order(&r.method),
+            (r.task, r.method.as_str(), r.budget),
+        ))
+        .or_default()
+        .push(r);
+    }
+    rows
+}
+
+fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
 /// Mean score per (task, method, budget) and length.
 fn print_table(args: &EvalArgs, records: &[Record]) {
-    let mut cells: BTreeMap<(usize, Key), BTreeMap<usize, (f64, usize)>> = BTreeMap::new();
-    let order = |m: &str| args.methods.iter().position(|x| x.label == m).unwrap_or(usize::MAX);
-    for r in records {
-        let task_ix = args.tasks.iter().position(|t| t.name() == r.task).unwrap_or(0);
-        let e = cells
-            .entry((task_ix * 1000 + order(&r.method), (r.task, r.method.as_str(), r.budget)))
-            .or_default()
-            .entry(r.length)
-            .or_insert((0.0, 0));
-        e.0 += r.score;
-        e.1 += 1;
-    }
     let mut out = String::new();
     let width = args.methods.iter().map(|m| m.label.len()).max().unwrap_or(0).max(20);
     let _ = write!(out, "{:<11} {:<width$} {:>7}", "task", "method", "budget");
@@ -314,9 +341,8 @@ fn print_table(args: &EvalArgs, records: &[Record]) {
     }
     let _ = writeln!(out, " {:>8} {:>8}", "all", "vs full");
     let mut full: BTreeMap<&str, f64> = BTreeMap::new();
-    for ((_, (task, method, budget)), by_len) in &cells {
-        let (s, n) = by_len.values().fold((0.0, 0), |a, v| (a.0 + v.0, a.1 + v.1));
-        let all = s / n.max(1) as f64;
+    for ((_, _, (task, method, budget)), rs) in rows(args, records) {
+        let all = mean(rs.iter().map(|r| r.score)).unwrap_or(0.0);
         if method.starts_with("full") {
             full.insert(task, all);
         }
@@ -327,10 +353,10 @@ fn print_table(args: &EvalArgs, records: &[Record]) {
             method,
             budget.map_or_else(|| "-".into(), |b| b.to_string())
         );
-        for l in &args.lengths {
-            match by_len.get(l) {
-                Some((s, n)) => {
-                    let _ = write!(out, " {:>7.1}%", 100.0 * s / *n as f64);
+        for &l in &args.lengths {
+            match mean(rs.iter().filter(|r| r.length == l).map(|r| r.score)) {
+                Some(m) => {
+                    let _ = write!(out, " {:>7.1}%", 100.0 * m);
                 }
                 None => {
                     let _ = write!(out, " {:>8}", "-");
@@ -352,7 +378,6 @@ fn print_table(args: &EvalArgs, records: &[Record]) {
 }
 
 /// KL and top-1 sums over the answer positions of several prompts.
-#[derive(Default)]
 struct PooledKl {
     kl: f64,
     top1: f64,
@@ -360,58 +385,68 @@ struct PooledKl {
 }
 
 impl PooledKl {
+    fn of(records: &[&Record]) -> Self {
+        PooledKl {
+            kl: records.iter().map(|r| r.mean_kl * r.kl_positions as f64).sum(),
+            top1: records.iter().map(|r| r.top1 * r.kl_positions as f64).sum(),
+            positions: records.iter().map(|r| r.kl_positions).sum(),
+        }
+    }
+
     fn mean_kl(&self) -> f64 {
         self.kl / self.positions.max(1) as f64
     }
 }
 
 /// Mean KL divergence per token from the full cache along its own answers
-/// (pooled over every prompt of a task), top-1 agreement, and the ratio to
-/// `streaming` at the same budget where the run has it.
+/// (pooled over every prompt of a task), top-1 agreement, the ratio to
+/// `streaming` at the same budget where the run has it, and the mean
+/// fraction of the asked needles' tokens kept.
 fn print_fidelity_table(args: &EvalArgs, records: &[Record]) {
-    let order = |m: &str| args.methods.iter().position(|x| x.label == m).unwrap_or(usize::MAX);
-    // (task order, method order, (task, method, budget)) -> pooled sums
-    let mut sums: BTreeMap<(usize, usize, Key), PooledKl> = BTreeMap::new();
-    for r in records {
-        let task_ix = args.tasks.iter().position(|t| t.name() == r.task).unwrap_or(0);
-        let e = sums
-            .entry((task_ix, order(&r.method), (r.task, r.method.as_str(), r.budget)))
-            .or_default();
-        e.kl += r.mean_kl * r.kl_positions as f64;
-        e.top1 += r.top1 * r.kl_positions as f64;
-        e.positions += r.kl_positions;
-    }
-    let streaming: BTreeMap<(&str, Option<usize>), f64> = sums
+    let rows = rows(args, records);
+    let pooled: Vec<(Key, PooledKl, f64)> = rows
         .iter()
-        .filter(|((_, _, (_, method, _)), _)| *method == "streaming")
-        .map(|((_, _, (task, _, budget)), v)| ((*task, *budget), v.mean_kl()))
+        .map(|(&(_, _, key), rs)| {
+            (
+                key,
+                PooledKl::of(rs),
+                mean(rs.iter().map(|r| r.needle_kept)).unwrap_or(0.0),
+            )
+        })
+        .collect();
+    let streaming: BTreeMap<(&str, Option<usize>), f64> = pooled
+        .iter()
+        .filter(|((_, method, _), _, _)| *method == "streaming")
+        .map(|((task, _, budget), v, _)| ((*task, *budget), v.mean_kl()))
         .collect();
     let width = args.methods.iter().map(|m| m.label.len()).max().unwrap_or(0).max(20);
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<11} {:<width$} {:>7} {:>10} {:>7} {:>12}",
-        "task", "method", "budget", "mean KL", "top-1", "/ streaming"
+        "{:<11} {:<width$} {:>7} {:>10} {:>7} {:>12} {:>13}",
+        "task", "method", "budget", "mean KL", "top-1", "/ streaming", "needles kept"
     );
-    for (&(_, _, (task, method, budget)), v) in &sums {
+    for ((task, method, budget), v, kept) in &pooled {
         let kl = v.mean_kl();
         let ratio = streaming
-            .get(&(task, budget))
+            .get(&(*task, *budget))
             .filter(|&&s| s > 0.0 && budget.is_some())
             .map_or_else(|| "-".to_string(), |s| format!("{:.3}", kl / s));
         let _ = writeln!(
             out,
-            "{:<11} {:<width$} {:>7} {:>10.4} {:>6.1}% {:>12}",
+            "{:<11} {:<width$} {:>7} {:>10.4} {:>6.1}% {:>12} {:>12.1}%",
             task,
             method,
             budget.map_or_else(|| "-".into(), |b| b.to_string()),
             kl,
             100.0 * v.top1 / v.positions.max(1) as f64,
-            ratio
+            ratio,
+            100.0 * kept
         );
     }
     println!(
-        "\nfidelity to the full cache along its own answers, teacher-forced (KL nats/token, pooled over the prompts):"
+        "\nfidelity to the full cache along its own answers, teacher-forced (KL nats/token, pooled over the prompts;\n\
+         needles kept: the asked needles' tokens a cache kept, averaged over layers, KV heads and prompts):"
     );
     print!("{out}");
 }
@@ -426,12 +461,12 @@ fn csv_field(s: &str) -> String {
 
 fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
     let mut s = String::from(
-        "task,haystack,length,prompt_tokens,depth,seed,method,budget,cells,kv_bytes,score,expected,answer,mean_kl,max_kl,top1,kl_positions,decode_tok_s,compression_s\n",
+        "task,haystack,length,prompt_tokens,depth,seed,method,budget,cells,kv_bytes,score,expected,answer,mean_kl,max_kl,top1,kl_positions,needle_kept,decode_tok_s,compression_s\n",
     );
     for r in records {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{:.6},{:.4},{:.4},{},{:.2},{:.4}",
+            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{:.6},{:.4},{:.4},{},{:.4},{:.2},{:.4}",
             r.task,
             csv_field(&r.haystack),
             r.length,
@@ -449,6 +484,7 @@ fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
             r.max_kl,
             r.top1,
             r.kl_positions,
+            r.needle_kept,
             r.decode_tokens_per_second,
             r.compression_seconds
         );

@@ -13,8 +13,8 @@ use std::path::PathBuf;
 use clap::Args;
 use serde::Serialize;
 use snapkv::eval::{
-    agreement, branch, continuation_distributions, generate_task, seq_usage, Agreement, Haystack, Method, SeqUsage,
-    Snapshot, TaskKind, TaskSizes, TaskSpec,
+    agreement, branch, continuation_distributions, generate_task, seq_usage, Agreement, Haystack, Method, PromptLayout,
+    SeqUsage, Snapshot, TaskKind, TaskSpec,
 };
 use snapkv::{generate, init_backend, CacheType, ChatMessage, Context, FlashAttention, Model, ModelParams, Sampler};
 
@@ -40,6 +40,10 @@ pub struct FidelityArgs {
     /// Seed of the generated document.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// With --task: the order of question and answer instructions after the document: question-last (the question ends
+    /// the prompt, inside the observation window) or instructions-last (a long answer instruction ends it).
+    #[arg(long, default_value = "instructions-last")]
+    layout: PromptLayout,
     /// Filler from a text file instead of built-in sentences.
     #[arg(long)]
     haystack: Option<PathBuf>,
@@ -216,11 +220,8 @@ fn prompt_tokens(args: &FidelityArgs, model: &Model) -> snapkv::Result<Vec<snapk
     };
     if let Some(kind) = args.task {
         let spec = TaskSpec {
-            kind,
-            length: args.length,
-            depth: args.depth,
-            seed: args.seed,
-            sizes: TaskSizes::default(),
+            layout: args.layout,
+            ..TaskSpec::new(kind, args.length, args.depth, args.seed)
         };
         let task = generate_task(&spec, &haystack, &mut token_counter(model));
         return Ok(task_prompt(model, &task, args.snap.window)?.tokens);
@@ -228,13 +229,12 @@ fn prompt_tokens(args: &FidelityArgs, model: &Model) -> snapkv::Result<Vec<snapk
     let document = match &args.file {
         Some(f) => std::fs::read_to_string(f)?,
         None => {
-            // A document of filler alone: a passkey instance's text without its question.
+            // A document of filler alone: a passkey instance's text without its
+            // request. The request still sizes the filler; instructions-last
+            // keeps the documents of the results in results/fidelity.
             let spec = TaskSpec {
-                kind: TaskKind::Passkey,
-                length: args.length,
-                depth: 0.5,
-                seed: args.seed,
-                sizes: TaskSizes::default(),
+                layout: PromptLayout::InstructionsLast,
+                ..TaskSpec::new(TaskKind::Passkey, args.length, 0.5, args.seed)
             };
             let task = generate_task(&spec, &haystack, &mut token_counter(model));
             task.user_message[..task.question_start].to_string()
