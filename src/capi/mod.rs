@@ -1,6 +1,6 @@
 //! The C ABI declared in `include/snapkv.h`: a thin layer over the safe API.
 //!
-//! - Every exported function runs inside [`boundary`]: a panic becomes
+//! - Every exported function runs inside `boundary`: a panic becomes
 //!   `SNAPKV_ERR_PANIC` with a message, never an unwind into C or an abort.
 //! - Raw pointers become references in one module (`ptr`), where NULL
 //!   becomes `SNAPKV_ERR_NULL_POINTER`.

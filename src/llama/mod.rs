@@ -1,4 +1,4 @@
-//! Safe wrappers over llama.cpp: the only callers of [`crate::sys`].
+//! Safe wrappers over llama.cpp: the only callers of `crate::sys` (private).
 //!
 //! Raw pointers are born and die here. Owned handles ([`Model`], [`Context`],
 //! [`Batch`], [`Sampler`]) free their object in `Drop`; borrowed handles
