@@ -135,9 +135,11 @@ enum snapkv_pooling {
 };
 
 enum snapkv_pool_align {
-    SNAPKV_POOL_ALIGN_CENTERED = 0, /* the kernel window centred on each position (SnapKV; default) */
-    SNAPKV_POOL_ALIGN_TRAILING = 1  /* the window ends at each position: a voted position keeps the
+    SNAPKV_POOL_ALIGN_CENTERED = 0, /* the kernel window centred on each position (SnapKV's paper) */
+    SNAPKV_POOL_ALIGN_TRAILING = 1, /* the window ends at each position: a voted position keeps the
                                        kernel - 1 tokens after it */
+    SNAPKV_POOL_ALIGN_FORWARD = 2   /* a voted position keeps pool_forward tokens after it and
+                                       kernel - 1 - pool_forward before it */
 };
 
 enum snapkv_gqa {
@@ -155,7 +157,7 @@ typedef struct snapkv_params {
     /* Cells kept per KV head, window included; > window. Default 1024.
      * Set to 0 to use budget_fraction instead. */
     uint32_t budget;
-    /* Pooling kernel size: odd, 1 disables pooling. Default 7. */
+    /* Pooling kernel size: odd, 1 disables pooling. Default 11. */
     uint32_t kernel;
     /* Fraction of the prompt kept, in (0, 1], rounded up; used only when
      * budget is 0. Default 0 (unused). */
@@ -164,8 +166,12 @@ typedef struct snapkv_params {
     int32_t pooling;
     /* enum snapkv_gqa. Default SNAPKV_GQA_MEAN. */
     int32_t gqa;
-    /* enum snapkv_pool_align. Default SNAPKV_POOL_ALIGN_CENTERED. */
+    /* enum snapkv_pool_align. Default SNAPKV_POOL_ALIGN_FORWARD. */
     int32_t pool_align;
+    /* With SNAPKV_POOL_ALIGN_FORWARD: how many positions after a voted
+     * position it keeps, below kernel. Default 7. Must be 0 with the other
+     * alignments. */
+    uint32_t pool_forward;
 } snapkv_params;
 
 /* Fills *params with the defaults (and params->size). Caller owns params.

@@ -431,6 +431,7 @@ mod tests {
             pooling: 9,
             gqa: 9,
             pool_align: 9,
+            pool_forward: 9,
         };
         // SAFETY: p is writable.
         assert_eq!(unsafe { snapkv_params_default(&mut p) }, 0);

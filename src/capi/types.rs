@@ -40,6 +40,8 @@ pub const POOLING_AVG: i32 = 1;
 pub const POOL_ALIGN_CENTERED: i32 = 0;
 /// `SNAPKV_POOL_ALIGN_TRAILING`.
 pub const POOL_ALIGN_TRAILING: i32 = 1;
+/// `SNAPKV_POOL_ALIGN_FORWARD`.
+pub const POOL_ALIGN_FORWARD: i32 = 2;
 /// `SNAPKV_GQA_MEAN`.
 pub const GQA_MEAN: i32 = 0;
 /// `SNAPKV_GQA_MAX`.
@@ -75,6 +77,10 @@ pub struct SnapkvParams {
     pub gqa: i32,
     /// `enum snapkv_pool_align`.
     pub pool_align: i32,
+    /// Positions a vote reaches forward with `SNAPKV_POOL_ALIGN_FORWARD`
+    /// (below `kernel`); must be 0 with the other alignments. It fills what
+    /// was the struct's tail padding, so the size did not change.
+    pub pool_forward: u32,
 }
 
 impl Default for SnapkvParams {
@@ -102,6 +108,11 @@ impl Default for SnapkvParams {
             pool_align: match c.pool_align {
                 PoolAlign::Centered => POOL_ALIGN_CENTERED,
                 PoolAlign::Trailing => POOL_ALIGN_TRAILING,
+                PoolAlign::Forward(_) => POOL_ALIGN_FORWARD,
+            },
+            pool_forward: match c.pool_align {
+                PoolAlign::Forward(n) => u32::try_from(n).unwrap_or(u32::MAX),
+                PoolAlign::Centered | PoolAlign::Trailing => 0,
             },
         }
     }
@@ -159,12 +170,18 @@ impl SnapkvParams {
                 )))
             }
         };
-        let pool_align = match self.pool_align {
-            POOL_ALIGN_CENTERED => PoolAlign::Centered,
-            POOL_ALIGN_TRAILING => PoolAlign::Trailing,
-            other => {
+        let pool_align = match (self.pool_align, self.pool_forward) {
+            (POOL_ALIGN_FORWARD, n) => PoolAlign::Forward(n as usize),
+            (POOL_ALIGN_CENTERED | POOL_ALIGN_TRAILING, n) if n != 0 => {
                 return Err(invalid(format!(
-                    "pool_align: unknown value {other} (SNAPKV_POOL_ALIGN_CENTERED or SNAPKV_POOL_ALIGN_TRAILING)"
+                    "pool_forward is {n}: set it only with pool_align = SNAPKV_POOL_ALIGN_FORWARD"
+                )))
+            }
+            (POOL_ALIGN_CENTERED, _) => PoolAlign::Centered,
+            (POOL_ALIGN_TRAILING, _) => PoolAlign::Trailing,
+            (other, _) => {
+                return Err(invalid(format!(
+                    "pool_align: unknown value {other} (SNAPKV_POOL_ALIGN_CENTERED, _TRAILING or _FORWARD)"
                 )))
             }
         };
@@ -329,6 +346,7 @@ pub fn abi_items() -> Vec<AbiItem> {
         abi_const!("SNAPKV_POOLING_AVG", POOLING_AVG),
         abi_const!("SNAPKV_POOL_ALIGN_CENTERED", POOL_ALIGN_CENTERED),
         abi_const!("SNAPKV_POOL_ALIGN_TRAILING", POOL_ALIGN_TRAILING),
+        abi_const!("SNAPKV_POOL_ALIGN_FORWARD", POOL_ALIGN_FORWARD),
         abi_const!("SNAPKV_GQA_MEAN", GQA_MEAN),
         abi_const!("SNAPKV_GQA_MAX", GQA_MAX),
         abi_const!("SNAPKV_SCORE_NONE", SCORE_NONE),
@@ -357,7 +375,8 @@ pub fn abi_items() -> Vec<AbiItem> {
         budget_fraction,
         pooling,
         gqa,
-        pool_align
+        pool_align,
+        pool_forward
     ));
     items.extend(abi_offsets!(
         SnapkvStats,
@@ -394,9 +413,9 @@ mod tests {
     fn defaults_come_from_the_safe_api_and_validate() {
         let p = SnapkvParams::default();
         assert_eq!(p.size as usize, size_of::<SnapkvParams>());
-        assert_eq!((p.window, p.budget, p.kernel), (32, 1024, 7));
+        assert_eq!((p.window, p.budget, p.kernel), (32, 1024, 11));
         assert_eq!((p.budget_fraction, p.pooling, p.gqa), (0.0, POOLING_AVG, GQA_MEAN));
-        assert_eq!(p.pool_align, POOL_ALIGN_CENTERED);
+        assert_eq!((p.pool_align, p.pool_forward), (POOL_ALIGN_FORWARD, 7));
         assert_eq!(p.to_config().unwrap(), SnapKvConfig::default());
     }
 
@@ -409,7 +428,21 @@ mod tests {
             (SnapkvParams { budget: 32, ..base }, "budget"),
             (SnapkvParams { pooling: 7, ..base }, "pooling"),
             (SnapkvParams { gqa: -1, ..base }, "gqa"),
-            (SnapkvParams { pool_align: 2, ..base }, "pool_align"),
+            (SnapkvParams { pool_align: 3, ..base }, "pool_align"),
+            (
+                SnapkvParams {
+                    pool_forward: 11,
+                    ..base
+                },
+                "kernel of at least 13",
+            ),
+            (
+                SnapkvParams {
+                    pool_align: POOL_ALIGN_CENTERED,
+                    ..base
+                },
+                "pool_forward is 7",
+            ),
             (SnapkvParams { budget: 0, ..base }, "budget"),
             (
                 SnapkvParams {

@@ -119,12 +119,12 @@ impl Default for TaskSizes {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PromptLayout {
     /// The instructions, then the question as the last sentence of the user
-    /// message (RULER's layout).
+    /// message (RULER's layout; the default).
+    #[default]
     QuestionLast,
     /// The question, then an answer-format instruction of more than 32
-    /// tokens: a 32-token window holds no word of the question (the
-    /// default, and the layout of the results in the README).
-    #[default]
+    /// tokens: a 32-token window holds no word of the question (a stress
+    /// test for SnapKV).
     InstructionsLast,
 }
 

@@ -20,13 +20,13 @@ pub enum Pooling {
 }
 
 /// Where the pooling window of a position lies, and so which neighbours a
-/// position that drew attention brings along.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// position that drew attention brings along. [`SnapKvConfig::default`]
+/// uses [`PoolAlign::Forward`]`(7)` with kernel 11.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PoolAlign {
     /// The window is centred on the position (SnapKV's pooling, padding
     /// `kernel / 2` on each side): a voted position keeps the `kernel / 2`
-    /// tokens before and after it. The default.
-    #[default]
+    /// tokens before and after it.
     Centered,
     /// The window ends at the position (the `kernel` positions up to and
     /// including it): a voted position keeps the `kernel - 1` tokens that
@@ -34,16 +34,42 @@ pub enum PoolAlign {
     /// starts (its label); the tokens after it hold the value that an
     /// answer copies.
     Trailing,
+    /// The window reaches `n` positions forward of a voted position and
+    /// `kernel - 1 - n` back: `Forward(kernel / 2)` is [`Centered`] and
+    /// `Forward(kernel - 1)` is [`Trailing`]. A voted position keeps most of
+    /// what follows it (a value after its label) and a little of what
+    /// precedes it (a name before its value). `n` must be below `kernel`.
+    ///
+    /// [`Centered`]: PoolAlign::Centered
+    /// [`Trailing`]: PoolAlign::Trailing
+    Forward(usize),
 }
 
 impl PoolAlign {
-    /// The positions a window reaches before and after its own position,
-    /// for an odd `kernel`.
-    pub fn extents(self, kernel: usize) -> (usize, usize) {
-        match self {
-            PoolAlign::Centered => (kernel / 2, kernel / 2),
-            PoolAlign::Trailing => (kernel.saturating_sub(1), 0),
-        }
+    /// The positions the pooling window of a position covers before and
+    /// after it, for an odd `kernel` (a vote so reaches the first number
+    /// of positions forward and the second back).
+    ///
+    /// # Errors
+    /// [`AlgoError::InvalidConfig`] (`pool_align`) when a
+    /// [`Forward`](PoolAlign::Forward) reach is not below `kernel`.
+    pub fn extents(self, kernel: usize) -> Result<(usize, usize), AlgoError> {
+        let forward = match self {
+            PoolAlign::Centered => kernel / 2,
+            PoolAlign::Trailing => kernel.saturating_sub(1),
+            PoolAlign::Forward(n) if n < kernel => n,
+            PoolAlign::Forward(n) => {
+                return Err(AlgoError::InvalidConfig {
+                    param: "pool_align",
+                    reason: format!(
+                        "forward-{n} needs a kernel of at least {} (odd), the kernel is {kernel}: \
+                         raise the kernel or choose centered, trailing or forward-N with N below {kernel}",
+                        (n + 1) | 1
+                    ),
+                })
+            }
+        };
+        Ok((forward, kernel.saturating_sub(1) - forward))
     }
 }
 
@@ -82,11 +108,13 @@ pub struct SnapKvConfig {
     pub window: usize,
     /// Cells kept per KV head, window included. Default 1024 cells.
     pub budget: Budget,
-    /// Pooling kernel size; odd, 1 disables pooling. Default 7.
+    /// Pooling kernel size; odd, 1 disables pooling. Default 11.
     pub kernel: usize,
     /// Pooling kind. Default avg.
     pub pooling: Pooling,
-    /// Where the pooling window lies. Default centred.
+    /// Where the pooling window lies. Default [`PoolAlign::Forward`]`(7)`:
+    /// with the default kernel a voted position keeps the 7 tokens after it
+    /// and the 3 before it. (SnapKV's paper pools with kernel 7, centred.)
     pub pool_align: PoolAlign,
     /// GQA aggregation. Default mean.
     pub gqa: GqaAggregation,
@@ -97,9 +125,9 @@ impl Default for SnapKvConfig {
         SnapKvConfig {
             window: 32,
             budget: Budget::default(),
-            kernel: 7,
+            kernel: 11,
             pooling: Pooling::default(),
-            pool_align: PoolAlign::default(),
+            pool_align: PoolAlign::Forward(7),
             gqa: GqaAggregation::default(),
         }
     }
@@ -110,7 +138,7 @@ impl SnapKvConfig {
     ///
     /// # Errors
     /// [`AlgoError::InvalidConfig`] when `window` is 0, `kernel` is even or 0,
-    /// a `Cells` budget is not larger than the window, or a `Fraction` budget
+    /// a [`PoolAlign::Forward`] reach is not below `kernel`, a `Cells` budget is not larger than the window, or a `Fraction` budget
     /// is not a finite number in (0, 1].
     pub fn validate(&self) -> Result<(), AlgoError> {
         if self.window == 0 {
@@ -125,6 +153,7 @@ impl SnapKvConfig {
                 reason: format!("must be odd and >= 1 (1 disables pooling), got {}", self.kernel),
             });
         }
+        self.pool_align.extents(self.kernel)?;
         match self.budget {
             Budget::Cells(cells) if cells <= self.window => Err(AlgoError::InvalidConfig {
                 param: "budget",
@@ -207,25 +236,32 @@ impl fmt::Display for Pooling {
 impl FromStr for PoolAlign {
     type Err = AlgoError;
 
-    /// Parses `centered` or `trailing` (case-insensitive).
+    /// Parses `centered`, `trailing` or `forward-N` (case-insensitive).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "centered" => Ok(PoolAlign::Centered),
-            "trailing" => Ok(PoolAlign::Trailing),
-            _ => Err(AlgoError::InvalidConfig {
-                param: "pool_align",
-                reason: format!("expected `centered` or `trailing`, got `{s}`"),
-            }),
+        let lower = s.to_ascii_lowercase();
+        match lower.as_str() {
+            "centered" => return Ok(PoolAlign::Centered),
+            "trailing" => return Ok(PoolAlign::Trailing),
+            _ => {}
         }
+        lower
+            .strip_prefix("forward-")
+            .and_then(|n| n.parse().ok())
+            .map(PoolAlign::Forward)
+            .ok_or_else(|| AlgoError::InvalidConfig {
+                param: "pool_align",
+                reason: format!("expected `centered`, `trailing` or `forward-N` (N a count), got `{s}`"),
+            })
     }
 }
 
 impl fmt::Display for PoolAlign {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PoolAlign::Centered => "centered",
-            PoolAlign::Trailing => "trailing",
-        })
+        match self {
+            PoolAlign::Centered => f.write_str("centered"),
+            PoolAlign::Trailing => f.write_str("trailing"),
+            PoolAlign::Forward(n) => write!(f, "forward-{n}"),
+        }
     }
 }
 
@@ -258,11 +294,13 @@ impl fmt::Display for GqaAggregation {
 mod tests {
     use super::*;
 
+    /// A centred configuration (valid for every odd kernel).
     fn config(window: usize, budget: Budget, kernel: usize) -> SnapKvConfig {
         SnapKvConfig {
             window,
             budget,
             kernel,
+            pool_align: PoolAlign::Centered,
             ..SnapKvConfig::default()
         }
     }
@@ -279,7 +317,8 @@ mod tests {
         let c = SnapKvConfig::default();
         assert_eq!(c.window, 32);
         assert_eq!(c.budget, Budget::Cells(1024));
-        assert_eq!(c.kernel, 7);
+        assert_eq!(c.kernel, 11);
+        assert_eq!(c.pool_align, PoolAlign::Forward(7));
         assert_eq!(c.pooling, Pooling::Avg);
         assert_eq!(c.gqa, GqaAggregation::Mean);
         c.validate().unwrap();
@@ -296,6 +335,21 @@ mod tests {
             assert_eq!(refused_param(&config(32, Budget::Fraction(f), 7)), "budget");
         }
         config(32, Budget::Cells(33), 1).validate().unwrap();
+        // The default forward reach needs a kernel of at least 8: a smaller
+        // kernel with the default alignment is refused, naming the fix.
+        let small = SnapKvConfig {
+            kernel: 7,
+            ..SnapKvConfig::default()
+        };
+        match small.validate() {
+            Err(AlgoError::InvalidConfig {
+                param: "pool_align",
+                reason,
+            }) => {
+                assert!(reason.contains("kernel of at least 9"), "{reason}")
+            }
+            other => panic!("expected a pool_align error, got {other:?}"),
+        }
         config(1, Budget::Fraction(1.0), 3).validate().unwrap();
     }
 
@@ -336,21 +390,47 @@ mod tests {
         for g in [GqaAggregation::Mean, GqaAggregation::Max] {
             assert_eq!(g.to_string().parse::<GqaAggregation>().unwrap(), g);
         }
-        for a in [PoolAlign::Centered, PoolAlign::Trailing] {
+        for a in [
+            PoolAlign::Centered,
+            PoolAlign::Trailing,
+            PoolAlign::Forward(0),
+            PoolAlign::Forward(6),
+        ] {
             assert_eq!(a.to_string().parse::<PoolAlign>().unwrap(), a);
         }
+        assert_eq!("Forward-12".parse::<PoolAlign>().unwrap(), PoolAlign::Forward(12));
         assert_eq!("MAX".parse::<Pooling>().unwrap(), Pooling::Max);
         assert!("mean".parse::<Pooling>().is_err());
         assert!("avg".parse::<GqaAggregation>().is_err());
-        assert!("left".parse::<PoolAlign>().is_err());
+        for bad in ["left", "forward", "forward-", "forward--1", "forward-x", "forward6"] {
+            assert!(bad.parse::<PoolAlign>().is_err(), "{bad}");
+        }
     }
 
     #[test]
     fn pool_windows_reach_kernel_minus_one_positions() {
-        assert_eq!(SnapKvConfig::default().pool_align, PoolAlign::Centered);
-        assert_eq!(PoolAlign::Centered.extents(7), (3, 3));
-        assert_eq!(PoolAlign::Trailing.extents(7), (6, 0));
-        assert_eq!(PoolAlign::Centered.extents(1), (0, 0));
-        assert_eq!(PoolAlign::Trailing.extents(1), (0, 0));
+        assert_eq!(SnapKvConfig::default().pool_align, PoolAlign::Forward(7));
+        assert_eq!(
+            SnapKvConfig::default()
+                .pool_align
+                .extents(SnapKvConfig::default().kernel)
+                .unwrap(),
+            (7, 3)
+        );
+        assert_eq!(PoolAlign::Centered.extents(7).unwrap(), (3, 3));
+        assert_eq!(PoolAlign::Trailing.extents(7).unwrap(), (6, 0));
+        assert_eq!(PoolAlign::Forward(5).extents(7).unwrap(), (5, 1));
+        assert_eq!(PoolAlign::Forward(3).extents(7), PoolAlign::Centered.extents(7));
+        assert_eq!(PoolAlign::Forward(6).extents(7), PoolAlign::Trailing.extents(7));
+        assert_eq!(PoolAlign::Centered.extents(1).unwrap(), (0, 0));
+        assert_eq!(PoolAlign::Trailing.extents(1).unwrap(), (0, 0));
+        assert_eq!(PoolAlign::Forward(0).extents(1).unwrap(), (0, 0));
+        assert!(PoolAlign::Forward(7).extents(7).is_err());
+        let past = SnapKvConfig {
+            kernel: 5,
+            pool_align: PoolAlign::Forward(5),
+            ..SnapKvConfig::default()
+        };
+        assert!(past.validate().is_err());
     }
 }

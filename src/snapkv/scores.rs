@@ -636,7 +636,7 @@ fn fast_exp(x: f32) -> f32 {
 ///
 /// Pooling: kernel `kernel` (odd), stride 1, the window of position `j`
 /// placed by `align` (centred: `j - kernel/2 ..= j + kernel/2`; trailing:
-/// `j - kernel + 1 ..= j`) and truncated at the edges (max → max of the
+/// `j - kernel + 1 ..= j`; forward `n`: `j - n ..= j + kernel - 1 - n`) and truncated at the edges (max → max of the
 /// in-range values, avg → mean of the in-range values); `kernel == 1`
 /// leaves the votes unchanged.
 /// Aggregation: query head `h` belongs to KV head `h / (n_head / n_head_kv)`;
@@ -644,7 +644,8 @@ fn fast_exp(x: f32) -> f32 {
 /// `O(n_layer · n_head · prefix_len)`.
 ///
 /// # Errors
-/// [`AlgoError::InvalidConfig`] (`kernel`) for an even or zero kernel;
+/// [`AlgoError::InvalidConfig`] (`kernel`) for an even or zero kernel,
+/// (`pool_align`) for a forward reach not below the kernel;
 /// [`AlgoError::ShapeMismatch`] when the query heads do not split evenly
 /// over `n_head_kv` or the votes are inconsistent.
 pub fn pool_and_aggregate(
@@ -674,6 +675,7 @@ pub fn pool_and_aggregate(
             votes.data.len()
         )));
     }
+    let extents = align.extents(kernel)?;
     let n = votes.prefix_len;
     let group = votes.n_head / n_head_kv;
     let mut out = vec![0f32; votes.n_layer * n_head_kv * n];
@@ -688,7 +690,7 @@ pub fn pool_and_aggregate(
         .zip(out.chunks_exact_mut(n_head_kv * n))
     {
         for (h, row) in layer_votes.chunks_exact(n).enumerate() {
-            pooler.pool(row, align.extents(kernel), pooling, &mut pooled);
+            pooler.pool(row, extents, pooling, &mut pooled);
             let dst = &mut layer_out[(h / group) * n..(h / group + 1) * n];
             let first_in_group = h % group == 0;
             match gqa {
@@ -868,6 +870,7 @@ pub(crate) mod tests {
         let (before, after) = match align {
             PoolAlign::Centered => (kernel / 2, kernel / 2),
             PoolAlign::Trailing => (kernel - 1, 0),
+            PoolAlign::Forward(n) => (n, kernel - 1 - n),
         };
         (0..row.len())
             .map(|j| {
@@ -941,7 +944,11 @@ pub(crate) mod tests {
         assert_close(&fast_layer, &ref_votes, 1e-4, "votes");
         for kernel in [1, 3, 7] {
             for pooling in [Pooling::Max, Pooling::Avg] {
-                for align in [PoolAlign::Centered, PoolAlign::Trailing] {
+                for align in [
+                    PoolAlign::Centered,
+                    PoolAlign::Trailing,
+                    PoolAlign::Forward(kernel - 1 - kernel / 3),
+                ] {
                     for gqa in [GqaAggregation::Mean, GqaAggregation::Max] {
                         let scores = pool_and_aggregate(&votes, d.n_head_kv, kernel, pooling, align, gqa).unwrap();
                         let reference = naive_scores(d, &ref_votes, kernel, pooling, align, gqa);
@@ -1213,11 +1220,12 @@ pub(crate) mod tests {
             row in proptest::collection::vec(0f32..10.0, 1..60),
             half_kernel in 0usize..12,
             avg in any::<bool>(),
-            trailing in any::<bool>(),
+            align in 0usize..3,
+            reach in 0usize..1000,
         ) {
             let kernel = 2 * half_kernel + 1;
             let pooling = if avg { Pooling::Avg } else { Pooling::Max };
-            let align = if trailing { PoolAlign::Trailing } else { PoolAlign::Centered };
+            let align = [PoolAlign::Centered, PoolAlign::Trailing, PoolAlign::Forward(reach % kernel)][align];
             let mut votes = Votes::new(1, 1, row.len()).unwrap();
             votes.row_mut(0, 0).copy_from_slice(&row);
             let scores = pool_and_aggregate(&votes, 1, kernel, pooling, align, GqaAggregation::Mean).unwrap();

@@ -220,7 +220,8 @@ int main(int argc, char ** argv) {
 
     expect(snapkv_params_default(NULL), SNAPKV_ERR_NULL_POINTER, "params_default(NULL)", "params");
     expect(snapkv_params_default(&p), SNAPKV_OK, "params_default", NULL);
-    CHECK(p.size == sizeof(snapkv_params) && p.window == 32 && p.budget == 1024 && p.kernel == 7, "defaults");
+    CHECK(p.size == sizeof(snapkv_params) && p.window == 32 && p.budget == 1024 && p.kernel == 11 &&
+          p.pool_align == SNAPKV_POOL_ALIGN_FORWARD && p.pool_forward == 7, "defaults");
     p.window = 16;
     p.budget = 64;
     memset(&sentinel, 0xAB, sizeof sentinel);
@@ -266,9 +267,15 @@ int main(int argc, char ** argv) {
     bad = p; bad.gqa = -1;
     expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS, "params.gqa = -1",
            "gqa");
-    bad = p; bad.pool_align = 2;
+    bad = p; bad.pool_align = 3;
     expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
-           "params.pool_align = 2", "pool_align");
+           "params.pool_align = 3", "pool_align");
+    bad = p; bad.pool_align = SNAPKV_POOL_ALIGN_FORWARD; bad.pool_forward = bad.kernel;
+    expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
+           "params.pool_forward = kernel", "forward");
+    bad = p; bad.pool_align = SNAPKV_POOL_ALIGN_CENTERED;
+    expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
+           "params.pool_forward without SNAPKV_POOL_ALIGN_FORWARD", "pool_forward");
     bad = p; bad.size = 0;
     expect(snapkv_compress_after_prefill(ctx, obs, &bad, S0, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
            "params.size = 0", "snapkv_params_default");

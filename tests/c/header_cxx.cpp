@@ -21,7 +21,8 @@ int main() {
     }
     p.pooling = SNAPKV_POOLING_AVG;
     p.gqa = SNAPKV_GQA_MAX;
-    p.pool_align = SNAPKV_POOL_ALIGN_TRAILING;
+    p.pool_align = SNAPKV_POOL_ALIGN_FORWARD;
+    p.pool_forward = 4;
     snapkv_observer * obs = snapkv_observer_new();
     llama_context_params cp = llama_context_default_params();
     if (snapkv_observer_attach(obs, &cp) != SNAPKV_OK || cp.cb_eval == nullptr) {

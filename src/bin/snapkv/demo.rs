@@ -35,7 +35,7 @@ pub struct DemoArgs {
     seed: u64,
     /// The order of question and answer instructions after the document: question-last (the question ends
     /// the prompt, inside the observation window) or instructions-last (a long answer instruction ends it).
-    #[arg(long, default_value = "instructions-last")]
+    #[arg(long, default_value = "question-last")]
     layout: PromptLayout,
     /// Methods, comma-separated (full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random).
     #[arg(long, value_delimiter = ',', default_value = "full,snapkv,streaming")]

@@ -53,7 +53,7 @@ pub struct EvalArgs {
     haystack: Option<PathBuf>,
     /// The order of question and answer instructions after the document: question-last (the question ends
     /// the prompt, inside the observation window) or instructions-last (a long answer instruction ends it).
-    #[arg(long, default_value = "instructions-last")]
+    #[arg(long, default_value = "question-last")]
     layout: PromptLayout,
     /// Tokens to generate per answer (0 = enough for the expected answer plus 16).
     #[arg(short = 'n', long = "n-predict", default_value_t = 0)]

@@ -42,7 +42,7 @@ pub struct FidelityArgs {
     seed: u64,
     /// With --task: the order of question and answer instructions after the document: question-last (the question ends
     /// the prompt, inside the observation window) or instructions-last (a long answer instruction ends it).
-    #[arg(long, default_value = "instructions-last")]
+    #[arg(long, default_value = "question-last")]
     layout: PromptLayout,
     /// Filler from a text file instead of built-in sentences.
     #[arg(long)]

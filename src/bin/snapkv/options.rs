@@ -76,14 +76,15 @@ pub struct MethodOptions {
     #[arg(long, default_value_t = 32)]
     pub window: usize,
     /// Pooling kernel (odd).
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 11)]
     pub kernel: usize,
     /// Pooling: max or avg.
     #[arg(long, default_value = "avg")]
     pub pool: Pooling,
-    /// Where a position's pooling window lies: centered on it, or trailing (ending at it, so that a position
-    /// that drew attention keeps the tokens after it).
-    #[arg(long = "pool-align", default_value = "centered")]
+    /// Where a position's pooling window lies, and so which neighbours a position that drew attention keeps:
+    /// centered (kernel/2 on each side), trailing (the kernel-1 tokens after it) or forward-N (N tokens after
+    /// it and kernel-1-N before it; N below the kernel).
+    #[arg(long = "pool-align", default_value = "forward-7")]
     pub pool_align: PoolAlign,
     /// Aggregation of query heads sharing a KV head: mean or max.
     #[arg(long, default_value = "mean")]
@@ -209,6 +210,8 @@ mod tests {
         assert_eq!(spec.kernel, Some(15));
         assert_eq!(spec.pool, Some(snapkv::Pooling::Avg));
         assert_eq!(spec.align, Some(snapkv::PoolAlign::Trailing));
+        let forward: MethodSpec = "snapkv:kernel=11:align=forward-7".parse().unwrap();
+        assert_eq!(forward.align, Some(snapkv::PoolAlign::Forward(7)));
         assert_eq!(spec.gqa, Some(snapkv::GqaAggregation::Max));
         assert_eq!(
             spec.label,
