@@ -260,15 +260,16 @@ fn print_table(rows: &[Row], p: usize, n: usize) {
         s,
         "\nfidelity to the full f16 cache over {n} teacher-forced tokens after a {p}-token prompt:"
     );
+    let width = rows.iter().map(|r| r.method.len()).max().unwrap_or(0).max(20);
     let _ = writeln!(
         s,
-        "{:<6} {:<20} {:>7} {:>8} {:>8} {:>8} {:>11} {:>10} {:>7}",
+        "{:<6} {:<width$} {:>7} {:>8} {:>8} {:>8} {:>11} {:>10} {:>7}",
         "cache", "method", "budget", "cells", "KV MiB", "saving", "mean KL", "max KL", "top-1"
     );
     for r in rows {
         let _ = writeln!(
             s,
-            "{:<6} {:<20} {:>7} {:>8} {:>8.2} {:>7.1}x {:>11.5} {:>10.4} {:>6.1}%",
+            "{:<6} {:<width$} {:>7} {:>8} {:>8.2} {:>7.1}x {:>11.5} {:>10.4} {:>6.1}%",
             r.cache,
             r.method,
             r.budget.map_or_else(|| "-".into(), |b| b.to_string()),
