@@ -169,7 +169,7 @@ typedef struct snapkv_params {
     /* enum snapkv_pool_align. Default SNAPKV_POOL_ALIGN_FORWARD. */
     int32_t pool_align;
     /* With SNAPKV_POOL_ALIGN_FORWARD: how many positions after a voted
-     * position it keeps, below kernel. Default 7. Must be 0 with the other
+     * position it keeps, below kernel. Default 7. Ignored with the other
      * alignments. */
     uint32_t pool_forward;
 } snapkv_params;

@@ -78,7 +78,7 @@ pub struct SnapkvParams {
     /// `enum snapkv_pool_align`.
     pub pool_align: i32,
     /// Positions a vote reaches forward with `SNAPKV_POOL_ALIGN_FORWARD`
-    /// (below `kernel`); must be 0 with the other alignments. It fills what
+    /// (below `kernel`); ignored with the other alignments. It fills what
     /// was the struct's tail padding, so the size did not change.
     pub pool_forward: u32,
 }
@@ -170,16 +170,13 @@ impl SnapkvParams {
                 )))
             }
         };
-        let pool_align = match (self.pool_align, self.pool_forward) {
-            (POOL_ALIGN_FORWARD, n) => PoolAlign::Forward(n as usize),
-            (POOL_ALIGN_CENTERED | POOL_ALIGN_TRAILING, n) if n != 0 => {
-                return Err(invalid(format!(
-                    "pool_forward is {n}: set it only with pool_align = SNAPKV_POOL_ALIGN_FORWARD"
-                )))
-            }
-            (POOL_ALIGN_CENTERED, _) => PoolAlign::Centered,
-            (POOL_ALIGN_TRAILING, _) => PoolAlign::Trailing,
-            (other, _) => {
+        // pool_forward means something only with the forward alignment: a
+        // caller who switches the defaults to centred need not clear it.
+        let pool_align = match self.pool_align {
+            POOL_ALIGN_FORWARD => PoolAlign::Forward(self.pool_forward as usize),
+            POOL_ALIGN_CENTERED => PoolAlign::Centered,
+            POOL_ALIGN_TRAILING => PoolAlign::Trailing,
+            other => {
                 return Err(invalid(format!(
                     "pool_align: unknown value {other} (SNAPKV_POOL_ALIGN_CENTERED, _TRAILING or _FORWARD)"
                 )))
@@ -436,13 +433,6 @@ mod tests {
                 },
                 "kernel of at least 13",
             ),
-            (
-                SnapkvParams {
-                    pool_align: POOL_ALIGN_CENTERED,
-                    ..base
-                },
-                "pool_forward is 7",
-            ),
             (SnapkvParams { budget: 0, ..base }, "budget"),
             (
                 SnapkvParams {
@@ -479,6 +469,13 @@ mod tests {
             ..base
         };
         assert_eq!(frac.to_config().unwrap().budget, Budget::Fraction(0.25));
+        // The default's pool_forward (7) is ignored once the alignment is centred.
+        let centred = SnapkvParams {
+            pool_align: POOL_ALIGN_CENTERED,
+            kernel: 3,
+            ..base
+        };
+        assert_eq!(centred.to_config().unwrap().pool_align, PoolAlign::Centered);
     }
 
     #[test]

@@ -273,9 +273,6 @@ int main(int argc, char ** argv) {
     bad = p; bad.pool_align = SNAPKV_POOL_ALIGN_FORWARD; bad.pool_forward = bad.kernel;
     expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
            "params.pool_forward = kernel", "forward");
-    bad = p; bad.pool_align = SNAPKV_POOL_ALIGN_CENTERED;
-    expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
-           "params.pool_forward without SNAPKV_POOL_ALIGN_FORWARD", "pool_forward");
     bad = p; bad.size = 0;
     expect(snapkv_compress_after_prefill(ctx, obs, &bad, S0, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
            "params.size = 0", "snapkv_params_default");
