@@ -157,7 +157,8 @@ typedef struct snapkv_params {
     /* Cells kept per KV head, window included; > window. Default 1024.
      * Set to 0 to use budget_fraction instead. */
     uint32_t budget;
-    /* Pooling kernel size: odd, 1 disables pooling. Default 11. */
+    /* Pooling kernel size: odd, 1 disables pooling. Default 11; at least
+     * pool_forward + 1 with SNAPKV_POOL_ALIGN_FORWARD. */
     uint32_t kernel;
     /* Fraction of the prompt kept, in (0, 1], rounded up; used only when
      * budget is 0. Default 0 (unused). */

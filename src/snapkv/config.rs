@@ -108,7 +108,9 @@ pub struct SnapKvConfig {
     pub window: usize,
     /// Cells kept per KV head, window included. Default 1024 cells.
     pub budget: Budget,
-    /// Pooling kernel size; odd, 1 disables pooling. Default 11.
+    /// Pooling kernel size; odd, 1 disables pooling. Default 11. It must
+    /// hold the alignment's reach: with the default `Forward(7)` at least 9
+    /// (set `pool_align` to [`PoolAlign::Centered`] for smaller kernels).
     pub kernel: usize,
     /// Pooling kind. Default avg.
     pub pooling: Pooling,

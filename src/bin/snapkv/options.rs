@@ -75,7 +75,7 @@ pub struct MethodOptions {
     /// Observation window: the last W prompt tokens (the same for every method).
     #[arg(long, default_value_t = 32)]
     pub window: usize,
-    /// Pooling kernel (odd).
+    /// Pooling kernel (odd; at least 9 with the default --pool-align forward-7, any odd size with centered).
     #[arg(long, default_value_t = 11)]
     pub kernel: usize,
     /// Pooling: max or avg.
