@@ -10,9 +10,10 @@
 //!   magic numbers for `<word>` is: `NNNNNNN`"); one label is asked for.
 //! - [`TaskKind::MultiValue`]: one label with several values (plus other
 //!   labels as distractors); all its values are asked for.
-//! - [`TaskKind::VarTrack`]: chains of assignments (`VAR X = 12345.` then
+//! - [`TaskKind::VarTrack`]: a chain of assignments (`VAR X = 12345.` then
 //!   `VAR Y = X.` ...); every variable that holds the asked value is
-//!   asked for.
+//!   asked for. With the question last, the answer is opened for the model
+//!   as RULER does ([`TaskInstance::answer_prefix`]).
 //!
 //! The *depth* of an instance (0 = start of the document, 1 = its end) is
 //! where the asked needles sit; distractors are spread at random. At least
@@ -22,12 +23,12 @@
 //! the window.
 //!
 //! The [`PromptLayout`] decides what the observation window sees. The
-//! default ends with a generic answer-format instruction longer than the
-//! window, so the window holds no word of what is asked
-//! ([`PromptLayout::InstructionsLast`]): SnapKV must find the facts from
-//! how the prompt ends, not from the question's words. RULER puts the
-//! question last, so the window holds the question itself
-//! ([`PromptLayout::QuestionLast`]).
+//! default puts the question last, as RULER does, so the window holds the
+//! question itself ([`PromptLayout::QuestionLast`]). The stress layout ends
+//! with a generic answer-format instruction longer than the window, so the
+//! window holds no word of what is asked
+//! ([`PromptLayout::InstructionsLast`]): SnapKV must then find the facts
+//! from how the prompt ends, not from the question's words.
 
 use std::fmt;
 use std::ops::Range;
@@ -93,7 +94,10 @@ pub struct TaskSizes {
     pub value_distractors: usize,
     /// Variables per chain in a variable-tracking document.
     pub chain: usize,
-    /// Chains in a variable-tracking document (one asked, the others distract).
+    /// Chains in a variable-tracking document (one asked, the others
+    /// distract). One by default, RULER's usual setting: with a second chain
+    /// and the question last, Qwen 0.5B's full cache mixed the two up (40% of
+    /// the names on seed 1), where with one it found 97% (seeds 1-2).
     pub chains: usize,
 }
 
@@ -104,7 +108,7 @@ impl Default for TaskSizes {
             values: 4,
             value_distractors: 4,
             chain: 5,
-            chains: 2,
+            chains: 1,
         }
     }
 }
@@ -211,6 +215,10 @@ pub struct TaskInstance {
     pub last_needle_end: usize,
     /// Byte offset in `user_message` where the request (`question`) starts.
     pub question_start: usize,
+    /// Words that open the assistant's answer, after the chat template's
+    /// assistant header (empty for most tasks). Part of the prompt, so of the
+    /// observation window; the model's output continues them.
+    pub answer_prefix: String,
 }
 
 impl TaskInstance {
@@ -486,6 +494,7 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
     shuffle(&mut labels, &mut rng);
     // Each task says what it asks (`asked`) and how the answer is to be
     // given, in the words of each layout (`short`, `long`).
+    let mut answer_prefix = String::new();
     let (needles, asked, short, long, answers) = match spec.kind {
         TaskKind::Passkey => {
             let v = rng.number(7);
@@ -596,6 +605,15 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
             let q = format!(
                 "Which variables in the document are assigned the value {target_value}, directly or through other variables? There are {len} of them."
             );
+            // With the question last, Qwen 0.5B's full cache answered this
+            // with the filler's subjects ("lighthouse keeper"): 7% of the
+            // names on seeds 4-5. Opening its answer as RULER does gives it
+            // the kind of name it is to list.
+            if spec.layout == PromptLayout::QuestionLast {
+                answer_prefix = format!(
+                    "According to the chains of variable assignment in the document, {len} variables are assigned the value {target_value}. They are: VAR"
+                );
+            }
             (
                 needles,
                 q,
@@ -651,6 +669,7 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
         needles: needle_order,
         last_needle_end,
         question_start,
+        answer_prefix,
     }
 }
 
@@ -846,6 +865,32 @@ mod tests {
                 .trim_start_matches(&format!("VAR {} = ", t.answers[0]))
                 .trim_end_matches('.')
         ));
+    }
+
+    #[test]
+    fn only_vartrack_with_the_question_last_opens_the_answer() {
+        for kind in TaskKind::ALL {
+            for layout in PromptLayout::ALL {
+                let t = generate(
+                    &TaskSpec {
+                        layout,
+                        ..spec(kind, 1200, 0.5, 6)
+                    },
+                    &Haystack::Builtin,
+                    &mut words,
+                );
+                if kind == TaskKind::VarTrack && layout == PromptLayout::QuestionLast {
+                    let value = t.asked.split("the value ").nth(1).unwrap().split(',').next().unwrap();
+                    assert!(t.answer_prefix.contains(&format!("assigned the value {value}.")), "{}", t.answer_prefix);
+                    assert!(t.answer_prefix.contains(&format!("{} variables", t.answers.len())));
+                    assert!(t.answer_prefix.ends_with("They are: VAR"));
+                    // It gives away no name.
+                    assert!(t.answers.iter().all(|a| !t.answer_prefix.contains(a.as_str())));
+                } else {
+                    assert_eq!(t.answer_prefix, "", "{kind} {layout}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -29,8 +29,8 @@ pub fn observed_context<'m>(model: &'m Model, opts: &ModelOptions, cells: usize)
 }
 
 /// A task's prompt: the user message in the model's chat template, the
-/// assistant's turn opened, so the prompt ends with the question and the
-/// assistant prefix.
+/// assistant's turn opened, so the prompt ends with the question, the
+/// assistant prefix and the task's answer prefix (if any).
 pub struct ChatPrompt {
     /// The tokens of the templated text.
     pub tokens: Vec<snapkv::llama::Token>,
@@ -41,7 +41,8 @@ pub struct ChatPrompt {
 /// Builds the chat prompt of a task instance and checks that every needle
 /// lies before the observation window of `window` tokens.
 pub fn task_prompt(model: &Model, task: &TaskInstance, window: usize) -> snapkv::Result<ChatPrompt> {
-    let text = model.apply_chat_template(&[ChatMessage::user(task.user_message.clone())], true)?;
+    let mut text = model.apply_chat_template(&[ChatMessage::user(task.user_message.clone())], true)?;
+    text.push_str(&task.answer_prefix);
     let tokens = model.tokenize(&text, true, true)?;
     let at = text
         .find(&task.user_message)
