@@ -335,6 +335,15 @@ snapkv_status snapkv_compress_observed(
     llama_seq_id seq_id,
     snapkv_stats * stats);
 
+/* Compressing after the answer's first tokens. Either hook may also run
+ * after the host has generated the first few tokens of the answer rather
+ * than right after the prompt: arm with snapkv_observe before the prompt
+ * and call snapkv_compress_observed after those tokens, or pass the prompt
+ * and those tokens to snapkv_compress_after_prefill. The window then ends
+ * with the answer's first tokens, whose attention points at what the rest
+ * of the answer needs; those tokens are decoded over the full cache
+ * (`snapkv eval` measures this as lookahead=N). */
+
 /* ------------------------------------------------------------------------ */
 /* Layout table (drift test)                                                */
 /* ------------------------------------------------------------------------ */

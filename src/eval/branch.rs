@@ -252,6 +252,100 @@ pub fn branch(ctx: &mut Context<'_>, snapshot: &Snapshot, method: &Method) -> Re
     })
 }
 
+/// [`branch`], compressing only after the first tokens of the answer.
+///
+/// Restores `snapshot`, evaluates its window and then `answer_start` (the
+/// answer's first tokens, one at a time as generation would) on the full
+/// cache, and compresses after the last of them: the observation window is
+/// then the last `window` tokens of prompt and answer together, so the
+/// queries of the answer's first tokens vote for what the rest of it needs.
+/// The answer's first tokens are the full cache's own (compression comes
+/// after them). `on_logits` receives the logits after the window and after
+/// each token of `answer_start` but the last; the logits after the last
+/// are left for the caller (`logits_ith(-1)`), and generation continues at
+/// [`Snapshot::n_prompt`] `+ answer_start.len()`. An empty `answer_start`
+/// is [`branch`] (the logits after the window are left, not passed).
+///
+/// # Errors
+/// As [`branch`]; [`Error::InvalidArgument`] when `answer_start` does not
+/// fit in the window (it must leave at least one prompt token in it).
+pub fn branch_after_answer_start(
+    ctx: &mut Context<'_>,
+    snapshot: &Snapshot,
+    method: &Method,
+    answer_start: &[Token],
+    mut on_logits: impl FnMut(&[f32]),
+) -> Result<Branch> {
+    if answer_start.is_empty() {
+        return branch(ctx, snapshot, method);
+    }
+    let w = snapshot.window.len();
+    if method.window(w) != w || answer_start.len() >= w {
+        return Err(Error::InvalidArgument {
+            param: "answer_start",
+            reason: format!(
+                "{} answer tokens before compressing need a window of more than {} tokens; the snapshot's is {w} and {}'s is {}",
+                answer_start.len(),
+                answer_start.len(),
+                method.name(),
+                method.window(w)
+            ),
+        });
+    }
+    let seq = snapshot.seq;
+    let t0 = Instant::now();
+    snapshot.restore(ctx)?;
+    let restore_seconds = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    if let Method::Compress(c) = method {
+        c.observe_decodes(ctx)?;
+    }
+    let result = (|| {
+        let mut pos = (snapshot.n_prompt - w) as Pos;
+        ctx.decode_tokens(seq, &snapshot.window, pos, true)?;
+        pos += w as Pos;
+        for (i, &token) in answer_start.iter().enumerate() {
+            on_logits(last_logits(ctx)?);
+            ctx.decode_tokens(seq, &[token], pos + i as Pos, true)?;
+        }
+        Ok(())
+    })();
+    let stats = match method {
+        Method::Full => {
+            result?;
+            None
+        }
+        Method::Compress(c) => {
+            if let Err(err) = result {
+                // Disarm: a capture cut short by a failed decode is of no use.
+                if let Some(observer) = ctx.observer() {
+                    observer.disarm();
+                }
+                return Err(err);
+            }
+            Some(c.compress_observed(ctx, seq)?)
+        }
+    };
+    ctx.synchronize();
+    let window_seconds = t1.elapsed().as_secs_f64();
+    let usage = seq_usage(ctx, seq)?;
+    Ok(Branch {
+        method: method.name(),
+        stats,
+        restore_seconds,
+        window_seconds,
+        usage,
+    })
+}
+
+/// The logits of the last decode's last token.
+fn last_logits(ctx: &ContextRef) -> Result<&[f32]> {
+    ctx.logits_ith(-1).ok_or_else(|| Error::InvalidArgument {
+        param: "logits",
+        reason: "the last decode left no logits for its last token".into(),
+    })
+}
+
 /// Feeds `tokens` to sequence `seq` at positions `start..` in batches of at
 /// most `n_batch` with logits for every token, calling `on_logits(i, row)`
 /// with the logits after token `i`.
@@ -452,6 +546,79 @@ mod tests {
                 .len(),
             1
         );
+    }
+
+    #[test]
+    fn compressing_after_the_answer_start_keeps_it_in_the_window() {
+        let path = tiny_model_path(&TinyModelSpec::default()).unwrap();
+        let model = Model::load(init_backend(), &path, &ModelParams::default()).unwrap();
+        let mut tokens = model
+            .tokenize(&"a quiet harbour town keeps its boats ".repeat(40), true, false)
+            .unwrap();
+        tokens.truncate(260);
+        let p = tokens.len();
+        let params = ContextParams::default()
+            .with_n_ctx(512)
+            .with_threads(2)
+            .with_observer(WindowObserver::new());
+        let mut ctx = Context::new(&model, &params).unwrap();
+        let snap = Snapshot::capture(&mut ctx, 0, &tokens, 32, 128, |_| {}).unwrap();
+        let config = SnapKvConfig {
+            budget: Budget::Cells(80),
+            ..SnapKvConfig::default()
+        };
+        let snapkv = Method::by_name("snapkv", config).unwrap();
+        let start = [tokens[3], tokens[4], tokens[5]];
+
+        let mut full_rows = Vec::new();
+        let full =
+            branch_after_answer_start(&mut ctx, &snap, &Method::Full, &start, |r| full_rows.push(r.to_vec())).unwrap();
+        assert_eq!((full.usage.cells, full_rows.len()), (p + 3, 3));
+        // The full branch's rows are what a plain decode of the same tokens gives.
+        branch(&mut ctx, &snap, &Method::Full).unwrap();
+        assert_eq!(ctx.logits_ith(-1).unwrap(), &full_rows[0][..]);
+
+        let mut rows = Vec::new();
+        let b = branch_after_answer_start(&mut ctx, &snap, &snapkv, &start, |r| rows.push(r.to_vec())).unwrap();
+        let stats = b.stats.unwrap();
+        assert!(stats.compressed);
+        // The answer's first tokens were evaluated and compressed with the
+        // prompt: the sequence ends with them, in the budget.
+        assert_eq!((b.usage.cells, stats.cells_before), (80, p + 3));
+        assert_eq!(ctx.seq_pos_max(0), Some((p + 2) as Pos));
+        // Before compressing, the cache was the full one.
+        assert_eq!(rows.len(), 3);
+        for (a, f) in rows.iter().zip(&full_rows) {
+            let diff = a.iter().zip(f).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+            assert!(diff < 1e-3, "observed decode differs from the full cache's by {diff}");
+        }
+        // The window (kept whole) is the last 32 positions, the answer's
+        // three included: every head chose its other 48 cells before it.
+        let kept = stats.kept.unwrap();
+        assert_eq!(kept.n_keep, 80 - 32);
+        let window_start = (p + 3 - 32) as i32;
+        for layer in 0..kept.n_layer {
+            for head in 0..kept.n_head_kv {
+                assert!(kept.row(layer, head).iter().all(|&pos| pos < window_start));
+            }
+        }
+
+        // No answer tokens: the plain branch.
+        let mut none = 0;
+        let plain = branch_after_answer_start(&mut ctx, &snap, &snapkv, &[], |_| none += 1).unwrap();
+        let l_plain = ctx.logits_ith(-1).unwrap().to_vec();
+        branch(&mut ctx, &snap, &snapkv).unwrap();
+        assert_eq!(
+            (none, plain.usage.cells, ctx.logits_ith(-1).unwrap()),
+            (0, 80, &l_plain[..])
+        );
+
+        // An answer start that fills the window is refused before anything changes.
+        let long = vec![tokens[3]; 32];
+        let before = ctx.state_seq_get(0).unwrap();
+        let err = branch_after_answer_start(&mut ctx, &snap, &snapkv, &long, |_| {}).unwrap_err();
+        assert!(err.to_string().contains("window"), "{err}");
+        assert_eq!(ctx.state_seq_get(0).unwrap(), before);
     }
 
     #[test]

@@ -8,8 +8,8 @@ pub mod metrics;
 pub mod tasks;
 
 pub use branch::{
-    agreement, branch, continuation_distributions, forced_distributions, method_names, seq_usage, teacher_force,
-    Branch, Method, SeqUsage, Snapshot,
+    agreement, branch, branch_after_answer_start, continuation_distributions, forced_distributions, method_names,
+    seq_usage, teacher_force, Branch, Method, SeqUsage, Snapshot,
 };
 pub use metrics::{argmax, kl_divergence, log_softmax, Agreement};
 pub use tasks::{generate as generate_task, Haystack, PromptLayout, TaskInstance, TaskKind, TaskSizes, TaskSpec};

@@ -232,6 +232,20 @@ impl TaskInstance {
         found as f64 / self.answers.len() as f64
     }
 
+    /// [`score`](Self::score) over the expected answers that `start` (the
+    /// beginning of `output`) does not already hold: the fraction of them
+    /// found in `output`. `None` when `start` holds every one. It scores
+    /// what an answer found beyond a given beginning, e.g. one written by
+    /// another cache.
+    pub fn score_beyond(&self, start: &str, output: &str) -> Option<f64> {
+        let rest: Vec<&String> = self.answers.iter().filter(|a| !contains_word(start, a)).collect();
+        if rest.is_empty() {
+            return None;
+        }
+        let found = rest.iter().filter(|a| contains_word(output, a)).count();
+        Some(found as f64 / rest.len() as f64)
+    }
+
     /// Byte ranges in `user_message` of the needles the question asks
     /// about: those that state an expected answer (for variable tracking,
     /// every assignment of the asked chain), in document order.
@@ -881,7 +895,11 @@ mod tests {
                 );
                 if kind == TaskKind::VarTrack && layout == PromptLayout::QuestionLast {
                     let value = t.asked.split("the value ").nth(1).unwrap().split(',').next().unwrap();
-                    assert!(t.answer_prefix.contains(&format!("assigned the value {value}.")), "{}", t.answer_prefix);
+                    assert!(
+                        t.answer_prefix.contains(&format!("assigned the value {value}.")),
+                        "{}",
+                        t.answer_prefix
+                    );
                     assert!(t.answer_prefix.contains(&format!("{} variables", t.answers.len())));
                     assert!(t.answer_prefix.ends_with("They are: VAR"));
                     // It gives away no name.
@@ -891,6 +909,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn scoring_beyond_a_beginning_ignores_what_it_holds() {
+        let t = generate(
+            &spec(TaskKind::MultiValue, 1500, 0.5, 2),
+            &Haystack::Builtin,
+            &mut words,
+        );
+        let [a, b, c, d] = [0, 1, 2, 3].map(|i| t.answers[i].as_str());
+        let out = format!("{a}, {b}, {c}");
+        assert_eq!(t.score(&out), 0.75);
+        // The beginning held `a`: two of the other three were found.
+        assert_eq!(t.score_beyond(&format!("{a},"), &out), Some(2.0 / 3.0));
+        // A value cut short by the beginning's end is not held by it.
+        assert_eq!(t.score_beyond(&a[..4], &out), Some(0.75));
+        assert_eq!(t.score_beyond("", &out), Some(0.75));
+        assert_eq!(t.score_beyond(&format!("{a} {b} {c} {d}"), &out), None);
     }
 
     #[test]

@@ -370,6 +370,23 @@ int main(int argc, char ** argv) {
         llama_token t = (llama_token) argmax(llama_get_logits_ith(ctx, -1), llama_vocab_n_tokens(vocab));
         CHECK(decode(ctx, S1, &t, 1, n_prompt) == 0, "decode after the observed hook");
     }
+    /* Compressing after the answer's first tokens: the host decodes the
+     * prompt and three answer tokens one by one while observed. */
+    CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 again");
+    expect(snapkv_observe(ctx, obs, &p), SNAPKV_OK, "observe (answer start)", NULL);
+    CHECK(decode(ctx, S1, toks, n_prompt, 0) == 0, "host decodes the prompt");
+    {
+        llama_token t;
+        for (i = 0; i < 3; i++) {
+            t = (llama_token) argmax(llama_get_logits_ith(ctx, -1), llama_vocab_n_tokens(vocab));
+            CHECK(decode(ctx, S1, &t, 1, n_prompt + i) == 0, "host decodes an answer token");
+        }
+    }
+    st = sentinel;
+    expect(snapkv_compress_observed(ctx, obs, &p, S1, &st), SNAPKV_OK, "compress_observed(after 3 answer tokens)", NULL);
+    CHECK(st.compressed && st.cells_before == (uint64_t) n_prompt + 3 && st.cells_after == 64,
+          "compressed with the answer's first tokens");
+    CHECK(llama_memory_seq_pos_max(llama_get_memory(ctx), S1) == n_prompt + 2, "positions continue after them");
     /* Observing a context the observer is not attached to. */
     expect(snapkv_observe(plain, obs, &p), SNAPKV_OK, "observe(plain)", NULL);
     CHECK(decode(plain, S0, toks, 1, n_prompt) == 0, "decode plain");

@@ -108,6 +108,7 @@ struct Report<'a> {
 
 /// Runs `snapkv bench`.
 pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
+    args.method.refuse_lookahead("bench")?;
     let w = args.snap.window;
     let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
     let method = args.method.method(&args.snap, args.budget)?;

@@ -66,6 +66,7 @@ struct Report<'a> {
 
 /// Runs `snapkv capacity`.
 pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
+    args.method.refuse_lookahead("capacity")?;
     let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
     let mut count = token_counter(&model);
     let prompts = (0..args.n_seq as u64)

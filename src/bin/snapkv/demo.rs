@@ -52,6 +52,9 @@ pub struct DemoArgs {
 
 /// Runs `snapkv demo`.
 pub fn run(args: &DemoArgs) -> snapkv::Result<()> {
+    for spec in &args.methods {
+        spec.refuse_lookahead("demo")?;
+    }
     let haystack = match &args.haystack {
         Some(p) => {
             let text = std::fs::read_to_string(p)?;

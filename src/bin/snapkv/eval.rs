@@ -12,8 +12,8 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 use snapkv::eval::{
-    agreement, branch, forced_distributions, generate_task, log_softmax, Branch, Haystack, Method, PromptLayout,
-    Snapshot, TaskKind, TaskSpec,
+    agreement, branch_after_answer_start, forced_distributions, generate_task, log_softmax, Branch, Haystack, Method,
+    PromptLayout, Snapshot, TaskKind, TaskSpec,
 };
 use snapkv::llama::{Pos, Token};
 use snapkv::{generate, init_backend, Generation, Model, ModelParams, Sampler};
@@ -42,7 +42,8 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',', default_value = "1")]
     seeds: Vec<u64>,
     /// Methods, comma-separated: full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random;
-    /// a method may override options, e.g. snapkv:kernel=15:pool=avg:gqa=max.
+    /// a method may override options, e.g. snapkv:kernel=15:pool=avg:gqa=max, and may compress after
+    /// the answer's first N tokens (written on the full cache) with lookahead=N, e.g. snapkv:lookahead=8.
     #[arg(long, value_delimiter = ',', default_value = "full,snapkv,streaming,random")]
     methods: Vec<MethodSpec>,
     /// Budgets in cells per KV head (window included), comma-separated; more than the window.
@@ -79,6 +80,14 @@ struct Record {
     cells: usize,
     kv_bytes: usize,
     score: f64,
+    /// Answer tokens generated on the full cache before compressing.
+    lookahead: usize,
+    /// With a look-ahead: the score over the expected values that the
+    /// answer's first `lookahead` tokens do not already hold (`None` without
+    /// a look-ahead, or when they hold every value).
+    score_beyond_lookahead: Option<f64>,
+    /// The full cache's answer scored the same way (same first tokens).
+    full_score_beyond_lookahead: Option<f64>,
     expected: Vec<String>,
     answer: String,
     /// Mean KL divergence (nats/token) from the full cache's next-token
@@ -175,7 +184,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                     );
                     // The reference: the full cache's own greedy answer and the
                     // next-token distributions it was drawn from.
-                    let reference = run_method(ctx, &snapshot, &Method::Full, n_gen, None)?;
+                    let reference = run_method(ctx, &snapshot, &Method::Full, n_gen, &[], None)?;
                     for spec in &args.methods {
                         let budgets: Vec<Option<usize>> = if spec.is_full() {
                             vec![None]
@@ -187,11 +196,16 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                                 None
                             } else {
                                 let method = spec.method(&args.snap, budget.unwrap_or(p))?;
+                                // The answer's first tokens before compressing
+                                // are the full cache's own greedy ones.
+                                let ahead =
+                                    &reference.answer.tokens[..spec.lookahead().min(reference.answer.tokens.len())];
                                 Some(run_method(
                                     ctx,
                                     &snapshot,
                                     &method,
                                     n_gen,
+                                    ahead,
                                     Some(&reference.answer.tokens),
                                 )?)
                             };
@@ -199,6 +213,14 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                             let fidelity = agreement(&reference.distributions, &run.distributions);
                             let text = model.detokenize(&run.answer.tokens, false);
                             let score = task.score(&text);
+                            let lookahead = spec.lookahead().min(run.answer.tokens.len());
+                            let (score_beyond_lookahead, full_score_beyond_lookahead) = if lookahead > 0 {
+                                let start = model.detokenize(&run.answer.tokens[..lookahead], false);
+                                let full_text = model.detokenize(&reference.answer.tokens, false);
+                                (task.score_beyond(&start, &text), task.score_beyond(&start, &full_text))
+                            } else {
+                                (None, None)
+                            };
                             let kept = run.branch.stats.as_ref().and_then(|s| s.kept.as_ref());
                             let needle_kept = kept.map_or(1.0, |k| k.fraction_kept(&prompt.asked_positions));
                             let needle_kept_per_layer =
@@ -223,6 +245,9 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                                 cells: run.branch.usage.cells,
                                 kv_bytes: run.branch.usage.kv_bytes,
                                 score,
+                                lookahead,
+                                score_beyond_lookahead,
+                                full_score_beyond_lookahead,
                                 expected: task.answers.clone(),
                                 answer: text,
                                 mean_kl: fidelity.mean_kl(),
@@ -242,6 +267,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
     }
 
     print_table(args, &records);
+    print_lookahead_table(args, &records);
     print_fidelity_table(args, &records);
     std::fs::create_dir_all(&args.out)?;
     write_json(
@@ -260,7 +286,10 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
 
 /// One method on one prompt: the branch, its greedy answer, and the
 /// next-token distributions of its cache along `forced` (the full cache's
-/// answer), or along its own answer when `forced` is `None`.
+/// answer), or along its own answer when `forced` is `None`. With an
+/// `answer_start`, the method compresses after those first answer tokens
+/// (evaluated on the full cache); they begin its answer, and its
+/// distributions there are the full cache's.
 struct MethodRun {
     branch: Branch,
     answer: Generation,
@@ -272,10 +301,19 @@ fn run_method(
     snapshot: &Snapshot,
     method: &Method,
     n_gen: usize,
+    answer_start: &[Token],
     forced: Option<&[Token]>,
 ) -> snapkv::Result<MethodRun> {
-    let p = snapshot.n_prompt() as Pos;
-    let branch = branch(ctx, snapshot, method)?;
+    if forced.is_some_and(|f| !f.starts_with(answer_start)) {
+        return Err(snapkv::Error::InvalidArgument {
+            param: "answer_start",
+            reason: "the answer's first tokens are not those of the forced answer".into(),
+        });
+    }
+    let mut distributions = Vec::new();
+    let branch = branch_after_answer_start(ctx, snapshot, method, answer_start, |row| {
+        distributions.push(log_softmax(row))
+    })?;
     let first = ctx
         .logits_ith(-1)
         .map(log_softmax)
@@ -283,20 +321,30 @@ fn run_method(
             param: "logits",
             reason: "no logits after the prompt".into(),
         })?;
-    let answer = generate(ctx, snapshot.seq(), &mut Sampler::greedy(), p, n_gen, true)?;
-    // Back to the end of the prompt; the cache keeps what the method left.
+    distributions.push(first);
+    let k = answer_start.len();
+    let p = (snapshot.n_prompt() + k) as Pos;
+    let mut answer = generate(
+        ctx,
+        snapshot.seq(),
+        &mut Sampler::greedy(),
+        p,
+        n_gen.saturating_sub(k),
+        true,
+    )?;
+    answer.tokens.splice(0..0, answer_start.iter().copied());
+    // Back to where the method compressed; the cache keeps what it left.
     if !ctx.seq_rm(snapshot.seq(), p, -1) {
         return Err(snapkv::Error::InvalidArgument {
             param: "seq_rm",
             reason: "llama.cpp could not remove the generated tokens".into(),
         });
     }
-    let mut distributions = vec![first];
     forced_distributions(
         ctx,
         snapshot.seq(),
         p,
-        forced.unwrap_or(&answer.tokens),
+        &forced.unwrap_or(&answer.tokens)[k..],
         &mut distributions,
     )?;
     Ok(MethodRun {
@@ -373,6 +421,54 @@ fn print_table(args: &EvalArgs, records: &[Record]) {
         "\naccuracy (mean fraction of expected values found; {} depths × {} seeds per length):",
         args.depths.len(),
         args.seeds.len()
+    );
+    print!("{out}");
+}
+
+/// For the methods with a look-ahead: accuracy over what their answers found
+/// beyond their first tokens (the full cache's), beside the full cache's
+/// own answers scored the same way on the same prompts.
+fn print_lookahead_table(args: &EvalArgs, records: &[Record]) {
+    if records.iter().all(|r| r.lookahead == 0) {
+        return;
+    }
+    let width = args.methods.iter().map(|m| m.label.len()).max().unwrap_or(0).max(20);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<11} {:<width$} {:>7} {:>8} {:>8} {:>8} {:>8}",
+        "task", "method", "budget", "prompts", "method", "full", "vs full"
+    );
+    for ((_, _, (task, method, budget)), rs) in rows(args, records) {
+        let scored: Vec<(f64, f64)> = rs
+            .iter()
+            .filter(|r| r.lookahead > 0)
+            .filter_map(|r| r.score_beyond_lookahead.zip(r.full_score_beyond_lookahead))
+            .collect();
+        if scored.is_empty() {
+            continue;
+        }
+        let m = mean(scored.iter().map(|s| s.0)).unwrap_or(0.0);
+        let f = mean(scored.iter().map(|s| s.1)).unwrap_or(0.0);
+        let rel = if f > 0.0 {
+            format!("{:.0}%", 100.0 * m / f)
+        } else {
+            "-".into()
+        };
+        let _ = writeln!(
+            out,
+            "{:<11} {:<width$} {:>7} {:>8} {:>7.1}% {:>7.1}% {:>8}",
+            task,
+            method,
+            budget.map_or_else(|| "-".into(), |b| b.to_string()),
+            scored.len(),
+            100.0 * m,
+            100.0 * f,
+            rel
+        );
+    }
+    println!(
+        "\naccuracy beyond the look-ahead (expected values not already in the answer's first tokens, which the full cache wrote):"
     );
     print!("{out}");
 }
@@ -461,12 +557,12 @@ fn csv_field(s: &str) -> String {
 
 fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
     let mut s = String::from(
-        "task,haystack,length,prompt_tokens,depth,seed,method,budget,cells,kv_bytes,score,expected,answer,mean_kl,max_kl,top1,kl_positions,needle_kept,decode_tok_s,compression_s\n",
+        "task,haystack,length,prompt_tokens,depth,seed,method,budget,cells,kv_bytes,score,lookahead,score_beyond_lookahead,full_score_beyond_lookahead,expected,answer,mean_kl,max_kl,top1,kl_positions,needle_kept,decode_tok_s,compression_s\n",
     );
     for r in records {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{:.6},{:.4},{:.4},{},{:.4},{:.2},{:.4}",
+            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{},{:.6},{:.4},{:.4},{},{:.4},{:.2},{:.4}",
             r.task,
             csv_field(&r.haystack),
             r.length,
@@ -478,6 +574,10 @@ fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
             r.cells,
             r.kv_bytes,
             r.score,
+            r.lookahead,
+            r.score_beyond_lookahead.map_or_else(String::new, |v| format!("{v:.4}")),
+            r.full_score_beyond_lookahead
+                .map_or_else(String::new, |v| format!("{v:.4}")),
             csv_field(&r.expected.join(" ")),
             csv_field(r.answer.trim()),
             r.mean_kl,

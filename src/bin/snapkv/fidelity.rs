@@ -104,6 +104,9 @@ struct Report<'a> {
 
 /// Runs `snapkv fidelity`.
 pub fn run(args: &FidelityArgs) -> snapkv::Result<()> {
+    for spec in &args.methods {
+        spec.refuse_lookahead("fidelity")?;
+    }
     let w = args.snap.window;
     let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
     let tokens = prompt_tokens(args, &model)?;

@@ -118,6 +118,9 @@ pub fn parse_cache_type(s: &str) -> Result<CacheType, String> {
 /// options, e.g. `snapkv:kernel=15:pool=avg:align=trailing:gqa=max`. Overrides let one run
 /// compare variants of a method over the same evaluated prompts; the window
 /// cannot be overridden (every method of a run observes the same window).
+/// `lookahead=N` (`eval` only) compresses after the answer's first `N`
+/// tokens instead of right after the prompt, so that the window's last `N`
+/// tokens are the answer's.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MethodSpec {
     /// The text as given, used as the method's label in reports.
@@ -128,12 +131,33 @@ pub struct MethodSpec {
     pool: Option<Pooling>,
     align: Option<PoolAlign>,
     gqa: Option<GqaAggregation>,
+    lookahead: usize,
 }
 
 impl MethodSpec {
     /// Whether this is the uncompressed cache.
     pub fn is_full(&self) -> bool {
         self.name == "full"
+    }
+
+    /// Answer tokens generated on the full cache before compressing (0:
+    /// compress right after the prompt).
+    pub fn lookahead(&self) -> usize {
+        self.lookahead
+    }
+
+    /// Refuses a look-ahead: `command` compresses right after the prompt.
+    ///
+    /// # Errors
+    /// [`snapkv::Error::InvalidArgument`] when the spec asks for one.
+    pub fn refuse_lookahead(&self, command: &str) -> snapkv::Result<()> {
+        if self.lookahead == 0 {
+            return Ok(());
+        }
+        Err(snapkv::Error::InvalidArgument {
+            param: "method",
+            reason: format!("{}: {command} does not take lookahead (only eval does)", self.label),
+        })
     }
 
     /// The method for a budget of `cells` cells per KV head.
@@ -175,6 +199,7 @@ impl std::str::FromStr for MethodSpec {
             pool: None,
             align: None,
             gqa: None,
+            lookahead: 0,
         };
         for part in parts {
             if spec.is_full() {
@@ -188,7 +213,12 @@ impl std::str::FromStr for MethodSpec {
                 "pool" => spec.pool = Some(value.parse().map_err(|e| format!("{s:?}: pool: {e}"))?),
                 "align" => spec.align = Some(value.parse().map_err(|e| format!("{s:?}: align: {e}"))?),
                 "gqa" => spec.gqa = Some(value.parse().map_err(|e| format!("{s:?}: gqa: {e}"))?),
-                _ => return Err(format!("{s:?}: unknown option {key:?} (kernel, pool, align, gqa)")),
+                "lookahead" => spec.lookahead = value.parse().map_err(|e| format!("{s:?}: lookahead: {e}"))?,
+                _ => {
+                    return Err(format!(
+                        "{s:?}: unknown option {key:?} (kernel, pool, align, gqa, lookahead)"
+                    ))
+                }
             }
         }
         Ok(spec)
@@ -218,7 +248,13 @@ mod tests {
             "snapkv-shared-layer:kernel=15:pool=avg:align=trailing:gqa=max"
         );
         assert!("full".parse::<MethodSpec>().unwrap().is_full());
+        let ahead: MethodSpec = "streaming:lookahead=8".parse().unwrap();
+        assert_eq!((ahead.lookahead(), plain.lookahead()), (8, 0));
+        assert!(ahead.refuse_lookahead("bench").is_err());
+        assert!(plain.refuse_lookahead("bench").is_ok());
         for bad in [
+            "snapkv:lookahead=-1",
+            "full:lookahead=8",
             "nonsense",
             "full:kernel=3",
             "snapkv:kernel",
