@@ -217,39 +217,7 @@ pub struct Branch {
 /// [`Error::InvalidArgument`] when the method's window differs from the
 /// snapshot's; restore, decode and compression errors.
 pub fn branch(ctx: &mut Context<'_>, snapshot: &Snapshot, method: &Method) -> Result<Branch> {
-    let w = snapshot.window.len();
-    if method.window(w) != w {
-        return Err(Error::InvalidArgument {
-            param: "method",
-            reason: format!(
-                "{} uses a {}-token window, the snapshot was taken for {w}",
-                method.name(),
-                method.window(w)
-            ),
-        });
-    }
-    let seq = snapshot.seq;
-    let t0 = Instant::now();
-    snapshot.restore(ctx)?;
-    let restore_seconds = t0.elapsed().as_secs_f64();
-    let t1 = Instant::now();
-    let stats = match method {
-        Method::Full => {
-            ctx.decode_tokens(seq, &snapshot.window, (snapshot.n_prompt - w) as Pos, true)?;
-            None
-        }
-        Method::Compress(c) => Some(c.prefill(ctx, seq, &snapshot.window)?),
-    };
-    ctx.synchronize();
-    let window_seconds = t1.elapsed().as_secs_f64();
-    let usage = seq_usage(ctx, seq)?;
-    Ok(Branch {
-        method: method.name(),
-        stats,
-        restore_seconds,
-        window_seconds,
-        usage,
-    })
+    branch_after_answer_start(ctx, snapshot, method, &[], |_| {})
 }
 
 /// [`branch`], compressing only after the first tokens of the answer.
@@ -276,19 +244,24 @@ pub fn branch_after_answer_start(
     answer_start: &[Token],
     mut on_logits: impl FnMut(&[f32]),
 ) -> Result<Branch> {
-    if answer_start.is_empty() {
-        return branch(ctx, snapshot, method);
-    }
     let w = snapshot.window.len();
-    if method.window(w) != w || answer_start.len() >= w {
+    if method.window(w) != w {
+        return Err(Error::InvalidArgument {
+            param: "method",
+            reason: format!(
+                "{} uses a {}-token window, the snapshot was taken for {w}",
+                method.name(),
+                method.window(w)
+            ),
+        });
+    }
+    if answer_start.len() >= w {
         return Err(Error::InvalidArgument {
             param: "answer_start",
             reason: format!(
-                "{} answer tokens before compressing need a window of more than {} tokens; the snapshot's is {w} and {}'s is {}",
+                "{} answer tokens before compressing need a window of more than {} tokens, not {w}",
                 answer_start.len(),
-                answer_start.len(),
-                method.name(),
-                method.window(w)
+                answer_start.len()
             ),
         });
     }
@@ -297,26 +270,27 @@ pub fn branch_after_answer_start(
     snapshot.restore(ctx)?;
     let restore_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    if let Method::Compress(c) = method {
-        c.observe_decodes(ctx)?;
-    }
-    let result = (|| {
-        let mut pos = (snapshot.n_prompt - w) as Pos;
+    // The window, then the answer's first tokens one at a time.
+    let mut decode_all = |ctx: &mut Context<'_>| -> Result<()> {
+        let pos = (snapshot.n_prompt - w) as Pos;
         ctx.decode_tokens(seq, &snapshot.window, pos, true)?;
-        pos += w as Pos;
         for (i, &token) in answer_start.iter().enumerate() {
             on_logits(last_logits(ctx)?);
-            ctx.decode_tokens(seq, &[token], pos + i as Pos, true)?;
+            ctx.decode_tokens(seq, &[token], (snapshot.n_prompt + i) as Pos, true)?;
         }
         Ok(())
-    })();
+    };
     let stats = match method {
         Method::Full => {
-            result?;
+            decode_all(ctx)?;
             None
         }
+        // Right after the prompt: the prefill path observes the window as it
+        // evaluates it.
+        Method::Compress(c) if answer_start.is_empty() => Some(c.prefill(ctx, seq, &snapshot.window)?),
         Method::Compress(c) => {
-            if let Err(err) = result {
+            c.observe_decodes(ctx)?;
+            if let Err(err) = decode_all(ctx) {
                 // Disarm: a capture cut short by a failed decode is of no use.
                 if let Some(observer) = ctx.observer() {
                     observer.disarm();
