@@ -192,14 +192,19 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                             args.budgets.iter().map(|&b| Some(b)).collect()
                         };
                         for budget in budgets {
+                            // The answer's first tokens before compressing are
+                            // the full cache's own greedy ones, short of an
+                            // end-of-answer token: the method's cache decides
+                            // where its answer ends.
+                            let mut lookahead = spec.lookahead().min(reference.answer.tokens.len());
+                            if lookahead > 0 && model.is_eog(reference.answer.tokens[lookahead - 1]) {
+                                lookahead -= 1;
+                            }
                             let run = if spec.is_full() {
                                 None
                             } else {
                                 let method = spec.method(&args.snap, budget.unwrap_or(p))?;
-                                // The answer's first tokens before compressing
-                                // are the full cache's own greedy ones.
-                                let ahead =
-                                    &reference.answer.tokens[..spec.lookahead().min(reference.answer.tokens.len())];
+                                let ahead = &reference.answer.tokens[..lookahead];
                                 Some(run_method(
                                     ctx,
                                     &snapshot,
@@ -213,7 +218,6 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                             let fidelity = agreement(&reference.distributions, &run.distributions);
                             let text = model.detokenize(&run.answer.tokens, false);
                             let score = task.score(&text);
-                            let lookahead = spec.lookahead().min(run.answer.tokens.len());
                             let (score_beyond_lookahead, full_score_beyond_lookahead) = if lookahead > 0 {
                                 let start = model.detokenize(&run.answer.tokens[..lookahead], false);
                                 let full_text = model.detokenize(&reference.answer.tokens, false);
