@@ -1,7 +1,9 @@
 //! `snapkv capacity`: in one context of fixed size (one KV buffer shared by
 //! all sequences), how many concurrent long sequences fit — each prompt
 //! evaluated in full, then (with compression) compressed before the next
-//! one — until llama.cpp finds no KV slot for the next prompt.
+//! one — until llama.cpp finds no KV slot for the next prompt; then every
+//! sequence that fitted answers its passkey question from the shared
+//! context, so the count says how many sequences fit *and still work*.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -10,7 +12,8 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 use snapkv::eval::{generate_task, seq_usage, Haystack, Method, TaskKind, TaskSpec};
-use snapkv::{init_backend, Context, Error, Model, ModelParams, WindowObserver};
+use snapkv::llama::Token;
+use snapkv::{generate, init_backend, Batch, Context, Error, Model, ModelParams, Sampler, WindowObserver};
 
 use crate::common::{context_params, model_stem, task_prompt, token_counter, write_json, RunInfo};
 use crate::options::ModelOptions;
@@ -33,6 +36,9 @@ pub struct CapacityArgs {
     /// Cells kept per KV head by the compressed sequences (window included).
     #[arg(long, default_value_t = 128)]
     budget: usize,
+    /// Most tokens of each sequence's answer.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 16)]
+    n_predict: usize,
     /// Compression method, with optional overrides (e.g. snapkv:kernel=15).
     #[arg(long, default_value = "snapkv")]
     method: MethodSpec,
@@ -51,6 +57,11 @@ struct Mode {
     kv_bytes_per_sequence: usize,
     seconds: f64,
     stopped_by: String,
+    /// Sequences whose answer holds their passkey.
+    answers_right: usize,
+    /// Sequences asked (all that fitted, unless the context ran out of
+    /// cells for the answers).
+    answers_checked: usize,
 }
 
 #[derive(Serialize)]
@@ -69,12 +80,15 @@ pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
     args.method.refuse_lookahead("capacity")?;
     let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
     let mut count = token_counter(&model);
-    let prompts = (0..args.n_seq as u64)
+    let tasks: Vec<_> = (0..args.n_seq as u64)
         .map(|seed| {
             let spec = TaskSpec::new(TaskKind::Passkey, args.length, 0.5, seed);
-            let task = generate_task(&spec, &Haystack::Builtin, &mut count);
-            task_prompt(&model, &task, args.snap.window).map(|p| p.tokens)
+            generate_task(&spec, &Haystack::Builtin, &mut count)
         })
+        .collect();
+    let prompts = tasks
+        .iter()
+        .map(|task| task_prompt(&model, task, args.snap.window).map(|p| p.tokens))
         .collect::<snapkv::Result<Vec<_>>>()?;
     let p = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let p_min = prompts.iter().map(Vec::len).min().unwrap_or(0);
@@ -94,6 +108,10 @@ pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
         let mut fitted = 0;
         let mut stopped_by = format!("n_seq_max ({})", args.n_seq);
         let mut usage = None;
+        let mut sampler = Sampler::greedy();
+        // Each fitted sequence's first answer token, sampled from its own
+        // prompt's logits before the next prompt overwrites them.
+        let mut first_tokens = Vec::new();
         for (s, tokens) in prompts.iter().enumerate() {
             let seq = s as i32;
             let result = match &method {
@@ -103,6 +121,7 @@ pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
             match result {
                 Ok(()) => {
                     fitted += 1;
+                    first_tokens.push(sampler.sample(&mut ctx, -1));
                     if usage.is_none() {
                         usage = Some(seq_usage(&ctx, seq)?);
                     }
@@ -118,10 +137,11 @@ pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
                 Err(e) => return Err(e),
             }
         }
+        let seconds = t0.elapsed().as_secs_f64();
+        let (answers_right, answers_checked) = answer_all(&mut ctx, &model, &tasks, &first_tokens, args.n_predict)?;
         eprintln!(
-            "{}{name}: {fitted} sequences in {:.0} s",
+            "{}{name}: {fitted} sequences in {seconds:.0} s, {answers_right} of {answers_checked} answered right",
             if tty { "\r" } else { "" },
-            t0.elapsed().as_secs_f64()
         );
         let usage = usage.unwrap_or_default();
         let label = if name == "full" {
@@ -134,8 +154,10 @@ pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
             sequences: fitted,
             cells_per_sequence: usage.cells,
             kv_bytes_per_sequence: usage.kv_bytes,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds,
             stopped_by,
+            answers_right,
+            answers_checked,
         });
     }
     println!(
@@ -143,16 +165,17 @@ pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
         args.cells, args.n_seq
     );
     println!(
-        "{:<20} {:>10} {:>14} {:>12}  stopped by",
-        "cache", "sequences", "cells per seq", "MiB per seq"
+        "{:<20} {:>10} {:>14} {:>12} {:>14}  stopped by",
+        "cache", "sequences", "cells per seq", "MiB per seq", "right answers"
     );
     for m in &modes {
         println!(
-            "{:<20} {:>10} {:>14} {:>12.2}  {}",
+            "{:<20} {:>10} {:>14} {:>12.2} {:>14}  {}",
             m.mode,
             m.sequences,
             m.cells_per_sequence,
             m.kv_bytes_per_sequence as f64 / 1048576.0,
+            format!("{} / {}", m.answers_right, m.answers_checked),
             m.stopped_by
         );
     }
@@ -178,4 +201,49 @@ pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
             modes: &modes,
         },
     )
+}
+
+/// Lets every fitted sequence `0..first_tokens.len()` answer its task from
+/// the shared context, greedily, starting from `first_tokens[s]`; each
+/// answer's cells are removed again before the next, so the answers need
+/// only `max_tokens` free cells between them. Returns (right, checked):
+/// checking stops early only when the context has no cell left for an
+/// answer.
+fn answer_all(
+    ctx: &mut Context,
+    model: &Model,
+    tasks: &[snapkv::eval::TaskInstance],
+    first_tokens: &[Token],
+    max_tokens: usize,
+) -> snapkv::Result<(usize, usize)> {
+    let mut right = 0;
+    let mut batch = Batch::new(1, 1)?;
+    let mut sampler = Sampler::greedy();
+    for (s, (&first, task)) in first_tokens.iter().zip(tasks).enumerate() {
+        let seq = s as i32;
+        let next = ctx.seq_pos_max(seq).map_or(0, |p| p + 1);
+        let mut tokens = vec![first];
+        if !model.is_eog(first) && max_tokens > 1 {
+            batch.clear();
+            batch.add(first, next, &[seq], true)?;
+            match ctx.decode(&batch) {
+                Ok(()) => {}
+                Err(Error::Decode { code: 1, .. }) => return Ok((right, s)),
+                Err(e) => return Err(e),
+            }
+            match generate(ctx, seq, &mut sampler, next + 1, max_tokens - 1, true) {
+                Ok(gen) => tokens.extend(gen.tokens),
+                Err(Error::Decode { code: 1, .. }) => {
+                    ctx.seq_rm(seq, next, -1);
+                    return Ok((right, s));
+                }
+                Err(e) => return Err(e),
+            }
+            ctx.seq_rm(seq, next, -1);
+        }
+        if task.score(&model.detokenize(&tokens, false)) == 1.0 {
+            right += 1;
+        }
+    }
+    Ok((right, first_tokens.len()))
 }

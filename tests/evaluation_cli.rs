@@ -1,0 +1,385 @@
+//! The evaluation commands (`demo`, `eval`, `fidelity`, `bench`,
+//! `capacity`) end to end on the tiny generated model: each runs in well
+//! under a second, writes what the README says it writes, and its numbers
+//! obey the invariants that hold whatever the model (the full cache is its
+//! own reference, a compressed sequence holds `budget` cells and
+//! `budget / prompt` of the full cache's bytes, compression fits more
+//! sequences). The tiny model's answers are meaningless, so no test here
+//! judges them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use snapkv::testing::{tiny_model_path, TinyModelSpec};
+
+const BUDGET: u64 = 64;
+
+fn tiny() -> PathBuf {
+    tiny_model_path(&TinyModelSpec::default()).expect("tiny model written")
+}
+
+/// A fresh, empty scratch directory for one test's output.
+fn out_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("snapkv-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn snapkv(command: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_snapkv"))
+        .arg(command)
+        .arg("-m")
+        .arg(tiny())
+        .args(["-t", "1"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn succeed(command: &str, args: &[&str]) -> String {
+    let out = snapkv(command, args);
+    assert!(
+        out.status.success(),
+        "snapkv {command} {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fail(command: &str, args: &[&str]) -> String {
+    let out = snapkv(command, args);
+    assert!(!out.status.success(), "snapkv {command} {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The one file in `dir` whose name starts with `prefix` and ends with `suffix`.
+fn find(dir: &Path, prefix: &str, suffix: &str) -> PathBuf {
+    let found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(prefix) && name.ends_with(suffix)
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{prefix}*{suffix} in {}: {found:?}", dir.display());
+    found.into_iter().next().unwrap()
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+fn uint(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} is not an integer in {v}"))
+}
+
+fn float(v: &Value, key: &str) -> f64 {
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
+}
+
+fn assert_plot(path: &Path) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("png") => assert!(
+            bytes.starts_with(b"\x89PNG\r\n\x1a\n"),
+            "{} is not a PNG",
+            path.display()
+        ),
+        Some("svg") => assert!(
+            String::from_utf8_lossy(&bytes).contains("<svg"),
+            "{} is not an SVG",
+            path.display()
+        ),
+        other => panic!("unexpected plot type {other:?}"),
+    }
+}
+
+/// Per-cell KV bytes are the same for every sequence of one model, so a
+/// sequence of `cells` cells holds exactly `cells / full_cells` of the full
+/// cache's bytes.
+fn assert_bytes_scale(full_cells: u64, full_bytes: u64, cells: u64, bytes: u64) {
+    assert_eq!(
+        bytes * full_cells,
+        full_bytes * cells,
+        "{bytes} B for {cells} cells vs {full_bytes} B for {full_cells}"
+    );
+}
+
+#[test]
+fn eval_writes_records_tables_and_heatmaps() {
+    let dir = out_dir("eval");
+    let stdout = succeed(
+        "eval",
+        &[
+            "--tasks",
+            "passkey,multivalue",
+            "--lengths",
+            "300",
+            "--depths",
+            "0.2,0.8",
+            "--methods",
+            "full,snapkv,streaming,snapkv:lookahead=4",
+            "--budgets",
+            "64",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        stdout.contains("accuracy (") && stdout.contains("fidelity to the full cache"),
+        "{stdout}"
+    );
+
+    let report = json(&dir.join("eval.json"));
+    let records = report["records"].as_array().unwrap();
+    // 2 tasks × 2 depths × (full + 3 methods at one budget).
+    assert_eq!(records.len(), 2 * 2 * 4);
+    let csv = std::fs::read_to_string(dir.join("eval.csv")).unwrap();
+    assert!(csv.starts_with("task,"), "{csv}");
+    // Answers may hold line breaks (quoted), so count the lines that start a record.
+    let rows = csv
+        .lines()
+        .filter(|l| l.starts_with("passkey,") || l.starts_with("multivalue,"));
+    assert_eq!(rows.count(), records.len(), "one CSV row per record");
+
+    for prompt in records.chunks(4) {
+        let full = &prompt[0];
+        assert_eq!(full["method"], "full");
+        assert!(full["budget"].is_null());
+        assert_eq!(uint(full, "cells"), uint(full, "prompt_tokens"));
+        assert_eq!(float(full, "mean_kl"), 0.0, "the full cache is its own reference");
+        assert_eq!(float(full, "top1"), 1.0);
+        for r in &prompt[1..] {
+            assert_eq!(
+                (&r["task"], &r["depth"], &r["seed"]),
+                (&full["task"], &full["depth"], &full["seed"])
+            );
+            assert_eq!(uint(r, "budget"), BUDGET);
+            assert_eq!(uint(r, "cells"), BUDGET);
+            assert_bytes_scale(
+                uint(full, "cells"),
+                uint(full, "kv_bytes"),
+                uint(r, "cells"),
+                uint(r, "kv_bytes"),
+            );
+            let score = float(r, "score");
+            assert!((0.0..=1.0).contains(&score), "{r}");
+            assert!(
+                float(r, "mean_kl") >= 0.0 && float(r, "mean_kl") <= float(r, "max_kl"),
+                "{r}"
+            );
+            let lookahead = uint(r, "lookahead");
+            assert_eq!(lookahead, if r["method"] == "snapkv:lookahead=4" { 4 } else { 0 });
+        }
+    }
+    for task in ["passkey", "multivalue"] {
+        for method in ["full", "snapkv-64", "streaming-64", "snapkv_lookahead_4-64"] {
+            for ext in ["svg", "png"] {
+                assert_plot(&dir.join(format!("heatmap-builtin-{task}-{method}.{ext}")));
+            }
+        }
+    }
+}
+
+#[test]
+fn eval_refuses_bad_settings() {
+    let err = fail("eval", &["--budgets", "16", "--window", "32"]);
+    assert!(err.contains("budget"), "{err}");
+    let err = fail("eval", &["--methods", "snapkv:kernel=4"]);
+    assert!(err.contains("kernel"), "{err}");
+}
+
+#[test]
+fn bench_reports_both_caches_and_the_fresh_prompt() {
+    let dir = out_dir("bench");
+    succeed(
+        "bench",
+        &[
+            "--lengths",
+            "300,500",
+            "--budget",
+            "64",
+            "-n",
+            "4",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let report = json(&find(&dir, "bench-", ".json"));
+    assert_eq!(uint(&report["fresh"], "cells"), BUDGET);
+    let points = report["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    for p in points {
+        assert_eq!(uint(p, "cells_full"), uint(p, "prompt_tokens"));
+        assert_eq!(uint(p, "cells_compressed"), BUDGET);
+        assert_bytes_scale(
+            uint(p, "cells_full"),
+            uint(p, "kv_bytes_full"),
+            BUDGET,
+            uint(p, "kv_bytes_compressed"),
+        );
+        let ratio = float(p, "kv_ratio");
+        assert!(
+            (ratio - uint(p, "cells_full") as f64 / BUDGET as f64).abs() < 1e-9,
+            "{p}"
+        );
+        for key in [
+            "prefill_tokens_per_second",
+            "decode_full_tokens_per_second",
+            "decode_compressed_tokens_per_second",
+        ] {
+            assert!(float(p, key) > 0.0, "{key}: {p}");
+        }
+        let parts = float(p, "observe_seconds")
+            + float(p, "score_seconds")
+            + float(p, "select_seconds")
+            + float(p, "compact_seconds");
+        let overhead = float(p, "overhead_fraction");
+        assert!(
+            (overhead - parts / float(p, "prefill_seconds")).abs() < 1e-9,
+            "overhead is the parts over the prefill: {p}"
+        );
+    }
+    assert_plot(&find(&dir, "decode-", ".svg"));
+    assert_plot(&find(&dir, "decode-", ".png"));
+}
+
+#[test]
+fn fidelity_compares_evictions_and_quantized_caches() {
+    let dir = out_dir("fidelity");
+    succeed(
+        "fidelity",
+        &[
+            "--length",
+            "300",
+            "--budgets",
+            "64",
+            "-n",
+            "8",
+            "--methods",
+            "snapkv,streaming",
+            "--quant",
+            "q8_0",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let report = json(&find(&dir, "fidelity-", ".json"));
+    let rows = report["rows"].as_array().unwrap();
+    let names: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["cache"].as_str().unwrap().to_owned(),
+                r["method"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let expected = [
+        ("f16", "full"),
+        ("f16", "snapkv"),
+        ("f16", "streaming"),
+        ("q8_0", "full"),
+    ];
+    assert_eq!(names, expected.map(|(c, m)| (c.to_owned(), m.to_owned())));
+    let full = &rows[0];
+    assert_eq!(float(full, "mean_kl"), 0.0);
+    assert_eq!(float(full, "top1"), 1.0);
+    assert_eq!(uint(full, "cells"), uint(&report, "prompt_tokens"));
+    for r in &rows[1..3] {
+        assert_eq!(uint(r, "cells"), BUDGET);
+        assert_bytes_scale(uint(full, "cells"), uint(full, "kv_bytes"), BUDGET, uint(r, "kv_bytes"));
+    }
+    let q8 = &rows[3];
+    assert_eq!(
+        uint(q8, "cells"),
+        uint(full, "cells"),
+        "a quantized cache evicts nothing"
+    );
+    assert!(
+        uint(q8, "kv_bytes") < uint(full, "kv_bytes") / 3 * 2,
+        "q8_0 holds about half of f16's bytes: {q8}"
+    );
+    for r in rows {
+        assert_eq!(uint(r, "positions"), 8, "{r}");
+        assert!(
+            float(r, "mean_kl") >= 0.0 && float(r, "mean_kl") <= float(r, "max_kl"),
+            "{r}"
+        );
+    }
+}
+
+#[test]
+fn demo_prints_one_row_per_cache() {
+    let stdout = succeed("demo", &["--length", "300", "--budget", "64", "-n", "8"]);
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("full ") || l.starts_with("snapkv @ 64") || l.starts_with("streaming @ 64"))
+        .collect();
+    assert_eq!(rows.len(), 3, "{stdout}");
+    for row in &rows[1..] {
+        assert!(
+            row.split_whitespace().any(|w| w == "64"),
+            "a compressed cache holds 64 cells: {row}"
+        );
+    }
+}
+
+#[test]
+fn capacity_fits_more_compressed_sequences_and_asks_each_one() {
+    let dir = out_dir("capacity");
+    let stdout = succeed(
+        "capacity",
+        &[
+            "--cells",
+            "2048",
+            "--length",
+            "300",
+            "--budget",
+            "64",
+            "--n-seq",
+            "64",
+            "-n",
+            "4",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
+    assert!(stdout.contains("right answers"), "{stdout}");
+    let report = json(&find(&dir, "capacity-", ".json"));
+    let modes = report["modes"].as_array().unwrap();
+    assert_eq!(modes.len(), 2);
+    let (full, compressed) = (&modes[0], &modes[1]);
+    let p_max = uint(&report, "prompt_tokens_max");
+    // Full prompts fill the context: the next one did not fit.
+    assert!(
+        uint(full, "sequences") >= 1 && (uint(full, "sequences") + 1) * p_max > 2048,
+        "{full}"
+    );
+    assert_eq!(uint(compressed, "cells_per_sequence"), BUDGET);
+    // Each compressed sequence leaves room for (2048 - prompt) / 64 more.
+    assert!(uint(compressed, "sequences") >= (2048 - p_max) / BUDGET, "{compressed}");
+    assert!(uint(compressed, "sequences") > 2 * uint(full, "sequences"), "{modes:?}");
+    for m in modes {
+        assert!(m["stopped_by"].as_str().unwrap().contains("no KV slot"), "{m}");
+        assert_eq!(
+            uint(m, "answers_checked"),
+            uint(m, "sequences"),
+            "every sequence that fitted was asked: {m}"
+        );
+        assert!(uint(m, "answers_right") <= uint(m, "answers_checked"));
+    }
+}
+
+#[test]
+fn capacity_refuses_a_lookahead() {
+    let err = fail("capacity", &["--method", "snapkv:lookahead=8"]);
+    assert!(err.contains("lookahead"), "{err}");
+}
