@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Pools the records of several `snapkv eval` runs (their eval.json files)
+into one table per task and budget: accuracy relative to the full cache on the same prompts,
+accuracy beyond a look-ahead, and mean KL (weighted by answer positions)
+as a fraction of streaming's.
+
+Use it for runs that share the model, tasks and settings but differ in
+seeds, e.g. the held-out sets of the README:
+
+    scripts/pool-eval-results.py results/eval/eval.json \
+        results/lookahead/held-out-seeds-6-7/eval.json \
+        results/lookahead/held-out-seeds-8-10/eval.json --budget 256
+
+A prompt is counted once per file it appears in; pass each run once.
+"""
+
+import argparse
+import json
+import sys
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def pooled_kl(records):
+    positions = sum(r["kl_positions"] for r in records)
+    if positions == 0:
+        return float("nan")
+    return sum(r["mean_kl"] * r["kl_positions"] for r in records) / positions
+
+
+def fraction(num, den):
+    if den != den or num != num or den == 0:
+        return "-"
+    if num == 0:
+        return "0"
+    return f"1/{den / num:.0f}" if num < den else f"{num / den:.2f}x"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("files", nargs="+", help="eval.json files of `snapkv eval` runs")
+    ap.add_argument("--budget", type=int, default=256, help="budget in cells (default 256)")
+    ap.add_argument("--tasks", default="", help="comma-separated tasks (default: all found)")
+    args = ap.parse_args()
+
+    records = []
+    for i, path in enumerate(args.files):
+        with open(path) as f:
+            for r in json.load(f)["records"]:
+                r["prompt"] = (i, r["task"], r["haystack"], r["length"], r["depth"], r["seed"])
+                records.append(r)
+    tasks = [t for t in args.tasks.split(",") if t] or sorted({r["task"] for r in records})
+    print(f"pooled over {len(args.files)} runs, {args.budget} cells:")
+    print(f"{'task':<11} {'method':<32} {'prompts':>7} {'vs full':>8} {'beyond look-ahead':>26} {'mean KL':>9} {'/ streaming':>12}")
+    for task in tasks:
+        rows = [r for r in records if r["task"] == task]
+        full = [r for r in rows if r["method"] == "full"]
+        if not full:
+            print(f"{task}: no full-cache records", file=sys.stderr)
+            continue
+        full_by_prompt = {r["prompt"]: r for r in full}
+        streaming_by_prompt = {
+            r["prompt"]: r for r in rows if r["method"] == "streaming" and r["budget"] == args.budget
+        }
+        print(f"{task:<11} {'full':<32} {len(full):>7} {100 * mean([r['score'] for r in full]):>7.1f}%")
+        methods = []
+        for r in rows:
+            if r["budget"] == args.budget and r["method"] not in methods:
+                methods.append(r["method"])
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method and r["budget"] == args.budget]
+            # Compare with the full cache and streaming on the same prompts.
+            full_score = mean([full_by_prompt[r["prompt"]]["score"] for r in mine])
+            streaming_kl = pooled_kl([streaming_by_prompt[r["prompt"]] for r in mine if r["prompt"] in streaming_by_prompt])
+            score = mean([r["score"] for r in mine])
+            rel = f"{100 * score / full_score:.0f}%" if full_score > 0 else "-"
+            beyond = [r for r in mine if r.get("score_beyond_lookahead") is not None]
+            if beyond:
+                b = mean([r["score_beyond_lookahead"] for r in beyond])
+                fb = mean([r["full_score_beyond_lookahead"] for r in beyond])
+                rel_b = f"{100 * b / fb:.0f}%" if fb > 0 else "-"
+                beyond_text = f"{100 * b:.1f}% / {100 * fb:.1f}% ({rel_b})"
+            else:
+                beyond_text = "-"
+            kl = pooled_kl(mine)
+            print(
+                f"{task:<11} {method:<32} {len(mine):>7} {rel:>8} {beyond_text:>26} {kl:>9.4f} {fraction(kl, streaming_kl):>12}"
+            )
+
+
+if __name__ == "__main__":
+    main()
