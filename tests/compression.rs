@@ -641,6 +641,8 @@ fn cli_reports_compression_on_every_path() {
         &["--hook"][..],
         &["--observed"][..],
         &["--flash-attn", "off"][..],
+        &["--lookahead", "4"][..],
+        &["--lookahead", "4", "--hook"][..],
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
             .arg("generate")
@@ -657,6 +659,42 @@ fn cli_reports_compression_on_every_path() {
         assert!(stderr.contains("-> 64 cells per KV head"), "{extra:?}: {stderr}");
         assert!(stderr.contains("compression cost"), "{extra:?}: {stderr}");
     }
+    // The look-ahead's tokens are the full cache's own: with nothing
+    // generated after them, the text is the uncompressed run's.
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
+            .arg("generate")
+            .arg("-m")
+            .arg(&model)
+            .args(["-p", &prompt, "-n", "4", "-t", "2"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    let full = run(&[]);
+    for hook in [&[][..], &["--hook"][..]] {
+        let args = [
+            &["--snapkv", "--budget", "64", "--window", "16", "--lookahead", "4"][..],
+            hook,
+        ]
+        .concat();
+        assert_eq!(run(&args), full, "{args:?}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
+        .arg("generate")
+        .arg("-m")
+        .arg(&model)
+        .args(["-p", "hello", "--snapkv", "--window", "16", "--lookahead", "16"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lookahead"));
     // Invalid settings are reported, not panicked on.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
         .arg("generate")

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
+use snapkv::llama::{Pos, Token};
 use snapkv::{
-    generate, init_backend, ChatMessage, Compressor, Context, ContextParams, Model, ModelParams, Sampler,
+    generate, init_backend, ChatMessage, Compressor, Context, ContextParams, Error, Model, ModelParams, Sampler,
     WindowObserver,
 };
 
@@ -47,6 +48,12 @@ pub struct GenerateArgs {
     /// (the observed-decode hook).
     #[arg(long, requires = "snapkv", conflicts_with = "hook")]
     observed: bool,
+    /// With --snapkv: generate the answer's first N tokens on the full cache,
+    /// then compress, so that the observation window ends with them (fewer
+    /// than --window). Runs through the observed-decode hook, or with --hook
+    /// through the re-evaluating one.
+    #[arg(long, requires = "snapkv", default_value_t = 0)]
+    lookahead: usize,
     /// Selection method with --snapkv: snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random.
     #[arg(long, default_value = "snapkv")]
     method: String,
@@ -85,6 +92,24 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
     let mut ctx = Context::new(&model, &params)?;
     let load_seconds = t_load.elapsed().as_secs_f64();
 
+    if args.lookahead > 0 && args.lookahead >= args.snap.method.window {
+        return Err(Error::InvalidArgument {
+            param: "lookahead",
+            reason: format!(
+                "{} answer tokens before compressing need a window of more than {} tokens, not {}",
+                args.lookahead, args.lookahead, args.snap.method.window
+            ),
+        });
+    }
+    let mut sampler = if args.temp > 0.0 {
+        Sampler::seeded(args.seed, args.temp, 40, 0.95)
+    } else {
+        Sampler::greedy()
+    };
+    // The answer's first tokens, generated on the full cache before compressing.
+    let mut answer_start = Vec::new();
+    let mut lookahead_seconds = 0.0;
+
     let t_prompt = Instant::now();
     let stats = if args.snapkv {
         let compressor = Compressor::with_method(args.snap.config(), &args.method)?;
@@ -92,14 +117,23 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
             let t0 = Instant::now();
             ctx.decode_tokens(0, &tokens, 0, true)?;
             let prefill_seconds = t0.elapsed().as_secs_f64();
-            let mut s = compressor.compress_after_prefill(&mut ctx, 0, &tokens)?;
+            let t1 = Instant::now();
+            answer_start = start_answer(&mut ctx, &mut sampler, tokens.len(), args.lookahead)?;
+            lookahead_seconds = t1.elapsed().as_secs_f64();
+            let mut evaluated = tokens.clone();
+            // Only decoded tokens are in the cache (an end-of-generation token is not).
+            evaluated.extend(answer_start.iter().filter(|&&t| !model.is_eog(t)));
+            let mut s = compressor.compress_after_prefill(&mut ctx, 0, &evaluated)?;
             s.prefill_seconds = prefill_seconds;
             Some(s)
-        } else if args.observed {
+        } else if args.observed || args.lookahead > 0 {
             let t0 = Instant::now();
             compressor.observe_decodes(&ctx)?;
             ctx.decode_tokens(0, &tokens, 0, true)?;
             let prefill_seconds = t0.elapsed().as_secs_f64();
+            let t1 = Instant::now();
+            answer_start = start_answer(&mut ctx, &mut sampler, tokens.len(), args.lookahead)?;
+            lookahead_seconds = t1.elapsed().as_secs_f64();
             let mut s = compressor.compress_observed(&mut ctx, 0)?;
             s.prefill_seconds = prefill_seconds;
             Some(s)
@@ -112,13 +146,29 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
     };
     let prompt_seconds = t_prompt.elapsed().as_secs_f64();
 
-    let mut sampler = if args.temp > 0.0 {
-        Sampler::seeded(args.seed, args.temp, 40, 0.95)
+    // An answer that ended within the look-ahead is complete.
+    let ended = answer_start.last().is_some_and(|&t| model.is_eog(t));
+    let decoded_start = answer_start.len() - usize::from(ended);
+    let rest = args.n_predict.saturating_sub(answer_start.len());
+    let gen = if ended || rest == 0 {
+        snapkv::Generation {
+            tokens: Vec::new(),
+            decode_seconds: 0.0,
+            decoded: 0,
+        }
     } else {
-        Sampler::greedy()
+        generate(
+            &mut ctx,
+            0,
+            &mut sampler,
+            (tokens.len() + decoded_start) as Pos,
+            rest,
+            true,
+        )?
     };
-    let gen = generate(&mut ctx, 0, &mut sampler, tokens.len() as i32, args.n_predict, true)?;
-    println!("{}", model.detokenize(&gen.tokens, false));
+    let mut answer = answer_start.clone();
+    answer.extend(&gen.tokens);
+    println!("{}", model.detokenize(&answer, false));
 
     eprintln!();
     eprintln!("model:    {} ({})", args.model.model.display(), model.description());
@@ -134,6 +184,12 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
         gen.decode_seconds,
         gen.tokens_per_second()
     );
+    if !answer_start.is_empty() {
+        eprintln!(
+            "look-ahead: {} answer tokens on the full cache before compressing, in {lookahead_seconds:.2} s",
+            answer_start.len()
+        );
+    }
     if let Some(s) = stats {
         if s.compressed {
             eprintln!(
@@ -162,8 +218,12 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
             );
             eprintln!(
                 "          compression cost ({} path): {:.3} s = {:.2}% of prefill",
-                if args.hook {
+                if args.hook && args.lookahead > 0 {
+                    "hook, window re-evaluated, after the look-ahead"
+                } else if args.hook {
                     "hook, window re-evaluated"
+                } else if args.lookahead > 0 {
+                    "observed-decode hook, after the look-ahead"
                 } else if args.observed {
                     "observed-decode hook"
                 } else {
@@ -180,4 +240,21 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Samples up to `n` answer tokens after a prompt of `n_prompt` tokens and
+/// decodes each one (so that an armed observer records it), stopping after
+/// an end-of-generation token, which is returned but not decoded. The
+/// logits of the last decoded token are left for generation to continue.
+fn start_answer(ctx: &mut Context, sampler: &mut Sampler, n_prompt: usize, n: usize) -> snapkv::Result<Vec<Token>> {
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let token = sampler.sample(ctx, -1);
+        out.push(token);
+        if ctx.model().is_eog(token) {
+            break;
+        }
+        ctx.decode_tokens(0, &[token], (n_prompt + i) as Pos, true)?;
+    }
+    Ok(out)
 }
