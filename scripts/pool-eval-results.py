@@ -2,7 +2,9 @@
 """Pools the records of several `snapkv eval` runs (their eval.json files)
 into one table per task and budget: accuracy relative to the full cache on the same prompts,
 accuracy beyond a look-ahead, and mean KL (weighted by answer positions)
-as a fraction of streaming's.
+as a fraction of streaming's; for look-ahead methods, when the records
+hold per-position KL, also the KL over the positions after the look-ahead
+beside streaming's over the same positions.
 
 Use it for runs that share the model, tasks and settings but differ in
 seeds, e.g. the held-out sets of the README:
@@ -28,6 +30,24 @@ def pooled_kl(records):
     if positions == 0:
         return float("nan")
     return sum(r["mean_kl"] * r["kl_positions"] for r in records) / positions
+
+
+def kl_after_lookahead(records, streaming_by_prompt):
+    """Mean KL over the positions after each record's look-ahead, and plain
+    streaming's over the same positions of the same prompts; None unless
+    every record has a look-ahead, per-position KL and a streaming record."""
+    total, streaming_total, n = 0.0, 0.0, 0
+    for r in records:
+        s = streaming_by_prompt.get(r["prompt"])
+        if not r.get("lookahead") or "kl_per_position" not in r or s is None or "kl_per_position" not in s:
+            return None
+        after = slice(r["lookahead"], len(r["kl_per_position"]))
+        total += sum(r["kl_per_position"][after])
+        streaming_total += sum(s["kl_per_position"][after])
+        n += len(r["kl_per_position"][after])
+    if n == 0:
+        return None
+    return total / n, streaming_total / n
 
 
 def fraction(num, den):
@@ -88,6 +108,12 @@ def main():
             print(
                 f"{task:<11} {method:<32} {len(mine):>7} {rel:>8} {beyond_text:>26} {kl:>9.4f} {fraction(kl, streaming_kl):>12}"
             )
+            after = kl_after_lookahead(mine, streaming_by_prompt)
+            if after:
+                kl_after, streaming_after = after
+                print(
+                    f"{'':<11} {'  KL after the look-ahead':<32} {'':>7} {'':>8} {'':>26} {kl_after:>9.4f} {fraction(kl_after, streaming_after):>12}"
+                )
 
 
 if __name__ == "__main__":

@@ -136,6 +136,10 @@ fn eval_writes_records_tables_and_heatmaps() {
         stdout.contains("accuracy (") && stdout.contains("fidelity to the full cache"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("KL after"),
+        "the look-ahead table compares KL after the look-ahead: {stdout}"
+    );
 
     let report = json(&dir.join("eval.json"));
     let records = report["records"].as_array().unwrap();
@@ -174,6 +178,18 @@ fn eval_writes_records_tables_and_heatmaps() {
             assert!(
                 float(r, "mean_kl") >= 0.0 && float(r, "mean_kl") <= float(r, "max_kl"),
                 "{r}"
+            );
+            let per_position: Vec<f64> = r["kl_per_position"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert_eq!(per_position.len() as u64, uint(r, "kl_positions"), "{r}");
+            let mean = per_position.iter().sum::<f64>() / per_position.len() as f64;
+            assert!(
+                (mean - float(r, "mean_kl")).abs() < 1e-9,
+                "mean_kl is the mean of kl_per_position: {r}"
             );
             let lookahead = uint(r, "lookahead");
             assert_eq!(lookahead, if r["method"] == "snapkv:lookahead=4" { 4 } else { 0 });

@@ -12,8 +12,8 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 use snapkv::eval::{
-    agreement, branch_after_answer_start, forced_distributions, generate_task, log_softmax, Branch, Haystack, Method,
-    PromptLayout, Snapshot, TaskKind, TaskSpec,
+    agreement, branch_after_answer_start, forced_distributions, generate_task, kl_divergence, log_softmax, Branch,
+    Haystack, Method, PromptLayout, Snapshot, TaskKind, TaskSpec,
 };
 use snapkv::llama::{Pos, Token};
 use snapkv::{generate, init_backend, Generation, Model, ModelParams, Sampler};
@@ -99,6 +99,10 @@ struct Record {
     top1: f64,
     /// Positions compared (the full cache's answer length).
     kl_positions: usize,
+    /// The KL divergence at each of those positions (JSON only), so that
+    /// any run of positions can be compared between methods, e.g. those
+    /// after a look-ahead.
+    kl_per_position: Vec<f64>,
     /// Fraction of the asked needles' tokens the cache kept, averaged over
     /// every layer and KV head (1 for the full cache).
     needle_kept: f64,
@@ -217,6 +221,12 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                             };
                             let run = run.as_ref().unwrap_or(&reference);
                             let fidelity = agreement(&reference.distributions, &run.distributions);
+                            let kl_per_position: Vec<f64> = reference
+                                .distributions
+                                .iter()
+                                .zip(&run.distributions)
+                                .map(|(r, c)| kl_divergence(r, c))
+                                .collect();
                             let text = model.detokenize(&run.answer.tokens, false);
                             let score = task.score(&text);
                             let (score_beyond_lookahead, full_score_beyond_lookahead) = if lookahead > 0 {
@@ -258,6 +268,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                                 max_kl: fidelity.kl_max,
                                 top1: fidelity.top1(),
                                 kl_positions: fidelity.n,
+                                kl_per_position,
                                 needle_kept,
                                 needle_kept_per_layer,
                                 decode_tokens_per_second: run.answer.tokens_per_second(),
@@ -440,8 +451,8 @@ fn print_lookahead_table(args: &EvalArgs, records: &[Record]) {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<11} {:<width$} {:>7} {:>8} {:>8} {:>8} {:>8}",
-        "task", "method", "budget", "prompts", "method", "full", "vs full"
+        "{:<11} {:<width$} {:>7} {:>8} {:>8} {:>8} {:>8} {:>9} {:>12}",
+        "task", "method", "budget", "prompts", "method", "full", "vs full", "KL after", "/ streaming"
     );
     for ((_, _, (task, method, budget)), rs) in rows(args, records) {
         let scored: Vec<(f64, f64)> = rs
@@ -459,22 +470,62 @@ fn print_lookahead_table(args: &EvalArgs, records: &[Record]) {
         } else {
             "-".into()
         };
+        let (kl, streaming_kl) = kl_after_lookahead(records, &rs);
+        let vs_streaming = match (kl, streaming_kl) {
+            (Some(kl), Some(s)) if s > 0.0 => format!("{:.3}", kl / s),
+            _ => "-".into(),
+        };
         let _ = writeln!(
             out,
-            "{:<11} {:<width$} {:>7} {:>8} {:>7.1}% {:>7.1}% {:>8}",
+            "{:<11} {:<width$} {:>7} {:>8} {:>7.1}% {:>7.1}% {:>8} {:>9} {:>12}",
             task,
             method,
             budget.map_or_else(|| "-".into(), |b| b.to_string()),
             scored.len(),
             100.0 * m,
             100.0 * f,
-            rel
+            rel,
+            kl.map_or_else(|| "-".into(), |k| format!("{k:.4}")),
+            vs_streaming
         );
     }
     println!(
-        "\naccuracy beyond the look-ahead (expected values not already in the answer's first tokens, which the full cache wrote):"
+        "\naccuracy beyond the look-ahead (expected values not already in the answer's first tokens, which the full cache wrote);\n\
+         KL after: mean KL over the answer positions after the look-ahead, pooled, beside plain streaming's on the same positions:"
     );
     print!("{out}");
+}
+
+/// Mean KL over the answer positions after each record's look-ahead, pooled
+/// over `rows` (look-ahead records), and plain `streaming`'s at the same
+/// budget over the same positions of the same prompts (`None` when no
+/// position is left, or, for streaming, when a prompt has no streaming
+/// record).
+fn kl_after_lookahead(records: &[Record], rows: &[&Record]) -> (Option<f64>, Option<f64>) {
+    let (mut sum, mut n) = (0.0, 0usize);
+    let mut streaming_sum = Some(0.0);
+    for r in rows.iter().filter(|r| r.lookahead > 0) {
+        let after = r.lookahead.min(r.kl_per_position.len())..r.kl_per_position.len();
+        sum += r.kl_per_position[after.clone()].iter().sum::<f64>();
+        n += after.len();
+        let streaming = records.iter().find(|s| {
+            s.method == "streaming"
+                && s.budget == r.budget
+                && (s.task, &s.haystack, s.length, s.seed) == (r.task, &r.haystack, r.length, r.seed)
+                && s.depth == r.depth
+        });
+        streaming_sum = match (streaming_sum, streaming) {
+            // Both were teacher-forced along the same full-cache answer.
+            (Some(total), Some(s)) if s.kl_per_position.len() == r.kl_per_position.len() => {
+                Some(total + s.kl_per_position[after].iter().sum::<f64>())
+            }
+            _ => None,
+        };
+    }
+    if n == 0 {
+        return (None, None);
+    }
+    (Some(sum / n as f64), streaming_sum.map(|s| s / n as f64))
 }
 
 /// KL and top-1 sums over the answer positions of several prompts.
