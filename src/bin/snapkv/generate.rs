@@ -63,6 +63,15 @@ pub struct GenerateArgs {
 
 /// Runs `snapkv generate`.
 pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
+    if args.lookahead > 0 && args.lookahead >= args.snap.method.window {
+        return Err(Error::InvalidArgument {
+            param: "lookahead",
+            reason: format!(
+                "{} answer tokens before compressing need a window of more than {} tokens, not {}",
+                args.lookahead, args.lookahead, args.snap.method.window
+            ),
+        });
+    }
     let text = match (&args.prompt, &args.file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => std::fs::read_to_string(f)?,
@@ -92,15 +101,6 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
     let mut ctx = Context::new(&model, &params)?;
     let load_seconds = t_load.elapsed().as_secs_f64();
 
-    if args.lookahead > 0 && args.lookahead >= args.snap.method.window {
-        return Err(Error::InvalidArgument {
-            param: "lookahead",
-            reason: format!(
-                "{} answer tokens before compressing need a window of more than {} tokens, not {}",
-                args.lookahead, args.lookahead, args.snap.method.window
-            ),
-        });
-    }
     let mut sampler = if args.temp > 0.0 {
         Sampler::seeded(args.seed, args.temp, 40, 0.95)
     } else {
@@ -144,7 +144,8 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
         ctx.decode_tokens(0, &tokens, 0, true)?;
         None
     };
-    let prompt_seconds = t_prompt.elapsed().as_secs_f64();
+    // The look-ahead's decodes are reported on their own line.
+    let prompt_seconds = t_prompt.elapsed().as_secs_f64() - lookahead_seconds;
 
     // An answer that ended within the look-ahead is complete.
     let ended = answer_start.last().is_some_and(|&t| model.is_eog(t));
