@@ -494,7 +494,7 @@ mod tests {
         branch(&mut ctx, &snap, &Method::Full).unwrap();
         let again = continuation_distributions(&mut ctx, 0, p as Pos, &forced).unwrap();
         let same = agreement(&reference, &again);
-        assert_eq!((same.n, same.kl_sum, same.top1_same), (3, 0.0, 3));
+        assert_eq!((same.kl, same.top1_same), (vec![0.0; 3], 3));
         branch(&mut ctx, &snap, &Method::Full).unwrap();
         ctx.decode_tokens(0, &forced[..2], p as Pos, true).unwrap();
         let plain = log_softmax(&logits(&ctx));
@@ -510,7 +510,7 @@ mod tests {
             &reference,
             &continuation_distributions(&mut ctx, 0, p as Pos, &forced).unwrap(),
         );
-        assert_eq!(evicted.n, 3);
+        assert_eq!(evicted.n(), 3);
         assert!(evicted.mean_kl() > 0.0, "streaming matched the full cache exactly");
         // A continuation of one token forces nothing.
         branch(&mut ctx, &snap, &Method::Full).unwrap();

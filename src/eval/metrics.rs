@@ -38,15 +38,12 @@ pub fn argmax(v: &[f32]) -> usize {
     best
 }
 
-/// Running mean KL divergence and top-1 agreement against a reference.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// KL divergence at each compared position and top-1 agreement against a
+/// reference.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Agreement {
-    /// Compared positions.
-    pub n: usize,
-    /// Sum of KL divergences (nats).
-    pub kl_sum: f64,
-    /// Largest KL divergence seen.
-    pub kl_max: f64,
+    /// KL divergence (nats) at each compared position, in order.
+    pub kl: Vec<f64>,
     /// Positions whose top-1 token matched the reference's.
     pub top1_same: usize,
 }
@@ -54,28 +51,35 @@ pub struct Agreement {
 impl Agreement {
     /// Adds one position: reference and candidate log-probabilities.
     pub fn add(&mut self, reference: &[f32], candidate: &[f32]) {
-        let kl = kl_divergence(reference, candidate);
-        self.n += 1;
-        self.kl_sum += kl;
-        self.kl_max = self.kl_max.max(kl);
+        self.kl.push(kl_divergence(reference, candidate));
         self.top1_same += usize::from(argmax(reference) == argmax(candidate));
+    }
+
+    /// Compared positions.
+    pub fn n(&self) -> usize {
+        self.kl.len()
     }
 
     /// Mean KL divergence in nats per token (0 when empty).
     pub fn mean_kl(&self) -> f64 {
-        if self.n == 0 {
+        if self.kl.is_empty() {
             0.0
         } else {
-            self.kl_sum / self.n as f64
+            self.kl.iter().sum::<f64>() / self.kl.len() as f64
         }
+    }
+
+    /// Largest KL divergence at one position (0 when empty).
+    pub fn max_kl(&self) -> f64 {
+        self.kl.iter().copied().fold(0.0, f64::max)
     }
 
     /// Fraction of positions with the same top-1 token (0 when empty).
     pub fn top1(&self) -> f64 {
-        if self.n == 0 {
+        if self.kl.is_empty() {
             0.0
         } else {
-            self.top1_same as f64 / self.n as f64
+            self.top1_same as f64 / self.kl.len() as f64
         }
     }
 }
@@ -111,9 +115,10 @@ mod tests {
         let mut acc = Agreement::default();
         acc.add(&a, &a);
         acc.add(&a, &b);
-        assert_eq!(acc.n, 2);
+        assert_eq!(acc.n(), 2);
+        assert_eq!(acc.kl[0], 0.0);
         assert_eq!(acc.top1(), 0.5);
-        assert!(acc.mean_kl() > 0.0 && acc.kl_max >= acc.mean_kl());
+        assert!(acc.mean_kl() > 0.0 && acc.max_kl() == acc.kl[1]);
         assert_eq!(argmax(&[1.0, 5.0, 5.0]), 1);
     }
 }

@@ -12,8 +12,8 @@ use std::time::Instant;
 use clap::Args;
 use serde::Serialize;
 use snapkv::eval::{
-    agreement, branch_after_answer_start, forced_distributions, generate_task, kl_divergence, log_softmax, Branch,
-    Haystack, Method, PromptLayout, Snapshot, TaskKind, TaskSpec,
+    agreement, branch_after_answer_start, forced_distributions, generate_task, log_softmax, Branch, Haystack, Method,
+    PromptLayout, Snapshot, TaskKind, TaskSpec,
 };
 use snapkv::llama::{Pos, Token};
 use snapkv::{generate, init_backend, Generation, Model, ModelParams, Sampler};
@@ -221,12 +221,6 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                             };
                             let run = run.as_ref().unwrap_or(&reference);
                             let fidelity = agreement(&reference.distributions, &run.distributions);
-                            let kl_per_position: Vec<f64> = reference
-                                .distributions
-                                .iter()
-                                .zip(&run.distributions)
-                                .map(|(r, c)| kl_divergence(r, c))
-                                .collect();
                             let text = model.detokenize(&run.answer.tokens, false);
                             let score = task.score(&text);
                             let (score_beyond_lookahead, full_score_beyond_lookahead) = if lookahead > 0 {
@@ -265,10 +259,10 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                                 expected: task.answers.clone(),
                                 answer: text,
                                 mean_kl: fidelity.mean_kl(),
-                                max_kl: fidelity.kl_max,
+                                max_kl: fidelity.max_kl(),
                                 top1: fidelity.top1(),
-                                kl_positions: fidelity.n,
-                                kl_per_position,
+                                kl_positions: fidelity.n(),
+                                kl_per_position: fidelity.kl,
                                 needle_kept,
                                 needle_kept_per_layer,
                                 decode_tokens_per_second: run.answer.tokens_per_second(),

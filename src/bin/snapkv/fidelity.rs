@@ -137,9 +137,9 @@ pub fn run(args: &FidelityArgs) -> snapkv::Result<()> {
             kv_bytes: usage.kv_bytes,
             kv_ratio: full_bytes as f64 / usage.kv_bytes.max(1) as f64,
             mean_kl: agr.mean_kl(),
-            max_kl: agr.kl_max,
+            max_kl: agr.max_kl(),
             top1: agr.top1(),
-            positions: agr.n,
+            positions: agr.n(),
         })
     };
     push(
