@@ -205,6 +205,49 @@ fn eval_writes_records_tables_and_heatmaps() {
 }
 
 #[test]
+fn eval_over_several_budgets_plots_accuracy_against_the_budget() {
+    let dir = out_dir("eval-budgets");
+    succeed(
+        "eval",
+        &[
+            "--tasks",
+            "multikey",
+            "--lengths",
+            "300",
+            "--depths",
+            "0.5",
+            "--methods",
+            "full,snapkv,streaming",
+            "--budgets",
+            "96,48",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
+    let report = json(&dir.join("eval.json"));
+    let records = report["records"].as_array().unwrap();
+    assert_eq!(
+        records.len(),
+        1 + 2 * 2,
+        "the full cache, then two methods at two budgets"
+    );
+    let kept = |budget: u64| {
+        let r = records
+            .iter()
+            .find(|r| r["method"] == "snapkv" && r["budget"].as_u64() == Some(budget))
+            .unwrap();
+        assert_eq!(uint(r, "cells"), budget);
+        float(r, "needle_kept")
+    };
+    // The top 64 positions of a head's scores include its top 16, so the
+    // larger budget keeps every needle token the smaller one keeps.
+    assert!(kept(96) >= kept(48), "{} < {}", kept(96), kept(48));
+    for ext in ["svg", "png"] {
+        assert_plot(&dir.join(format!("budgets-builtin-multikey.{ext}")));
+    }
+}
+
+#[test]
 fn eval_refuses_bad_settings() {
     let err = fail("eval", &["--budgets", "16", "--window", "32"]);
     assert!(err.contains("budget"), "{err}");

@@ -289,6 +289,8 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
             title: format!("decode speed after the prompt · {stem}"),
             axes: ("prompt length (tokens)", "decode tokens/s"),
             series,
+            log2_x: false,
+            y_max: None,
         },
     ));
     Ok(())

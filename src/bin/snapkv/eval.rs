@@ -22,7 +22,7 @@ use crate::common::{model_stem, RunInfo};
 use crate::common::{observed_context, short_answer, task_prompt, token_counter, write_json};
 use crate::options::ModelOptions;
 use crate::options::{MethodOptions, MethodSpec};
-use crate::plot::{self, Heatmap};
+use crate::plot::{self, Heatmap, LineChart, Series};
 
 /// Arguments of `snapkv eval`.
 #[derive(Debug, Args)]
@@ -290,6 +290,9 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
     )?;
     write_csv(&args.out.join("eval.csv"), &records)?;
     heatmaps(args, &records, haystack.name(), &model_stem(&args.model.model));
+    if args.budgets.len() > 1 {
+        budget_charts(args, &records, haystack.name(), &model_stem(&args.model.model));
+    }
     Ok(())
 }
 
@@ -686,6 +689,58 @@ fn heatmaps(args: &EvalArgs, records: &[Record], haystack: &str, model: &str) {
                 rows: &rows,
                 axes: ("prompt length (tokens)", "depth"),
                 values,
+            },
+        ));
+    }
+}
+
+/// One line chart per task: accuracy against the budget, a line per
+/// compressing method (its mean score over every prompt at that budget) and
+/// the full cache's accuracy as a flat line.
+fn budget_charts(args: &EvalArgs, records: &[Record], haystack: &str, model: &str) {
+    let lengths: Vec<String> = args.lengths.iter().map(|l| l.to_string()).collect();
+    let (lo, hi) = (
+        args.budgets.iter().copied().min().unwrap_or(1),
+        args.budgets.iter().copied().max().unwrap_or(1),
+    );
+    for task in &args.tasks {
+        let task = task.name();
+        let mut series = Vec::new();
+        for method in &args.methods {
+            let of_method = |budget: Option<usize>| {
+                mean(
+                    records
+                        .iter()
+                        .filter(|r| r.task == task && r.method == method.label && r.budget == budget)
+                        .map(|r| 100.0 * r.score),
+                )
+            };
+            let points: Vec<(f64, f64)> = if method.name == "full" {
+                of_method(None).map_or_else(Vec::new, |y| vec![(lo as f64, y), (hi as f64, y)])
+            } else {
+                let mut budgets = args.budgets.clone();
+                budgets.sort_unstable();
+                budgets.dedup();
+                budgets
+                    .into_iter()
+                    .filter_map(|b| of_method(Some(b)).map(|y| (b as f64, y)))
+                    .collect()
+            };
+            if !points.is_empty() {
+                series.push(Series {
+                    name: method.label.clone(),
+                    points,
+                });
+            }
+        }
+        plot::report(plot::line_chart(
+            &args.out.join(format!("budgets-{haystack}-{task}")),
+            &LineChart {
+                title: format!("{task} · accuracy vs budget · {model} · {} tokens", lengths.join("/")),
+                axes: ("cells kept per KV head", "accuracy (%)"),
+                series,
+                log2_x: true,
+                y_max: Some(105.0),
             },
         ));
     }

@@ -164,6 +164,11 @@ pub struct LineChart<'a> {
     pub axes: (&'a str, &'a str),
     /// The series.
     pub series: Vec<Series>,
+    /// Draw x on a base-2 logarithmic axis (for budgets that double);
+    /// every x must then be positive.
+    pub log2_x: bool,
+    /// The top of the y axis (`None`: a little above the highest point).
+    pub y_max: Option<f64>,
 }
 
 const PALETTE: [RGBColor; 5] = [
@@ -180,9 +185,14 @@ where
 {
     area.fill(&WHITE)?;
     let text = fonts();
-    let pts = c.series.iter().flat_map(|s| s.points.iter());
+    let to_axis = |x: f64| if c.log2_x { x.log2() } else { x };
+    let series: Vec<Vec<(f64, f64)>> = c
+        .series
+        .iter()
+        .map(|s| s.points.iter().map(|&(x, y)| (to_axis(x), y)).collect())
+        .collect();
     let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
-    for &(x, y) in pts {
+    for &(x, y) in series.iter().flatten() {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y1 = y1.max(y);
@@ -202,14 +212,29 @@ where
             .x_label_area_size(45)
             .y_label_area_size(60);
     }
-    let mut chart = builder.build_cartesian_2d((x0 - pad)..(x1 + pad), 0.0..(y1 * 1.1).max(1.0))?;
+    let y_top = c.y_max.unwrap_or((y1 * 1.1).max(1.0));
+    let mut chart = builder.build_cartesian_2d((x0 - pad)..(x1 + pad), 0.0..y_top)?;
     if text {
         chart
             .configure_mesh()
             .x_desc(c.axes.0)
             .y_desc(c.axes.1)
             .label_style(("sans-serif", 14))
-            .x_label_formatter(&|x| format!("{x:.0}"))
+            .x_labels(if c.log2_x {
+                4 * (x1 - x0).ceil() as usize + 1
+            } else {
+                10
+            })
+            .x_label_formatter(&|&x| {
+                if !c.log2_x {
+                    format!("{x:.0}")
+                } else if (x - x.round()).abs() < 1e-6 {
+                    // Label the powers of two only.
+                    format!("{:.0}", x.round().exp2())
+                } else {
+                    String::new()
+                }
+            })
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()?;
     } else {
@@ -221,15 +246,15 @@ where
             .y_labels(0)
             .draw()?;
     }
-    for (i, s) in c.series.iter().enumerate() {
+    for (i, (s, points)) in c.series.iter().zip(&series).enumerate() {
         let col = PALETTE[i % PALETTE.len()];
-        let drawn = chart.draw_series(LineSeries::new(s.points.iter().copied(), col.stroke_width(3)))?;
+        let drawn = chart.draw_series(LineSeries::new(points.iter().copied(), col.stroke_width(3)))?;
         if text {
             drawn
                 .label(s.name.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(3)));
         }
-        chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 4, col.filled())))?;
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, col.filled())))?;
     }
     if text {
         chart
