@@ -699,10 +699,12 @@ fn heatmaps(args: &EvalArgs, records: &[Record], haystack: &str, model: &str) {
 /// the full cache's accuracy as a flat line.
 fn budget_charts(args: &EvalArgs, records: &[Record], haystack: &str, model: &str) {
     let lengths: Vec<String> = args.lengths.iter().map(|l| l.to_string()).collect();
-    let (lo, hi) = (
-        args.budgets.iter().copied().min().unwrap_or(1),
-        args.budgets.iter().copied().max().unwrap_or(1),
-    );
+    let mut budgets = args.budgets.clone();
+    budgets.sort_unstable();
+    budgets.dedup();
+    let (Some(&lo), Some(&hi)) = (budgets.first(), budgets.last()) else {
+        return;
+    };
     for task in &args.tasks {
         let task = task.name();
         let mut series = Vec::new();
@@ -718,12 +720,9 @@ fn budget_charts(args: &EvalArgs, records: &[Record], haystack: &str, model: &st
             let points: Vec<(f64, f64)> = if method.name == "full" {
                 of_method(None).map_or_else(Vec::new, |y| vec![(lo as f64, y), (hi as f64, y)])
             } else {
-                let mut budgets = args.budgets.clone();
-                budgets.sort_unstable();
-                budgets.dedup();
                 budgets
-                    .into_iter()
-                    .filter_map(|b| of_method(Some(b)).map(|y| (b as f64, y)))
+                    .iter()
+                    .filter_map(|&b| of_method(Some(b)).map(|y| (b as f64, y)))
                     .collect()
             };
             if !points.is_empty() {
