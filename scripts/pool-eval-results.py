@@ -13,6 +13,8 @@ seeds, e.g. the held-out sets of the README:
         results/lookahead/held-out-seeds-6-7/eval.json \
         results/lookahead/held-out-seeds-8-10/eval.json --budget 256
 
+`--length N` keeps the prompts of one length (runs over several lengths).
+
 A prompt is counted once per file it appears in; pass each run once.
 """
 
@@ -55,7 +57,10 @@ def fraction(num, den):
         return "-"
     if num == 0:
         return "0"
-    return f"1/{den / num:.0f}" if num < den else f"{num / den:.2f}x"
+    if num >= den:
+        return f"{num / den:.2f}x"
+    ratio = den / num
+    return f"1/{ratio:.1f}" if ratio < 10 else f"1/{ratio:.0f}"
 
 
 def main():
@@ -63,16 +68,20 @@ def main():
     ap.add_argument("files", nargs="+", help="eval.json files of `snapkv eval` runs")
     ap.add_argument("--budget", type=int, default=256, help="budget in cells (default 256)")
     ap.add_argument("--tasks", default="", help="comma-separated tasks (default: all found)")
+    ap.add_argument("--length", type=int, help="only the prompts of this length (default: all lengths)")
     args = ap.parse_args()
 
     records = []
     for i, path in enumerate(args.files):
         with open(path) as f:
             for r in json.load(f)["records"]:
+                if args.length is not None and r["length"] != args.length:
+                    continue
                 r["prompt"] = (i, r["task"], r["haystack"], r["length"], r["depth"], r["seed"])
                 records.append(r)
     tasks = [t for t in args.tasks.split(",") if t] or sorted({r["task"] for r in records})
-    print(f"pooled over {len(args.files)} runs, {args.budget} cells:")
+    only = "" if args.length is None else f", prompts of length {args.length}"
+    print(f"pooled over {len(args.files)} runs, {args.budget} cells{only}:")
     print(f"{'task':<11} {'method':<32} {'prompts':>7} {'vs full':>8} {'beyond look-ahead':>26} {'mean KL':>9} {'/ streaming':>12}")
     for task in tasks:
         rows = [r for r in records if r["task"] == task]
