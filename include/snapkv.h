@@ -147,6 +147,12 @@ enum snapkv_gqa {
     SNAPKV_GQA_MAX = 1   /* max of them */
 };
 
+enum snapkv_value_weighting {
+    SNAPKV_VALUE_WEIGHTING_OFF = 0, /* votes are attention probabilities (SnapKV's paper; default) */
+    SNAPKV_VALUE_WEIGHTING_NORM = 1 /* each vote times the norm of the cached value vector it
+                                       points at */
+};
+
 typedef struct snapkv_params {
     /* sizeof(snapkv_params) of the header the caller compiled against; set
      * by snapkv_params_default. Must stay the first member. */
@@ -173,6 +179,10 @@ typedef struct snapkv_params {
      * position it keeps, below kernel. Default 7. Ignored with the other
      * alignments. */
     uint32_t pool_forward;
+    /* enum snapkv_value_weighting. Default SNAPKV_VALUE_WEIGHTING_OFF.
+     * Appended after pool_forward: a caller built against a header without
+     * it passes size 40 and gets the default. */
+    int32_t value_weighting;
 } snapkv_params;
 
 /* Fills *params with the defaults (and params->size). Caller owns params.

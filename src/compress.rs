@@ -27,8 +27,9 @@ use crate::error::{Error, Result};
 use crate::llama::observer::{Capture, CaptureRequest};
 use crate::llama::{dequantize_row, CacheType, ContextRef, ModelRef, Pos, SeqId, Token, WindowObserver};
 use crate::snapkv::{
-    gather_keys, hadamard, pool_and_aggregate, position_order, rewrite, selector_by_name, CellOrder, KeptPositions,
-    ModelShape, QueryScorer, SelectionShape, Selector, SeqState, SnapKvConfig, SnapKvSelector, Votes,
+    gather_keys, hadamard, pool_and_aggregate, position_order, rewrite, selector_by_name, value_norms,
+    weight_votes_by_value_norms, CellOrder, KeptPositions, ModelShape, QueryScorer, SelectionShape, Selector, SeqState,
+    SnapKvConfig, SnapKvSelector, ValueWeighting, Votes,
 };
 
 /// Model architectures whose graph naming (`Qcur-<il>` after RoPE,
@@ -509,7 +510,10 @@ impl Compressor {
 
         let t_score = Instant::now();
         let (scores, source) = if self.selector.needs_scores() {
-            let (votes, source) = compute_votes(model, capture, &state, &order, w)?;
+            let (mut votes, source) = compute_votes(model, capture, &state, &order, w)?;
+            if self.config.value_weighting == ValueWeighting::Norm {
+                weight_by_value_norms(&state, &order, &mut votes)?;
+            }
             let scores = pool_and_aggregate(
                 &votes,
                 shape.n_head_kv,
@@ -663,6 +667,17 @@ fn compute_votes(
     }
     query_key_votes(model, capture, state, order, w, &mut votes)?;
     Ok((votes, ScoreSource::QueryKey))
+}
+
+/// Scales every layer's votes by the norms of the cached value vectors
+/// ([`ValueWeighting::Norm`]).
+fn weight_by_value_norms(state: &SeqState<'_>, order: &CellOrder, votes: &mut Votes) -> Result<()> {
+    let mut norms = Vec::new();
+    for layer in 0..state.shape().n_layer {
+        value_norms(state, order, layer, &mut dequantize_row, &mut norms)?;
+        weight_votes_by_value_norms(votes, layer, &norms, state.shape().n_head_kv)?;
+    }
+    Ok(())
 }
 
 /// Matches softmax columns (KV cell indices) to the sequence's cells: the

@@ -14,7 +14,7 @@ use snapkv::snapkv::{
 use snapkv::testing::{tiny_model_path, TinyModelSpec};
 use snapkv::{
     generate, init_backend, Budget, CacheType, ChatMessage, Compressor, Context, FlashAttention, Model, ModelParams,
-    Sampler, SnapKvConfig, WindowObserver,
+    Sampler, SnapKvConfig, ValueWeighting, WindowObserver,
 };
 
 /// A selector that records what the wrapped one chose.
@@ -404,10 +404,22 @@ fn agreement(a: &Selection, b: &Selection) -> f64 {
 }
 
 fn selection_with(model: &Model, tokens: &[i32], budget: usize, fa: FlashAttention, k: CacheType) -> Selection {
-    let (comp, chosen) = recording(config(budget), SnapKvSelector);
+    selection_of(model, tokens, config(budget), fa, (k, CacheType::F16))
+}
+
+/// The selection `cfg` makes on `tokens` with flash attention `fa` and
+/// cache types `(K, V)`.
+fn selection_of(
+    model: &Model,
+    tokens: &[i32],
+    cfg: SnapKvConfig,
+    fa: FlashAttention,
+    (k, v): (CacheType, CacheType),
+) -> Selection {
+    let (comp, chosen) = recording(cfg, SnapKvSelector);
     let n_ctx = (tokens.len() + 64).next_multiple_of(256) as u32;
     let p = params(n_ctx, fa)
-        .with_cache_types(k, CacheType::F16)
+        .with_cache_types(k, v)
         .with_observer(WindowObserver::new());
     let mut ctx = Context::new(model, &p).unwrap();
     let stats = comp.prefill(&mut ctx, 0, tokens).unwrap();
@@ -435,6 +447,36 @@ fn flash_attention_on_and_off_agree_on_the_tiny_model() {
         );
         assert!(agree >= 0.97, "K cache {}: {agree}", k.name());
     }
+}
+
+/// Value weighting reads V row-wise (flash attention on), transposed (off)
+/// and quantized (q8_0 V, flash attention on): all three must weigh the same
+/// norms, and the weighting must change what is kept.
+#[test]
+fn value_weighting_reads_every_v_layout_alike_and_changes_the_selection() {
+    let tokens = tiny_prompt(400, 23);
+    let mut weighted = config(128);
+    weighted.value_weighting = ValueWeighting::Norm;
+    let f16 = (CacheType::F16, CacheType::F16);
+    let rows = selection_of(tiny(), &tokens, weighted.clone(), FlashAttention::On, f16);
+    let transposed = selection_of(tiny(), &tokens, weighted.clone(), FlashAttention::Off, f16);
+    let quantized = selection_of(
+        tiny(),
+        &tokens,
+        weighted,
+        FlashAttention::On,
+        (CacheType::F16, CacheType::Q8_0),
+    );
+    let plain = selection_of(tiny(), &tokens, config(128), FlashAttention::On, f16);
+    let (on_off, q8, vs_plain) = (
+        agreement(&rows, &transposed),
+        agreement(&rows, &quantized),
+        agreement(&rows, &plain),
+    );
+    eprintln!("value-weighted: rows/transposed {on_off:.3}, f16/q8_0 V {q8:.3}, weighted/plain {vs_plain:.3}");
+    assert!(on_off >= 0.97, "{on_off}");
+    assert!(q8 >= 0.95, "{q8}");
+    assert!(vs_plain < 0.99, "weighting by value norms changed nothing: {vs_plain}");
 }
 
 #[test]

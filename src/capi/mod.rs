@@ -432,6 +432,7 @@ mod tests {
             gqa: 9,
             pool_align: 9,
             pool_forward: 9,
+            value_weighting: 9,
         };
         // SAFETY: p is writable.
         assert_eq!(unsafe { snapkv_params_default(&mut p) }, 0);

@@ -73,7 +73,8 @@ pub(super) fn context_params<'a>(
     Ok(unsafe { &mut *params.as_ptr().cast::<sys::llama_context_params>() })
 }
 
-/// Reads a `snapkv_params` after checking its `size` field; bytes a newer
+/// Reads a `snapkv_params` after checking its `size` field. Fields past an
+/// older header's (smaller) struct take their defaults; bytes a newer
 /// header appended must be zero.
 pub(super) fn params(params: *const SnapkvParams) -> Result<SnapkvParams, Failure> {
     let params = NonNull::new(params.cast_mut()).ok_or_else(|| Failure::null("params"))?;
@@ -81,13 +82,19 @@ pub(super) fn params(params: *const SnapkvParams) -> Result<SnapkvParams, Failur
     // first member is `size` (u32, the struct's first 4 bytes).
     let size = unsafe { params.as_ptr().cast::<u32>().read() };
     let size = SnapkvParams::check_size(size)?;
-    // SAFETY: the caller's struct is `size` bytes long (its size field, at
-    // least ours, checked above); we read our prefix and the tail.
-    let (ours, tail) = unsafe {
-        let bytes = std::slice::from_raw_parts(params.as_ptr().cast::<u8>(), size);
-        (params.as_ptr().read(), &bytes[size_of::<SnapkvParams>()..])
-    };
-    SnapkvParams::check_tail(tail)?;
+    // SAFETY: the caller's struct is `size` bytes long (its size field,
+    // checked above to cover at least the oldest layout), so those bytes
+    // are readable.
+    let bytes = unsafe { std::slice::from_raw_parts(params.as_ptr().cast::<u8>(), size) };
+    let known = size.min(size_of::<SnapkvParams>());
+    let mut ours = SnapkvParams::default();
+    // SAFETY: SnapkvParams is repr(C) with only integer and float fields,
+    // for which every bit pattern is valid; `known` bytes fit in both the
+    // caller's struct and `ours`, which do not overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), std::ptr::addr_of_mut!(ours).cast::<u8>(), known);
+    }
+    SnapkvParams::check_tail(&bytes[known..])?;
     Ok(ours)
 }
 

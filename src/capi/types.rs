@@ -7,7 +7,7 @@ use std::mem::{offset_of, size_of};
 
 use super::status::{Failure, Status};
 use crate::compress::{CompressionStats, ScoreSource};
-use crate::snapkv::{Budget, GqaAggregation, PoolAlign, Pooling, SnapKvConfig};
+use crate::snapkv::{Budget, GqaAggregation, PoolAlign, Pooling, SnapKvConfig, ValueWeighting};
 
 /// `snapkv_observer`: opaque in C; in Rust the pointer is an
 /// `Arc<WindowObserver>` turned into a raw pointer (see `ptr.rs`).
@@ -46,6 +46,10 @@ pub const POOL_ALIGN_FORWARD: i32 = 2;
 pub const GQA_MEAN: i32 = 0;
 /// `SNAPKV_GQA_MAX`.
 pub const GQA_MAX: i32 = 1;
+/// `SNAPKV_VALUE_WEIGHTING_OFF`.
+pub const VALUE_WEIGHTING_OFF: i32 = 0;
+/// `SNAPKV_VALUE_WEIGHTING_NORM`.
+pub const VALUE_WEIGHTING_NORM: i32 = 1;
 /// `SNAPKV_SCORE_NONE`.
 pub const SCORE_NONE: i32 = 0;
 /// `SNAPKV_SCORE_SOFTMAX`.
@@ -81,7 +85,15 @@ pub struct SnapkvParams {
     /// (below `kernel`); ignored with the other alignments. It fills what
     /// was the struct's tail padding, so the size did not change.
     pub pool_forward: u32,
+    /// `enum snapkv_value_weighting`. Added after the 40-byte layout: a
+    /// caller compiled against that header (`size` 40) gets the default,
+    /// off, which is also this field's zero.
+    pub value_weighting: i32,
 }
+
+/// `sizeof(snapkv_params)` before `value_weighting` was appended: the
+/// smallest size a caller may pass.
+const PARAMS_MIN_SIZE: u32 = offset_of!(SnapkvParams, value_weighting) as u32;
 
 impl Default for SnapkvParams {
     /// The defaults of [`SnapKvConfig::default`]: they live there only.
@@ -114,6 +126,10 @@ impl Default for SnapkvParams {
                 PoolAlign::Forward(n) => u32::try_from(n).unwrap_or(u32::MAX),
                 PoolAlign::Centered | PoolAlign::Trailing => 0,
             },
+            value_weighting: match c.value_weighting {
+                ValueWeighting::Off => VALUE_WEIGHTING_OFF,
+                ValueWeighting::Norm => VALUE_WEIGHTING_NORM,
+            },
         }
     }
 }
@@ -124,10 +140,12 @@ fn invalid(msg: String) -> Failure {
 
 impl SnapkvParams {
     /// Checks the `size` field a caller set; returns how many bytes of the
-    /// caller's struct may be read (its size) when it is acceptable.
+    /// caller's struct may be read (its size) when it is acceptable: at
+    /// least the layout before `value_weighting` (fields past a smaller
+    /// caller's struct take their defaults).
     pub(crate) fn check_size(size: u32) -> Result<usize, Failure> {
         let ours = size_of::<SnapkvParams>() as u32;
-        if size < ours || size > MAX_STRUCT_SIZE {
+        if !(PARAMS_MIN_SIZE..=MAX_STRUCT_SIZE).contains(&size) {
             return Err(invalid(format!(
                 "snapkv_params.size is {size}, expected {ours}: initialise the struct with snapkv_params_default()"
             )));
@@ -196,6 +214,15 @@ impl SnapkvParams {
                 )))
             }
         };
+        let value_weighting = match self.value_weighting {
+            VALUE_WEIGHTING_OFF => ValueWeighting::Off,
+            VALUE_WEIGHTING_NORM => ValueWeighting::Norm,
+            other => {
+                return Err(invalid(format!(
+                    "value_weighting: unknown value {other} (SNAPKV_VALUE_WEIGHTING_OFF or _NORM)"
+                )))
+            }
+        };
         // Every field listed: a new parameter must be exposed to C too.
         let config = SnapKvConfig {
             window: self.window as usize,
@@ -204,6 +231,7 @@ impl SnapkvParams {
             pooling,
             pool_align,
             gqa,
+            value_weighting,
         };
         config.validate().map_err(|e| invalid(e.to_string()))?;
         Ok(config)
@@ -346,6 +374,8 @@ pub fn abi_items() -> Vec<AbiItem> {
         abi_const!("SNAPKV_POOL_ALIGN_FORWARD", POOL_ALIGN_FORWARD),
         abi_const!("SNAPKV_GQA_MEAN", GQA_MEAN),
         abi_const!("SNAPKV_GQA_MAX", GQA_MAX),
+        abi_const!("SNAPKV_VALUE_WEIGHTING_OFF", VALUE_WEIGHTING_OFF),
+        abi_const!("SNAPKV_VALUE_WEIGHTING_NORM", VALUE_WEIGHTING_NORM),
         abi_const!("SNAPKV_SCORE_NONE", SCORE_NONE),
         abi_const!("SNAPKV_SCORE_SOFTMAX", SCORE_SOFTMAX),
         abi_const!("SNAPKV_SCORE_QUERY_KEY", SCORE_QUERY_KEY),
@@ -373,7 +403,8 @@ pub fn abi_items() -> Vec<AbiItem> {
         pooling,
         gqa,
         pool_align,
-        pool_forward
+        pool_forward,
+        value_weighting
     ));
     items.extend(abi_offsets!(
         SnapkvStats,
@@ -413,6 +444,12 @@ mod tests {
         assert_eq!((p.window, p.budget, p.kernel), (32, 1024, 11));
         assert_eq!((p.budget_fraction, p.pooling, p.gqa), (0.0, POOLING_AVG, GQA_MEAN));
         assert_eq!((p.pool_align, p.pool_forward), (POOL_ALIGN_FORWARD, 7));
+        assert_eq!(p.value_weighting, VALUE_WEIGHTING_OFF);
+        let norm = SnapkvParams {
+            value_weighting: VALUE_WEIGHTING_NORM,
+            ..p
+        };
+        assert_eq!(norm.to_config().unwrap().value_weighting, ValueWeighting::Norm);
         assert_eq!(p.to_config().unwrap(), SnapKvConfig::default());
     }
 
@@ -426,6 +463,13 @@ mod tests {
             (SnapkvParams { pooling: 7, ..base }, "pooling"),
             (SnapkvParams { gqa: -1, ..base }, "gqa"),
             (SnapkvParams { pool_align: 3, ..base }, "pool_align"),
+            (
+                SnapkvParams {
+                    value_weighting: 2,
+                    ..base
+                },
+                "value_weighting",
+            ),
             (
                 SnapkvParams {
                     pool_forward: 11,
@@ -482,7 +526,9 @@ mod tests {
     fn sizes_are_checked() {
         let ours = size_of::<SnapkvParams>() as u32;
         assert!(SnapkvParams::check_size(0).is_err());
-        assert!(SnapkvParams::check_size(ours - 1).is_err());
+        assert_eq!((PARAMS_MIN_SIZE, ours), (40, 48));
+        assert!(SnapkvParams::check_size(PARAMS_MIN_SIZE - 1).is_err());
+        assert_eq!(SnapkvParams::check_size(PARAMS_MIN_SIZE).unwrap(), 40);
         assert_eq!(SnapkvParams::check_size(ours).unwrap(), ours as usize);
         assert_eq!(SnapkvParams::check_size(ours + 8).unwrap(), ours as usize + 8);
         assert!(SnapkvParams::check_size(1 << 20).is_err());

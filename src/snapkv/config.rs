@@ -83,6 +83,23 @@ pub enum GqaAggregation {
     Max,
 }
 
+/// Whether a position's votes are weighted by the size of what it would
+/// contribute: attention to a position adds its value vector to the head's
+/// output, so a position with a small value moves the output little however
+/// much attention it draws (the sinks at the start of a prompt are the
+/// usual case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum ValueWeighting {
+    /// Votes are attention probabilities only (SnapKV's paper; the default).
+    #[default]
+    Off,
+    /// Every (query head, position) vote is multiplied by the Euclidean norm
+    /// of the position's cached value vector for that head's KV head, before
+    /// pooling. The norm is unchanged by the Hadamard rotation llama.cpp
+    /// applies to quantized V rows, so it needs no knowledge of it.
+    Norm,
+}
+
 /// How many cells each KV head keeps after compression (window included).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Budget {
@@ -120,6 +137,8 @@ pub struct SnapKvConfig {
     pub pool_align: PoolAlign,
     /// GQA aggregation. Default mean.
     pub gqa: GqaAggregation,
+    /// Value weighting of the votes. Default [`ValueWeighting::Off`].
+    pub value_weighting: ValueWeighting,
 }
 
 impl Default for SnapKvConfig {
@@ -131,6 +150,7 @@ impl Default for SnapKvConfig {
             pooling: Pooling::default(),
             pool_align: PoolAlign::Forward(7),
             gqa: GqaAggregation::default(),
+            value_weighting: ValueWeighting::default(),
         }
     }
 }
@@ -292,6 +312,31 @@ impl fmt::Display for GqaAggregation {
     }
 }
 
+impl FromStr for ValueWeighting {
+    type Err = AlgoError;
+
+    /// Parses `off` or `norm` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "off" => Ok(ValueWeighting::Off),
+            "norm" => Ok(ValueWeighting::Norm),
+            _ => Err(AlgoError::InvalidConfig {
+                param: "value_weighting",
+                reason: format!("expected `off` or `norm`, got `{s}`"),
+            }),
+        }
+    }
+}
+
+impl fmt::Display for ValueWeighting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ValueWeighting::Off => "off",
+            ValueWeighting::Norm => "norm",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,6 +437,10 @@ mod tests {
         for g in [GqaAggregation::Mean, GqaAggregation::Max] {
             assert_eq!(g.to_string().parse::<GqaAggregation>().unwrap(), g);
         }
+        for v in [ValueWeighting::Off, ValueWeighting::Norm] {
+            assert_eq!(v.to_string().parse::<ValueWeighting>().unwrap(), v);
+        }
+        assert!("l1".parse::<ValueWeighting>().is_err());
         for a in [
             PoolAlign::Centered,
             PoolAlign::Trailing,

@@ -1,5 +1,6 @@
-//! Decoding cached keys from a parsed state blob into the f32 layout the
-//! query-based scorer reads.
+//! Decoding cached K and V from a parsed state blob into what scoring
+//! reads: keys in the f32 layout of the query-based scorer, and the norms
+//! of the value vectors for value-weighted votes.
 
 use super::error::AlgoError;
 use super::ggml_type::{decode_f32_row, CacheType};
@@ -28,21 +29,9 @@ pub fn gather_keys(
     decode_quantized: &mut QuantizedRowDecoder<'_>,
     out: &mut Vec<f32>,
 ) -> Result<(), AlgoError> {
-    let shape = state.shape();
-    if layer >= shape.n_layer {
-        return Err(AlgoError::ShapeMismatch(format!(
-            "layer {layer} out of range for {} layers",
-            shape.n_layer
-        )));
-    }
+    check_layer_and_order(state, order, layer)?;
     let n = state.n_cells();
-    if order.by_position.len() != n || order.by_position.iter().any(|&c| c >= n) {
-        return Err(AlgoError::ShapeMismatch(format!(
-            "cell order of {} entries does not cover the state's {n} cells",
-            order.by_position.len()
-        )));
-    }
-    let n_embd = shape.n_embd_k_gqa();
+    let n_embd = state.shape().n_embd_k_gqa();
     let ty = state.k_type(layer);
     out.clear();
     out.resize(n * n_embd, 0.0);
@@ -53,6 +42,93 @@ pub fn gather_keys(
         } else {
             decode_f32_row(ty, row, dst)?;
         }
+    }
+    Ok(())
+}
+
+/// Euclidean norms of layer `layer`'s cached value vectors for the prefix
+/// cells, into `out` as `[kv_head][prefix index]` (prefix index `i` is cell
+/// `order.by_position[i]`): the factor
+/// [`weight_votes_by_value_norms`](super::scores::weight_votes_by_value_norms)
+/// applies.
+///
+/// Reads row-wise V (flash attention on; quantized rows go through
+/// `decode_quantized`, as in [`gather_keys`]) and transposed V (flash
+/// attention off, float types only in llama.cpp). The Hadamard rotation of
+/// quantized V rows is orthonormal, so the norms need not undo it.
+///
+/// # Errors
+/// [`AlgoError::ShapeMismatch`] when `layer` is out of range or `order` does
+/// not cover the state's cells; [`AlgoError::UnsupportedCacheType`] for a
+/// quantized transposed V; errors of `decode_quantized` are passed on.
+pub fn value_norms(
+    state: &SeqState<'_>,
+    order: &CellOrder,
+    layer: usize,
+    decode_quantized: &mut QuantizedRowDecoder<'_>,
+    out: &mut Vec<f32>,
+) -> Result<(), AlgoError> {
+    check_layer_and_order(state, order, layer)?;
+    let shape = state.shape();
+    let (n_head_kv, d) = (shape.n_head_kv, shape.head_dim_v);
+    let prefix = &order.by_position[..order.prefix_len];
+    let ty = state.v_type(layer);
+    out.clear();
+    out.resize(n_head_kv * prefix.len(), 0.0);
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    if state.v_row(layer, 0).is_some() {
+        let mut row = vec![0f32; n_head_kv * d];
+        for (i, &cell) in prefix.iter().enumerate() {
+            let bytes = state.v_row(layer, cell).expect("row-wise V, checked above");
+            if ty.is_quantized() {
+                decode_quantized(ty, bytes, &mut row)?;
+            } else {
+                decode_f32_row(ty, bytes, &mut row)?;
+            }
+            for (g, head) in row.chunks_exact(d).enumerate() {
+                out[g * prefix.len() + i] = head.iter().map(|&x| x * x).sum::<f32>().sqrt();
+            }
+        }
+        return Ok(());
+    }
+    if ty.is_quantized() {
+        return Err(AlgoError::UnsupportedCacheType {
+            type_id: ty.id(),
+            reason: format!("{} V stored transposed (llama.cpp does not make one)", ty.name()),
+        });
+    }
+    // Transposed: element e of every cell is one contiguous run. Sum the
+    // squares per (head, prefix index), one element at a time.
+    let mut elements = vec![0f32; state.n_cells()];
+    for e in 0..n_head_kv * d {
+        let bytes = state.v_element(layer, e).expect("transposed V, checked above");
+        decode_f32_row(ty, bytes, &mut elements)?;
+        let sums = &mut out[(e / d) * prefix.len()..][..prefix.len()];
+        for (sum, &cell) in sums.iter_mut().zip(prefix) {
+            let x = elements[cell];
+            *sum += x * x;
+        }
+    }
+    out.iter_mut().for_each(|x| *x = x.sqrt());
+    Ok(())
+}
+
+fn check_layer_and_order(state: &SeqState<'_>, order: &CellOrder, layer: usize) -> Result<(), AlgoError> {
+    let shape = state.shape();
+    if layer >= shape.n_layer {
+        return Err(AlgoError::ShapeMismatch(format!(
+            "layer {layer} out of range for {} layers",
+            shape.n_layer
+        )));
+    }
+    let n = state.n_cells();
+    if order.by_position.len() != n || order.by_position.iter().any(|&c| c >= n) || order.prefix_len > n {
+        return Err(AlgoError::ShapeMismatch(format!(
+            "cell order of {} entries does not cover the state's {n} cells",
+            order.by_position.len()
+        )));
     }
     Ok(())
 }
@@ -109,6 +185,90 @@ mod tests {
                 .collect();
             assert_eq!(out, expected, "{ty}");
         }
+    }
+
+    /// V element `e` (head-major within the cell) of cell `cell`, layer `layer`.
+    fn v_value(layer: usize, cell: usize, e: usize) -> f32 {
+        (layer + 1) as f32 * (cell as f32 - 1.5) + 0.25 * e as f32
+    }
+
+    #[test]
+    fn value_norms_read_rows_and_transposed_v_alike() {
+        let positions = [2, 0, 1, 3];
+        let sh = shape(3);
+        let mut by_layout = Vec::new();
+        for v_trans in [false, true] {
+            let raw = build_blob(
+                &sh,
+                &positions,
+                CacheType::F16,
+                CacheType::F16,
+                v_trans,
+                1,
+                0,
+                |t, l, c, b| {
+                    if t == Tensor::K {
+                        return 0;
+                    }
+                    half::f16::from_f32(v_value(l, c, b / 2)).to_le_bytes()[b % 2]
+                },
+            );
+            let state = SeqState::parse(&raw, &sh).unwrap();
+            let order = position_order(state.positions(), 1).unwrap();
+            let mut never = |_: CacheType, _: &[u8], _: &mut [f32]| -> Result<(), AlgoError> {
+                panic!("float rows must not reach the quantized decoder")
+            };
+            let mut out = Vec::new();
+            value_norms(&state, &order, 1, &mut never, &mut out).unwrap();
+            // Prefix in position order: cells 1, 2, 0 (positions 0, 1, 2).
+            let expected: Vec<f32> = (0..2)
+                .flat_map(|g| {
+                    [1usize, 2, 0].map(|cell| {
+                        (0..3)
+                            .map(|i| half::f16::from_f32(v_value(1, cell, g * 3 + i)).to_f32().powi(2))
+                            .sum::<f32>()
+                            .sqrt()
+                    })
+                })
+                .collect();
+            assert_eq!(out.len(), 6);
+            for (a, b) in out.iter().zip(&expected) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.max(1.0),
+                    "v_trans {v_trans}: {out:?} vs {expected:?}"
+                );
+            }
+            assert!(value_norms(&state, &order, 2, &mut never, &mut out).is_err());
+            by_layout.push(out);
+        }
+        assert_eq!(by_layout[0], by_layout[1]);
+    }
+
+    #[test]
+    fn quantized_v_rows_go_through_the_decoder() {
+        let raw = build_blob(
+            &shape(32),
+            &[0, 1, 2],
+            CacheType::F16,
+            CacheType::Q8_0,
+            false,
+            1,
+            0,
+            pattern_byte,
+        );
+        let state = SeqState::parse(&raw, &shape(32)).unwrap();
+        let order = position_order(state.positions(), 1).unwrap();
+        let mut decoder = |ty: CacheType, row: &[u8], out: &mut [f32]| -> Result<(), AlgoError> {
+            assert_eq!((ty, row.len(), out.len()), (CacheType::Q8_0, 68, 64));
+            // Head 0 all 1s, head 1 all 2s: norms sqrt(32) and 2 sqrt(32).
+            out[..32].fill(1.0);
+            out[32..].fill(2.0);
+            Ok(())
+        };
+        let mut out = Vec::new();
+        value_norms(&state, &order, 0, &mut decoder, &mut out).unwrap();
+        let n = 32f32.sqrt();
+        assert_eq!(out, [n, n, 2.0 * n, 2.0 * n]);
     }
 
     #[test]

@@ -24,13 +24,13 @@ pub mod state_blob;
 pub mod synthetic;
 
 pub use compact::rewrite;
-pub use config::{Budget, GqaAggregation, PoolAlign, Pooling, SnapKvConfig};
+pub use config::{Budget, GqaAggregation, PoolAlign, Pooling, SnapKvConfig, ValueWeighting};
 pub use error::AlgoError;
 pub use ggml_type::{decode_f32_row, CacheType};
-pub use keys::{gather_keys, QuantizedRowDecoder};
+pub use keys::{gather_keys, value_norms, QuantizedRowDecoder};
 pub use scores::{
-    add_votes_from_queries, add_votes_from_softmax, pool_and_aggregate, position_order, CellOrder, HeadScores,
-    QueryScorer, Votes,
+    add_votes_from_queries, add_votes_from_softmax, pool_and_aggregate, position_order, weight_votes_by_value_norms,
+    CellOrder, HeadScores, QueryScorer, Votes,
 };
 pub use select::{
     selector_by_name, KeptPositions, RandomSelector, Selection, SelectionShape, Selector, SharedAllLayersSelector,

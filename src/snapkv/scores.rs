@@ -270,6 +270,49 @@ pub fn add_votes_from_softmax(
     Ok(())
 }
 
+/// Multiplies layer `layer`'s votes by the norms of the value vectors they
+/// point at ([`ValueWeighting::Norm`](super::ValueWeighting::Norm)): the
+/// vote of query head `h` for prefix index `i` is scaled by
+/// `norms[g * prefix_len + i]`, `g = h / (n_head / n_head_kv)` its KV head.
+/// Apply it once per layer, after every vote of the layer has been added.
+///
+/// # Errors
+/// [`AlgoError::ShapeMismatch`] when `layer` is out of range, the query
+/// heads do not split evenly over `n_head_kv`, or `norms` does not hold
+/// `n_head_kv × prefix_len` values.
+pub fn weight_votes_by_value_norms(
+    votes: &mut Votes,
+    layer: usize,
+    norms: &[f32],
+    n_head_kv: usize,
+) -> Result<(), AlgoError> {
+    votes.check_layer(layer)?;
+    if n_head_kv == 0 || votes.n_head % n_head_kv != 0 {
+        return Err(AlgoError::ShapeMismatch(format!(
+            "{} query heads do not split evenly over {n_head_kv} KV heads",
+            votes.n_head
+        )));
+    }
+    let n = votes.prefix_len;
+    if norms.len() != n_head_kv * n {
+        return Err(AlgoError::ShapeMismatch(format!(
+            "{} value norms given for {n_head_kv} KV heads × {n} prefix cells",
+            norms.len()
+        )));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let group = votes.n_head / n_head_kv;
+    for (h, row) in votes.layer_mut(layer).chunks_exact_mut(n).enumerate() {
+        let g = h / group;
+        for (v, &w) in row.iter_mut().zip(&norms[g * n..(g + 1) * n]) {
+            *v *= w;
+        }
+    }
+    Ok(())
+}
+
 /// Computes window votes from captured queries and cached keys (flash
 /// attention on), reusing its scratch buffers across calls (layers).
 #[derive(Debug, Default)]
@@ -979,6 +1022,30 @@ pub(crate) mod tests {
             };
             check_against_reference(d, i as u64, 1);
         }
+    }
+
+    #[test]
+    fn value_norms_scale_each_query_heads_votes_by_its_kv_heads_norms() {
+        // 4 query heads over 2 KV heads, 3 prefix positions, 2 layers.
+        let mut votes = Votes::new(2, 4, 3).unwrap();
+        for h in 0..4 {
+            votes.row_mut(1, h).copy_from_slice(&[1.0, 2.0, 3.0]);
+            votes.row_mut(0, h).copy_from_slice(&[5.0, 5.0, 5.0]);
+        }
+        let norms = [0.5, 1.0, 2.0, 3.0, 0.0, 1.0];
+        weight_votes_by_value_norms(&mut votes, 1, &norms, 2).unwrap();
+        for h in 0..2 {
+            assert_eq!(votes.row(1, h), &[0.5, 2.0, 6.0]);
+        }
+        for h in 2..4 {
+            assert_eq!(votes.row(1, h), &[3.0, 0.0, 3.0]);
+        }
+        // Layer 0 untouched.
+        assert!(votes.row(0, 0).iter().all(|&v| v == 5.0));
+        assert!(weight_votes_by_value_norms(&mut votes, 2, &norms, 2).is_err());
+        assert!(weight_votes_by_value_norms(&mut votes, 1, &norms[..5], 2).is_err());
+        assert!(weight_votes_by_value_norms(&mut votes, 1, &norms, 3).is_err());
+        assert!(weight_votes_by_value_norms(&mut votes, 1, &norms, 0).is_err());
     }
 
     #[test]

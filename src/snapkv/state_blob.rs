@@ -556,6 +556,43 @@ impl<'a> SeqState<'a> {
         }
     }
 
+    /// The V row (all KV heads) of cell `cell` (blob order) in layer
+    /// `layer`, still encoded in [`SeqState::v_type`]; `None` when V is
+    /// stored transposed (see [`SeqState::v_element`]).
+    ///
+    /// # Panics
+    /// If `layer` or `cell` is out of range.
+    pub fn v_row(&self, layer: usize, cell: usize) -> Option<&'a [u8]> {
+        let sec = &self.layers[layer];
+        assert!(cell < self.n_cells());
+        match sec.v_layout {
+            VLayout::Rows { row_bytes } => {
+                let start = sec.v_offset + cell * row_bytes;
+                Some(&self.raw[start..start + row_bytes])
+            }
+            VLayout::Transposed { .. } => None,
+        }
+    }
+
+    /// Element `element` (`0..n_embd_v_gqa`, KV head-major) of every cell in
+    /// blob order, when layer `layer`'s V is stored transposed: `n_cells`
+    /// elements of [`SeqState::v_type`]. `None` when V is stored row-wise.
+    ///
+    /// # Panics
+    /// If `layer` or `element` is out of range.
+    pub fn v_element(&self, layer: usize, element: usize) -> Option<&'a [u8]> {
+        let sec = &self.layers[layer];
+        match sec.v_layout {
+            VLayout::Rows { .. } => None,
+            VLayout::Transposed { el_bytes, n_embd } => {
+                assert!(element < n_embd);
+                let len = self.n_cells() * el_bytes;
+                let start = sec.v_offset + element * len;
+                Some(&self.raw[start..start + len])
+            }
+        }
+    }
+
     /// The whole blob.
     pub fn raw(&self) -> &'a [u8] {
         self.raw

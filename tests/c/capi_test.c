@@ -8,6 +8,7 @@
  *
  * Usage: capi_test MODEL.gguf
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -221,7 +222,8 @@ int main(int argc, char ** argv) {
     expect(snapkv_params_default(NULL), SNAPKV_ERR_NULL_POINTER, "params_default(NULL)", "params");
     expect(snapkv_params_default(&p), SNAPKV_OK, "params_default", NULL);
     CHECK(p.size == sizeof(snapkv_params) && p.window == 32 && p.budget == 1024 && p.kernel == 11 &&
-          p.pool_align == SNAPKV_POOL_ALIGN_FORWARD && p.pool_forward == 7, "defaults");
+          p.pool_align == SNAPKV_POOL_ALIGN_FORWARD && p.pool_forward == 7 &&
+          p.value_weighting == SNAPKV_VALUE_WEIGHTING_OFF, "defaults");
     p.window = 16;
     p.budget = 64;
     memset(&sentinel, 0xAB, sizeof sentinel);
@@ -273,6 +275,14 @@ int main(int argc, char ** argv) {
     bad = p; bad.pool_align = SNAPKV_POOL_ALIGN_FORWARD; bad.pool_forward = bad.kernel;
     expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
            "params.pool_forward = kernel", "forward");
+    bad = p; bad.value_weighting = 2;
+    expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
+           "params.value_weighting = 2", "value_weighting");
+    /* A caller built before value_weighting existed passes the old size;
+     * the field, past its struct, is not read (the invalid 2 is ignored). */
+    bad = p; bad.value_weighting = 2; bad.size = offsetof(snapkv_params, value_weighting); bad.window = 0;
+    expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
+           "params of the 40-byte layout are read up to their size", "window");
     bad = p; bad.size = 0;
     expect(snapkv_compress_after_prefill(ctx, obs, &bad, S0, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
            "params.size = 0", "snapkv_params_default");

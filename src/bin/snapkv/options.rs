@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use snapkv::{Budget, CacheType, FlashAttention, GqaAggregation, PoolAlign, Pooling, SnapKvConfig};
+use snapkv::{Budget, CacheType, FlashAttention, GqaAggregation, PoolAlign, Pooling, SnapKvConfig, ValueWeighting};
 
 /// The default model: Qwen2.5-Coder-0.5B-Instruct, fetched by scripts/fetch-models.sh.
 pub const DEFAULT_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct.gguf";
@@ -89,6 +89,9 @@ pub struct MethodOptions {
     /// Aggregation of query heads sharing a KV head: mean or max.
     #[arg(long, default_value = "mean")]
     pub gqa: GqaAggregation,
+    /// Votes weighted by the norm of the cached value vector they point at: off or norm.
+    #[arg(long = "value-weighting", default_value = "off")]
+    pub value_weighting: ValueWeighting,
 }
 
 impl MethodOptions {
@@ -100,6 +103,7 @@ impl MethodOptions {
         cfg.pooling = self.pool;
         cfg.pool_align = self.pool_align;
         cfg.gqa = self.gqa;
+        cfg.value_weighting = self.value_weighting;
         cfg.budget = Budget::Cells(cells);
         cfg
     }
@@ -115,7 +119,7 @@ pub fn parse_cache_type(s: &str) -> Result<CacheType, String> {
 
 /// A method as written on the command line: a name (`full` or a selector)
 /// optionally followed by `:key=value` overrides of the shared method
-/// options, e.g. `snapkv:kernel=15:pool=avg:align=trailing:gqa=max`. Overrides let one run
+/// options, e.g. `snapkv:kernel=15:pool=avg:align=trailing:gqa=max:value=norm`. Overrides let one run
 /// compare variants of a method over the same evaluated prompts; the window
 /// cannot be overridden (every method of a run observes the same window).
 /// `lookahead=N` (`eval` only) compresses after the answer's first `N`
@@ -131,6 +135,7 @@ pub struct MethodSpec {
     pool: Option<Pooling>,
     align: Option<PoolAlign>,
     gqa: Option<GqaAggregation>,
+    value_weighting: Option<ValueWeighting>,
     lookahead: usize,
 }
 
@@ -178,6 +183,9 @@ impl MethodSpec {
         if let Some(g) = self.gqa {
             cfg.gqa = g;
         }
+        if let Some(v) = self.value_weighting {
+            cfg.value_weighting = v;
+        }
         snapkv::eval::Method::by_name(&self.name, cfg)
     }
 }
@@ -199,6 +207,7 @@ impl std::str::FromStr for MethodSpec {
             pool: None,
             align: None,
             gqa: None,
+            value_weighting: None,
             lookahead: 0,
         };
         for part in parts {
@@ -213,10 +222,11 @@ impl std::str::FromStr for MethodSpec {
                 "pool" => spec.pool = Some(value.parse().map_err(|e| format!("{s:?}: pool: {e}"))?),
                 "align" => spec.align = Some(value.parse().map_err(|e| format!("{s:?}: align: {e}"))?),
                 "gqa" => spec.gqa = Some(value.parse().map_err(|e| format!("{s:?}: gqa: {e}"))?),
+                "value" => spec.value_weighting = Some(value.parse().map_err(|e| format!("{s:?}: value: {e}"))?),
                 "lookahead" => spec.lookahead = value.parse().map_err(|e| format!("{s:?}: lookahead: {e}"))?,
                 _ => {
                     return Err(format!(
-                        "{s:?}: unknown option {key:?} (kernel, pool, align, gqa, lookahead)"
+                        "{s:?}: unknown option {key:?} (kernel, pool, align, gqa, value, lookahead)"
                     ))
                 }
             }
@@ -243,6 +253,9 @@ mod tests {
         let forward: MethodSpec = "snapkv:kernel=11:align=forward-7".parse().unwrap();
         assert_eq!(forward.align, Some(snapkv::PoolAlign::Forward(7)));
         assert_eq!(spec.gqa, Some(snapkv::GqaAggregation::Max));
+        let weighted: MethodSpec = "snapkv:value=norm:lookahead=8".parse().unwrap();
+        assert_eq!(weighted.value_weighting, Some(snapkv::ValueWeighting::Norm));
+        assert_eq!((weighted.lookahead(), plain.value_weighting), (8, None));
         assert_eq!(
             spec.label,
             "snapkv-shared-layer:kernel=15:pool=avg:align=trailing:gqa=max"
@@ -262,6 +275,7 @@ mod tests {
             "snapkv:window=8",
             "snapkv:pool=min",
             "snapkv:align=left",
+            "snapkv:value=l1",
         ] {
             assert!(bad.parse::<MethodSpec>().is_err(), "{bad}");
         }
