@@ -36,14 +36,24 @@ pub fn gather_keys(
     out.clear();
     out.resize(n * n_embd, 0.0);
     for (dst, &cell) in out.chunks_exact_mut(n_embd).zip(&order.by_position) {
-        let row = state.k_row(layer, cell);
-        if ty.is_quantized() {
-            decode_quantized(ty, row, dst)?;
-        } else {
-            decode_f32_row(ty, row, dst)?;
-        }
+        decode_row(ty, state.k_row(layer, cell), decode_quantized, dst)?;
     }
     Ok(())
+}
+
+/// Decodes one cached row: float types in Rust, quantized ones through
+/// `decode_quantized`.
+fn decode_row(
+    ty: CacheType,
+    row: &[u8],
+    decode_quantized: &mut QuantizedRowDecoder<'_>,
+    out: &mut [f32],
+) -> Result<(), AlgoError> {
+    if ty.is_quantized() {
+        decode_quantized(ty, row, out)
+    } else {
+        decode_f32_row(ty, row, out)
+    }
 }
 
 /// Euclidean norms of layer `layer`'s cached value vectors for the prefix
@@ -82,11 +92,7 @@ pub fn value_norms(
         let mut row = vec![0f32; n_head_kv * d];
         for (i, &cell) in prefix.iter().enumerate() {
             let bytes = state.v_row(layer, cell).expect("row-wise V, checked above");
-            if ty.is_quantized() {
-                decode_quantized(ty, bytes, &mut row)?;
-            } else {
-                decode_f32_row(ty, bytes, &mut row)?;
-            }
+            decode_row(ty, bytes, decode_quantized, &mut row)?;
             for (g, head) in row.chunks_exact(d).enumerate() {
                 out[g * prefix.len() + i] = head.iter().map(|&x| x * x).sum::<f32>().sqrt();
             }
