@@ -5,7 +5,7 @@
 use super::error::AlgoError;
 use super::ggml_type::{decode_f32_row, CacheType};
 use super::scores::CellOrder;
-use super::state_blob::SeqState;
+use super::state_blob::{SeqState, VLayout};
 
 /// Decodes one quantized row (`type`, encoded bytes) into f32 values.
 pub type QuantizedRowDecoder<'d> = dyn FnMut(CacheType, &[u8], &mut [f32]) -> Result<(), AlgoError> + 'd;
@@ -88,10 +88,10 @@ pub fn value_norms(
     if prefix.is_empty() {
         return Ok(());
     }
-    if state.v_row(layer, 0).is_some() {
+    if let VLayout::Rows { .. } = state.v_layout(layer) {
         let mut row = vec![0f32; n_head_kv * d];
         for (i, &cell) in prefix.iter().enumerate() {
-            let bytes = state.v_row(layer, cell).expect("row-wise V, checked above");
+            let bytes = state.v_row(layer, cell).expect("V is row-wise in this layer");
             decode_row(ty, bytes, decode_quantized, &mut row)?;
             for (g, head) in row.chunks_exact(d).enumerate() {
                 out[g * prefix.len() + i] = head.iter().map(|&x| x * x).sum::<f32>().sqrt();
@@ -109,7 +109,7 @@ pub fn value_norms(
     // squares per (head, prefix index), one element at a time.
     let mut elements = vec![0f32; state.n_cells()];
     for e in 0..n_head_kv * d {
-        let bytes = state.v_element(layer, e).expect("transposed V, checked above");
+        let bytes = state.v_element(layer, e).expect("V is transposed in this layer");
         decode_f32_row(ty, bytes, &mut elements)?;
         let sums = &mut out[(e / d) * prefix.len()..][..prefix.len()];
         for (sum, &cell) in sums.iter_mut().zip(prefix) {
