@@ -125,7 +125,7 @@ fn eval_writes_records_tables_and_heatmaps() {
             "--depths",
             "0.2,0.8",
             "--methods",
-            "full,snapkv,streaming,snapkv:lookahead=4",
+            "full,snapkv,streaming,snapkv:lookahead=4,snapkv:value=norm",
             "--budgets",
             "64",
             "--out",
@@ -143,8 +143,8 @@ fn eval_writes_records_tables_and_heatmaps() {
 
     let report = json(&dir.join("eval.json"));
     let records = report["records"].as_array().unwrap();
-    // 2 tasks × 2 depths × (full + 3 methods at one budget).
-    assert_eq!(records.len(), 2 * 2 * 4);
+    // 2 tasks × 2 depths × (full + 4 methods at one budget).
+    assert_eq!(records.len(), 2 * 2 * 5);
     let csv = std::fs::read_to_string(dir.join("eval.csv")).unwrap();
     assert!(csv.starts_with("task,"), "{csv}");
     // Answers may hold line breaks (quoted), so count the lines that start a record.
@@ -153,7 +153,7 @@ fn eval_writes_records_tables_and_heatmaps() {
         .filter(|l| l.starts_with("passkey,") || l.starts_with("multivalue,"));
     assert_eq!(rows.count(), records.len(), "one CSV row per record");
 
-    for prompt in records.chunks(4) {
+    for prompt in records.chunks(5) {
         let full = &prompt[0];
         assert_eq!(full["method"], "full");
         assert!(full["budget"].is_null());
@@ -196,7 +196,13 @@ fn eval_writes_records_tables_and_heatmaps() {
         }
     }
     for task in ["passkey", "multivalue"] {
-        for method in ["full", "snapkv-64", "streaming-64", "snapkv_lookahead_4-64"] {
+        for method in [
+            "full",
+            "snapkv-64",
+            "streaming-64",
+            "snapkv_lookahead_4-64",
+            "snapkv_value_norm-64",
+        ] {
             for ext in ["svg", "png"] {
                 assert_plot(&dir.join(format!("heatmap-builtin-{task}-{method}.{ext}")));
             }
