@@ -82,15 +82,13 @@ pub(super) fn params(params: *const SnapkvParams) -> Result<SnapkvParams, Failur
     // first member is `size` (u32, the struct's first 4 bytes).
     let size = unsafe { params.as_ptr().cast::<u32>().read() };
     let size = SnapkvParams::check_size(size)?;
-    // SAFETY: the caller's struct is `size` bytes long (its size field,
-    // checked above to cover at least the oldest layout), so those bytes
-    // are readable.
+    // SAFETY: the caller's struct is `size` bytes long (its size field, at
+    // least the oldest layout's, checked above): all of them are readable.
     let bytes = unsafe { std::slice::from_raw_parts(params.as_ptr().cast::<u8>(), size) };
     let known = size.min(size_of::<SnapkvParams>());
     let mut ours = SnapkvParams::default();
-    // SAFETY: SnapkvParams is repr(C) with only integer and float fields,
-    // for which every bit pattern is valid; `known` bytes fit in both the
-    // caller's struct and `ours`, which do not overlap.
+    // SAFETY: repr(C), integer and float fields only (any bits are valid);
+    // `known` bytes fit both the caller's struct and `ours`, which differ.
     unsafe {
         std::ptr::copy_nonoverlapping(bytes.as_ptr(), std::ptr::addr_of_mut!(ours).cast::<u8>(), known);
     }
