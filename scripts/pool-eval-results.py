@@ -16,6 +16,15 @@ seeds, e.g. the held-out sets of the README:
 `--length N` keeps the prompts of one length (runs over several lengths).
 
 A prompt is counted once per file it appears in; pass each run once.
+
+`--compare A B` (repeatable) pairs method B with method A prompt by prompt,
+across the files (a prompt is its task, haystack, length, depth and seed):
+on how many prompts B's mean KL is lower or higher than A's, its score
+higher or lower, and both methods' median compression seconds, e.g.
+
+    scripts/pool-eval-results.py results/lookahead/held-out-seeds-4-10/eval.json \
+        results/value-weighting/held-out-seeds-4-10/eval.json \
+        --compare snapkv snapkv:value=norm
 """
 
 import argparse
@@ -52,6 +61,42 @@ def kl_after_lookahead(records, streaming_by_prompt):
     return total / n, streaming_total / n
 
 
+def median(xs):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def compare(records, tasks, budget, a, b):
+    """Prints, per task, how method `b` fares against method `a` on the
+    prompts both ran (at `budget`), whichever files they came from."""
+    def by_prompt(method):
+        out = {}
+        for r in records:
+            if r["method"] == method and r["budget"] == budget:
+                out.setdefault(r["prompt"][1:], r)
+        return out
+
+    ra, rb = by_prompt(a), by_prompt(b)
+    print(f"{b} against {a}, prompt by prompt, {budget} cells:")
+    print(f"{'task':<11} {'prompts':>7} {'KL lower':>9} {'KL higher':>10} {'score up':>9} {'score down':>11} {'median s, A':>12} {'median s, B':>12}")
+    for task in tasks:
+        shared = [k for k in rb if k in ra and k[0] == task]
+        if not shared:
+            continue
+        pairs = [(ra[k], rb[k]) for k in shared]
+        print(
+            f"{task:<11} {len(pairs):>7} {sum(y['mean_kl'] < x['mean_kl'] for x, y in pairs):>9} "
+            f"{sum(y['mean_kl'] > x['mean_kl'] for x, y in pairs):>10} "
+            f"{sum(y['score'] > x['score'] for x, y in pairs):>9} "
+            f"{sum(y['score'] < x['score'] for x, y in pairs):>11} "
+            f"{median([x['compression_seconds'] for x, _ in pairs]):>12.3f} "
+            f"{median([y['compression_seconds'] for _, y in pairs]):>12.3f}"
+        )
+
+
 def fraction(num, den):
     if den != den or num != num or den == 0:
         return "-"
@@ -69,6 +114,14 @@ def main():
     ap.add_argument("--budget", type=int, default=256, help="budget in cells (default 256)")
     ap.add_argument("--tasks", default="", help="comma-separated tasks (default: all found)")
     ap.add_argument("--length", type=int, help="only the prompts of this length (default: all lengths)")
+    ap.add_argument(
+        "--compare",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("A", "B"),
+        help="also compare method B with method A prompt by prompt (repeatable)",
+    )
     args = ap.parse_args()
 
     records = []
@@ -123,6 +176,9 @@ def main():
                 print(
                     f"{'':<11} {'  KL after the look-ahead':<32} {'':>7} {'':>8} {'':>26} {kl_after:>9.4f} {fraction(kl_after, streaming_after):>12}"
                 )
+    for a, b in args.compare:
+        print()
+        compare(records, tasks, args.budget, a, b)
 
 
 if __name__ == "__main__":
