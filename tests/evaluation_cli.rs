@@ -213,7 +213,7 @@ fn eval_writes_records_tables_and_heatmaps() {
 #[test]
 fn eval_over_several_budgets_plots_accuracy_against_the_budget() {
     let dir = out_dir("eval-budgets");
-    succeed(
+    let tables = succeed(
         "eval",
         &[
             "--tasks",
@@ -251,6 +251,32 @@ fn eval_over_several_budgets_plots_accuracy_against_the_budget() {
     for ext in ["svg", "png"] {
         assert_plot(&dir.join(format!("budgets-builtin-multikey.{ext}")));
     }
+
+    // --replot rebuilds the same tables and the plots from eval.json alone,
+    // whatever the command line says about tasks, methods or budgets.
+    let plots = ["budgets-builtin-multikey.svg", "heatmap-builtin-multikey-snapkv-48.png"];
+    for plot in plots {
+        std::fs::remove_file(dir.join(plot)).unwrap();
+    }
+    let replotted = succeed(
+        "eval",
+        &[
+            "--replot",
+            "--tasks",
+            "passkey",
+            "--budgets",
+            "256",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(replotted, tables, "the replotted tables differ from the run's");
+    for plot in plots {
+        assert_plot(&dir.join(plot));
+    }
+    std::fs::write(dir.join("eval.json"), "{}").unwrap();
+    let err = fail("eval", &["--replot", "--out", dir.to_str().unwrap()]);
+    assert!(err.contains("not an eval report"), "{err}");
 }
 
 #[test]
@@ -264,7 +290,7 @@ fn eval_refuses_bad_settings() {
 #[test]
 fn bench_reports_both_caches_and_the_fresh_prompt() {
     let dir = out_dir("bench");
-    succeed(
+    let table = succeed(
         "bench",
         &[
             "--lengths",
@@ -314,6 +340,13 @@ fn bench_reports_both_caches_and_the_fresh_prompt() {
     }
     assert_plot(&find(&dir, "decode-", ".svg"));
     assert_plot(&find(&dir, "decode-", ".png"));
+
+    // --replot prints the same table and redraws the plot from the JSON.
+    let png = find(&dir, "decode-", ".png");
+    std::fs::remove_file(&png).unwrap();
+    let replotted = succeed("bench", &["--replot", "--out", dir.to_str().unwrap()]);
+    assert_eq!(replotted, table, "the replotted table differs from the run's");
+    assert_plot(&png);
 }
 
 #[test]

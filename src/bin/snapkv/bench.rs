@@ -2,13 +2,14 @@
 //! prompt length: prefill tok/s, the compression's cost (window, observe,
 //! score, select, compact), decode tok/s over N tokens, KV cells and bytes
 //! in use — plus a fresh prompt of `budget` tokens as the decode ceiling.
-//! Writes `bench-<model>.json` and a plot of decode tok/s vs prompt length.
+//! Writes `bench-<model>.json` and a plot of decode tok/s vs prompt length;
+//! `--replot` prints and redraws them from an earlier run's JSON.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use snapkv::eval::{branch, generate_task, seq_usage, Haystack, Method, Snapshot, TaskKind, TaskSpec};
 use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
 
@@ -43,11 +44,15 @@ pub struct BenchArgs {
     /// Output directory for bench-<model>.json and the decode plot.
     #[arg(long, default_value = "results/bench")]
     out: PathBuf,
+    /// Measure nothing: read `<out>/bench-<model>.json` of an earlier run (the model named by -m), print
+    /// its table and redraw its plot.
+    #[arg(long)]
+    replot: bool,
     #[command(flatten)]
     snap: MethodOptions,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Point {
     length: usize,
     prompt_tokens: usize,
@@ -88,7 +93,7 @@ struct Point {
     observed_overhead_fraction: Option<f64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Fresh {
     prompt_tokens: usize,
     decode_tokens_per_second: f64,
@@ -106,8 +111,30 @@ struct Report<'a> {
     points: &'a [Point],
 }
 
+/// What `--replot` reads back of a bench report.
+#[derive(Deserialize)]
+struct SavedReport {
+    method: String,
+    budget: usize,
+    decode_tokens: usize,
+    fresh: Fresh,
+    points: Vec<Point>,
+}
+
+/// What the table and the plot say a run measured.
+struct Measured<'a> {
+    method: &'a str,
+    budget: usize,
+    decode_tokens: usize,
+    fresh: &'a Fresh,
+    points: &'a [Point],
+}
+
 /// Runs `snapkv bench`.
 pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
+    if args.replot {
+        return replot(args);
+    }
     args.method.refuse_lookahead("bench")?;
     let w = args.snap.window;
     let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
@@ -228,26 +255,14 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
         points.push(point);
     }
 
-    print_table(args, &fresh, &points);
-    for p in &points {
-        println!(
-            "re-evaluating hook at {} tokens: window evaluated again in {:.3} s; cost {:.2}% of prefill",
-            p.prompt_tokens,
-            p.hook_window_seconds,
-            100.0 * p.hook_overhead_fraction
-        );
-    }
-    for p in &points {
-        if let (Some(t), Some(f)) = (p.observed_prefill_seconds, p.observed_overhead_fraction) {
-            println!(
-                "observed-decode hook at {} tokens: prefill {:.2} s recording vs {:.2} s not; cost {:.2}% of prefill",
-                p.prompt_tokens,
-                t,
-                p.prefill_seconds,
-                100.0 * f
-            );
-        }
-    }
+    let measured = Measured {
+        method: &args.method.label,
+        budget: args.budget,
+        decode_tokens: n,
+        fresh: &fresh,
+        points: &points,
+    };
+    print_report(&measured);
     let stem = model_stem(&args.model.model);
     write_json(
         &args.out.join(format!("bench-{stem}.json")),
@@ -260,31 +275,84 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
             points: &points,
         },
     )?;
-    let xs: Vec<f64> = points.iter().map(|p| p.prompt_tokens as f64).collect();
+    decode_chart(&args.out, &stem, &measured);
+    Ok(())
+}
+
+/// `--replot`: the table and plot of the run recorded in
+/// `<out>/bench-<model>.json`.
+fn replot(args: &BenchArgs) -> snapkv::Result<()> {
+    let stem = model_stem(&args.model.model);
+    let path = args.out.join(format!("bench-{stem}.json"));
+    let saved: SavedReport =
+        serde_json::from_slice(&std::fs::read(&path)?).map_err(|e| snapkv::Error::InvalidArgument {
+            param: "replot",
+            reason: format!("{} is not a bench report: {e}", path.display()),
+        })?;
+    let measured = Measured {
+        method: &saved.method,
+        budget: saved.budget,
+        decode_tokens: saved.decode_tokens,
+        fresh: &saved.fresh,
+        points: &saved.points,
+    };
+    print_report(&measured);
+    decode_chart(&args.out, &stem, &measured);
+    Ok(())
+}
+
+/// The table, then the costs of both hooks per length.
+fn print_report(m: &Measured<'_>) {
+    print_table(m);
+    for p in m.points {
+        println!(
+            "re-evaluating hook at {} tokens: window evaluated again in {:.3} s; cost {:.2}% of prefill",
+            p.prompt_tokens,
+            p.hook_window_seconds,
+            100.0 * p.hook_overhead_fraction
+        );
+    }
+    for p in m.points {
+        if let (Some(t), Some(f)) = (p.observed_prefill_seconds, p.observed_overhead_fraction) {
+            println!(
+                "observed-decode hook at {} tokens: prefill {:.2} s recording vs {:.2} s not; cost {:.2}% of prefill",
+                p.prompt_tokens,
+                t,
+                p.prefill_seconds,
+                100.0 * f
+            );
+        }
+    }
+}
+
+/// Decode tok/s against prompt length: full cache, compressed, and the fresh
+/// prompt's ceiling, as `<out>/decode-<model>.svg` and `.png`.
+fn decode_chart(out: &std::path::Path, stem: &str, m: &Measured<'_>) {
+    let xs: Vec<f64> = m.points.iter().map(|p| p.prompt_tokens as f64).collect();
     let series = vec![
         Series {
             name: "full cache".into(),
             points: xs
                 .iter()
-                .zip(&points)
+                .zip(m.points)
                 .map(|(&x, p)| (x, p.decode_full_tokens_per_second))
                 .collect(),
         },
         Series {
-            name: format!("{} @ {} cells", args.method.label, args.budget),
+            name: format!("{} @ {} cells", m.method, m.budget),
             points: xs
                 .iter()
-                .zip(&points)
+                .zip(m.points)
                 .map(|(&x, p)| (x, p.decode_compressed_tokens_per_second))
                 .collect(),
         },
         Series {
-            name: format!("fresh {}-token prompt", fresh.prompt_tokens),
-            points: xs.iter().map(|&x| (x, fresh.decode_tokens_per_second)).collect(),
+            name: format!("fresh {}-token prompt", m.fresh.prompt_tokens),
+            points: xs.iter().map(|&x| (x, m.fresh.decode_tokens_per_second)).collect(),
         },
     ];
     plot::report(plot::line_chart(
-        &args.out.join(format!("decode-{stem}")),
+        &out.join(format!("decode-{stem}")),
         &LineChart {
             title: format!("decode speed after the prompt · {stem}"),
             axes: ("prompt length (tokens)", "decode tokens/s"),
@@ -293,19 +361,15 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
             y_max: None,
         },
     ));
-    Ok(())
 }
 
-fn print_table(args: &BenchArgs, fresh: &Fresh, points: &[Point]) {
+fn print_table(m: &Measured<'_>) {
+    let (fresh, points) = (m.fresh, m.points);
     let mut s = String::new();
     let _ = writeln!(
         s,
         "\n{} @ {} cells, decode over {} tokens; fresh {}-token prompt decodes at {:.1} tok/s",
-        args.method.label,
-        args.budget,
-        args.n_predict.max(2),
-        fresh.prompt_tokens,
-        fresh.decode_tokens_per_second
+        m.method, m.budget, m.decode_tokens, fresh.prompt_tokens, fresh.decode_tokens_per_second
     );
     let _ = writeln!(
         s,

@@ -2,7 +2,8 @@
 //! multi-value, variable tracking) over lengths × depths × seeds × methods ×
 //! budgets. Each prompt is evaluated once; every method branches from that
 //! state. Writes a table to stdout, `eval.json` and `eval.csv`, and an
-//! accuracy heatmap (length × depth) per task and method.
+//! accuracy heatmap (length × depth) per task and method. `--replot` redraws
+//! the tables and plots of an earlier run from its `eval.json`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -10,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Deserializer, Serialize};
 use snapkv::eval::{
     agreement, branch_after_answer_start, forced_distributions, generate_task, log_softmax, Branch, Haystack, Method,
     PromptLayout, Snapshot, TaskKind, TaskSpec,
@@ -25,7 +26,7 @@ use crate::options::{MethodOptions, MethodSpec};
 use crate::plot::{self, Heatmap, LineChart, Series};
 
 /// Arguments of `snapkv eval`.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
     #[command(flatten)]
     model: ModelOptions,
@@ -62,14 +63,19 @@ pub struct EvalArgs {
     /// Output directory for eval.json, eval.csv and the heatmaps.
     #[arg(long, default_value = "results/eval")]
     out: PathBuf,
+    /// Evaluate nothing: read `<out>/eval.json` of an earlier run and print its tables and redraw its
+    /// heatmaps and charts from the records (tasks, lengths, depths, seeds, methods and budgets as recorded).
+    #[arg(long)]
+    replot: bool,
     #[command(flatten)]
     snap: MethodOptions,
 }
 
 /// One answer: a prompt, a method, a budget.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
-    task: &'static str,
+    #[serde(deserialize_with = "task_name")]
+    task: TaskName,
     haystack: String,
     length: usize,
     prompt_tokens: usize,
@@ -112,6 +118,18 @@ struct Record {
     compression_seconds: f64,
 }
 
+/// A task's name, as `TaskKind::name` spells it. (An alias, so that serde
+/// does not take the field for a string borrowed from its input.)
+type TaskName = &'static str;
+
+/// A task's name read from a report.
+fn task_name<'de, D: Deserializer<'de>>(d: D) -> Result<TaskName, D::Error> {
+    let name = String::deserialize(d)?;
+    name.parse::<TaskKind>()
+        .map(TaskKind::name)
+        .map_err(serde::de::Error::custom)
+}
+
 #[derive(Serialize)]
 struct Report<'a> {
     info: RunInfo,
@@ -121,8 +139,23 @@ struct Report<'a> {
     records: &'a [Record],
 }
 
+/// What `--replot` reads back of an `eval.json`.
+#[derive(Deserialize)]
+struct SavedReport {
+    info: SavedInfo,
+    records: Vec<Record>,
+}
+
+#[derive(Deserialize)]
+struct SavedInfo {
+    model: String,
+}
+
 /// Runs `snapkv eval`.
 pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
+    if args.replot {
+        return replot(args);
+    }
     let w = args.snap.window;
     for &b in &args.budgets {
         args.snap.config(b).validate()?;
@@ -275,9 +308,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
         }
     }
 
-    print_table(args, &records);
-    print_lookahead_table(args, &records);
-    print_fidelity_table(args, &records);
+    print_tables(args, &records);
     std::fs::create_dir_all(&args.out)?;
     write_json(
         &args.out.join("eval.json"),
@@ -289,10 +320,74 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
         },
     )?;
     write_csv(&args.out.join("eval.csv"), &records)?;
-    heatmaps(args, &records, haystack.name(), &model_stem(&args.model.model));
+    draw_plots(args, &records, haystack.name(), &model_stem(&args.model.model));
+    Ok(())
+}
+
+fn print_tables(args: &EvalArgs, records: &[Record]) {
+    print_table(args, records);
+    print_lookahead_table(args, records);
+    print_fidelity_table(args, records);
+}
+
+fn draw_plots(args: &EvalArgs, records: &[Record], haystack: &str, model: &str) {
+    heatmaps(args, records, haystack, model);
     if args.budgets.len() > 1 {
-        budget_charts(args, &records, haystack.name(), &model_stem(&args.model.model));
+        budget_charts(args, records, haystack, model);
     }
+}
+
+/// `--replot`: the tables and plots of the run recorded in `<out>/eval.json`,
+/// with the tasks, lengths, depths, seeds, methods and budgets its records
+/// hold, in the order they first appear.
+fn replot(args: &EvalArgs) -> snapkv::Result<()> {
+    let path = args.out.join("eval.json");
+    let saved: SavedReport =
+        serde_json::from_slice(&std::fs::read(&path)?).map_err(|e| snapkv::Error::InvalidArgument {
+            param: "replot",
+            reason: format!("{} is not an eval report: {e}", path.display()),
+        })?;
+    let records = saved.records;
+    let Some(first) = records.first() else {
+        return Err(snapkv::Error::InvalidArgument {
+            param: "replot",
+            reason: format!("{} holds no records", path.display()),
+        });
+    };
+    fn distinct<T: PartialEq>(values: impl Iterator<Item = T>) -> Vec<T> {
+        let mut out = Vec::new();
+        for v in values {
+            if !out.contains(&v) {
+                out.push(v);
+            }
+        }
+        out
+    }
+    let parse = |what: &str, r: Result<MethodSpec, String>| {
+        r.map_err(|reason| snapkv::Error::InvalidArgument {
+            param: "replot",
+            reason: format!("{what}: {reason}"),
+        })
+    };
+    let mut shown = args.clone();
+    shown.tasks = distinct(records.iter().map(|r| r.task))
+        .into_iter()
+        .map(|t| t.parse().expect("read through TaskKind::name"))
+        .collect();
+    shown.lengths = distinct(records.iter().map(|r| r.length));
+    shown.depths = distinct(records.iter().map(|r| r.depth.to_bits()))
+        .into_iter()
+        .map(f64::from_bits)
+        .collect();
+    shown.seeds = distinct(records.iter().map(|r| r.seed));
+    shown.budgets = distinct(records.iter().filter_map(|r| r.budget));
+    shown.methods = distinct(records.iter().map(|r| r.method.as_str()))
+        .into_iter()
+        .map(|m| parse(m, m.parse()))
+        .collect::<snapkv::Result<_>>()?;
+    print_tables(&shown, &records);
+    let model = model_stem(std::path::Path::new(&saved.info.model));
+    draw_plots(&shown, &records, &first.haystack.clone(), &model);
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use snapkv::{Budget, CacheType, FlashAttention, GqaAggregation, PoolAlign, Pooli
 pub const DEFAULT_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct.gguf";
 
 /// Model and context options.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ModelOptions {
     /// GGUF model path.
     #[arg(short = 'm', long, default_value = DEFAULT_MODEL)]
@@ -46,7 +46,7 @@ impl ModelOptions {
 }
 
 /// SnapKV options of `generate`: a budget and the method parameters.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct SnapKvOptions {
     /// Cells kept per KV head, window included.
     #[arg(long, default_value_t = 1024)]
@@ -70,7 +70,7 @@ impl SnapKvOptions {
 }
 
 /// SnapKV parameters other than the budget, shared by every method of a run.
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct MethodOptions {
     /// Observation window: the last W prompt tokens (the same for every method).
     #[arg(long, default_value_t = 32)]
