@@ -179,12 +179,34 @@ const PALETTE: [RGBColor; 5] = [
     RGBColor(220, 140, 30),
 ];
 
+/// Width in pixels of a line chart's plot (axes included).
+const PLOT_WIDTH: u32 = 640;
+
+/// Width in pixels of the legend strip right of a line chart's plot, sized
+/// for its longest series name (none without fonts, which draw no legend).
+fn legend_width(c: &LineChart<'_>) -> u32 {
+    if !fonts() {
+        return 0;
+    }
+    let longest = c.series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0) as u32;
+    (longest * 7 + 50).min(PLOT_WIDTH / 2)
+}
+
 fn draw_lines<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, c: &LineChart<'_>) -> DrawResult<()>
 where
     DB::ErrorType: 'static,
 {
     area.fill(&WHITE)?;
     let text = fonts();
+    // The legend gets a strip of its own beside the plot, so that no corner
+    // of the plot has to be free of points for it.
+    let (plot_area, legend_area) = if text {
+        let titled = area.titled(&c.title, ("sans-serif", 20))?;
+        let (plot, legend) = titled.split_horizontally(PLOT_WIDTH);
+        (plot, Some(legend))
+    } else {
+        (area.clone(), None)
+    };
     let to_axis = |x: f64| if c.log2_x { x.log2() } else { x };
     let series: Vec<Vec<(f64, f64)>> = c
         .series
@@ -204,13 +226,10 @@ where
         x1 = x0 + 1.0;
     }
     let pad = (x1 - x0) * 0.05;
-    let mut builder = ChartBuilder::on(area);
+    let mut builder = ChartBuilder::on(&plot_area);
     builder.margin(15);
     if text {
-        builder
-            .caption(c.title.clone(), ("sans-serif", 20))
-            .x_label_area_size(45)
-            .y_label_area_size(60);
+        builder.x_label_area_size(45).y_label_area_size(60);
     }
     let y_top = c.y_max.unwrap_or((y1 * 1.1).max(1.0));
     let mut chart = builder.build_cartesian_2d((x0 - pad)..(x1 + pad), 0.0..y_top)?;
@@ -246,24 +265,22 @@ where
             .y_labels(0)
             .draw()?;
     }
-    for (i, (s, points)) in c.series.iter().zip(&series).enumerate() {
+    for (i, points) in series.iter().enumerate() {
         let col = PALETTE[i % PALETTE.len()];
-        let drawn = chart.draw_series(LineSeries::new(points.iter().copied(), col.stroke_width(3)))?;
-        if text {
-            drawn
-                .label(s.name.clone())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], col.stroke_width(3)));
-        }
+        chart.draw_series(LineSeries::new(points.iter().copied(), col.stroke_width(3)))?;
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, col.filled())))?;
     }
-    if text {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()?;
+    if let Some(legend) = legend_area {
+        for (i, s) in c.series.iter().enumerate() {
+            let col = PALETTE[i % PALETTE.len()];
+            let y = 30 + 24 * i as i32;
+            legend.draw(&PathElement::new(vec![(5, y), (30, y)], col.stroke_width(3)))?;
+            legend.draw(&Text::new(
+                s.name.clone(),
+                (38, y - 7),
+                ("sans-serif", 14).into_font().color(&BLACK),
+            ))?;
+        }
     }
     Ok(())
 }
@@ -271,13 +288,14 @@ where
 /// Writes a line chart to `<stem>.svg` and `<stem>.png`; returns the paths.
 pub fn line_chart(stem: &Path, c: &LineChart<'_>) -> DrawResult<Vec<PathBuf>> {
     let (svg, png) = (with_suffix(stem, "svg"), with_suffix(stem, "png"));
+    let size = (PLOT_WIDTH + legend_width(c), 480);
     {
-        let root = SVGBackend::new(&svg, (760, 480)).into_drawing_area();
+        let root = SVGBackend::new(&svg, size).into_drawing_area();
         draw_lines(&root, c)?;
         root.present()?;
     }
     {
-        let root = BitMapBackend::new(&png, (760, 480)).into_drawing_area();
+        let root = BitMapBackend::new(&png, size).into_drawing_area();
         draw_lines(&root, c)?;
         root.present()?;
     }
