@@ -160,6 +160,24 @@ fn eval_writes_records_tables_and_heatmaps() {
         assert_eq!(uint(full, "cells"), uint(full, "prompt_tokens"));
         assert_eq!(float(full, "mean_kl"), 0.0, "the full cache is its own reference");
         assert_eq!(float(full, "top1"), 1.0);
+        // Multi-value has distractors (other labels' numbers), passkey none.
+        let has_distractors = full["task"] == "multivalue";
+        for r in prompt {
+            assert_eq!(!r["other_needles_kept"].is_null(), has_distractors, "{r}");
+            assert_eq!(!r["distractors_in_answer"].is_null(), has_distractors, "{r}");
+            if has_distractors {
+                let others = float(r, "other_needles_kept");
+                assert!((0.0..=1.0).contains(&others), "{r}");
+                assert!(uint(r, "distractors_in_answer") <= 4, "{r}");
+            }
+        }
+        if has_distractors {
+            assert_eq!(
+                float(full, "other_needles_kept"),
+                1.0,
+                "the full cache keeps every needle"
+            );
+        }
         for r in &prompt[1..] {
             assert_eq!(
                 (&r["task"], &r["depth"], &r["seed"]),

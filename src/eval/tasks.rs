@@ -210,6 +210,11 @@ pub struct TaskInstance {
     pub asked: String,
     /// Every expected answer string; all must appear in the output.
     pub answers: Vec<String>,
+    /// What the needles the question does not ask about state: the other
+    /// labels' numbers (multi-key, multi-value) and the other chains'
+    /// variables (variable tracking). An answer that holds one copied a
+    /// distractor.
+    pub distractors: Vec<String>,
     /// Every needle sentence, in document order.
     pub needles: Vec<String>,
     /// Byte offset in `user_message` just past the last needle.
@@ -247,6 +252,16 @@ impl TaskInstance {
     /// about: those that state an expected answer (for variable tracking,
     /// every assignment of the asked chain), in document order.
     pub fn asked_needle_spans(&self) -> Vec<Range<usize>> {
+        self.needle_spans(true)
+    }
+
+    /// Byte ranges in `user_message` of the other needles (the
+    /// distractors), in document order; empty for the passkey task.
+    pub fn unasked_needle_spans(&self) -> Vec<Range<usize>> {
+        self.needle_spans(false)
+    }
+
+    fn needle_spans(&self, asked: bool) -> Vec<Range<usize>> {
         let mut from = 0;
         let mut spans = Vec::new();
         for needle in &self.needles {
@@ -254,11 +269,17 @@ impl TaskInstance {
                 continue;
             };
             from = at + needle.len();
-            if self.answers.iter().any(|a| contains_word(needle, a)) {
+            if self.answers.iter().any(|a| contains_word(needle, a)) == asked {
                 spans.push(at..from);
             }
         }
         spans
+    }
+
+    /// How many of the [`distractors`](Self::distractors) `output` holds
+    /// (each as a whole word).
+    pub fn distractors_in(&self, output: &str) -> usize {
+        self.distractors.iter().filter(|d| contains_word(output, d)).count()
     }
 }
 
@@ -506,6 +527,7 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
     // Each task says what it asks (`asked`) and how the answer is to be
     // given, in the words of each layout (`short`, `long`).
     let mut answer_prefix = String::new();
+    let mut distractors = Vec::new();
     let (needles, asked, short, long, answers) = match spec.kind {
         TaskKind::Passkey => {
             let v = rng.number(7);
@@ -525,6 +547,8 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
                 let d = if i == 0 { depth } else { rng.unit() };
                 if i == 0 {
                     answer.clone_from(&v);
+                } else {
+                    distractors.push(v.clone());
                 }
                 needles.push(Placed {
                     text: format!("One of the special magic numbers for {label} is: {v}."),
@@ -560,6 +584,7 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
                     text: format!("One of the special magic numbers for {label} is: {v}."),
                     depth: rng.unit(),
                 });
+                distractors.push(v);
             }
             let q = format!(
                 "What are all the special magic numbers for {} mentioned in the document? There are {n} of them.",
@@ -611,6 +636,8 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
                 if c == 0 {
                     answers = chain.to_vec();
                     target_value = value;
+                } else {
+                    distractors.extend(chain.iter().cloned());
                 }
             }
             let q = format!(
@@ -677,6 +704,7 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
         question,
         asked,
         answers,
+        distractors,
         needles: needle_order,
         last_needle_end,
         question_start,
@@ -843,6 +871,44 @@ mod tests {
                 assert!(t.answers.iter().any(|a| contains_word(text, a)), "{kind}: {text:?}");
             }
             assert!(spans.windows(2).all(|w| w[0].end <= w[1].start));
+        }
+    }
+
+    #[test]
+    fn distractors_are_what_the_unasked_needles_state() {
+        let sizes = TaskSizes {
+            chains: 2,
+            ..TaskSizes::default()
+        };
+        for kind in TaskKind::ALL {
+            let t = generate(
+                &TaskSpec {
+                    sizes,
+                    ..spec(kind, 800, 0.4, 5)
+                },
+                &Haystack::Builtin,
+                &mut words,
+            );
+            let asked = t.asked_needle_spans();
+            let unasked = t.unasked_needle_spans();
+            assert_eq!(asked.len() + unasked.len(), t.needles.len(), "{kind}");
+            for span in &unasked {
+                let text = &t.user_message[span.clone()];
+                assert!(t.answers.iter().all(|a| !contains_word(text, a)), "{kind}: {text:?}");
+                assert!(t.distractors.iter().any(|d| contains_word(text, d)), "{kind}: {text:?}");
+            }
+            assert!(t.distractors.iter().all(|d| !t.answers.contains(d)), "{kind}");
+            assert_eq!(t.distractors_in(&t.answers.join(", ")), 0, "{kind}");
+            assert_eq!(
+                t.distractors_in(&t.distractors.join(", ")),
+                t.distractors.len(),
+                "{kind}"
+            );
+            if kind == TaskKind::Passkey {
+                assert!(unasked.is_empty() && t.distractors.is_empty());
+            } else {
+                assert!(!unasked.is_empty(), "{kind}");
+            }
         }
     }
 

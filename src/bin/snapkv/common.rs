@@ -36,6 +36,8 @@ pub struct ChatPrompt {
     pub tokens: Vec<snapkv::llama::Token>,
     /// Positions of the tokens of the needles the question asks about.
     pub asked_positions: Vec<i32>,
+    /// Positions of the tokens of the other needles (the distractors).
+    pub unasked_positions: Vec<i32>,
 }
 
 /// Builds the chat prompt of a task instance and checks that every needle
@@ -61,13 +63,17 @@ pub fn task_prompt(model: &Model, task: &TaskInstance, window: usize) -> snapkv:
             ),
         });
     }
-    let mut asked_positions = Vec::new();
-    for span in task.asked_needle_spans() {
-        asked_positions.extend(tokens_before(span.start)? as i32..tokens_before(span.end)? as i32);
-    }
+    let positions = |spans: Vec<std::ops::Range<usize>>| -> snapkv::Result<Vec<i32>> {
+        let mut out = Vec::new();
+        for span in spans {
+            out.extend(tokens_before(span.start)? as i32..tokens_before(span.end)? as i32);
+        }
+        Ok(out)
+    };
     Ok(ChatPrompt {
+        asked_positions: positions(task.asked_needle_spans())?,
+        unasked_positions: positions(task.unasked_needle_spans())?,
         tokens,
-        asked_positions,
     })
 }
 

@@ -114,6 +114,14 @@ struct Record {
     needle_kept: f64,
     /// The same per layer (empty for the full cache).
     needle_kept_per_layer: Vec<f64>,
+    /// Fraction of the other needles' tokens (the distractors') the cache
+    /// kept, averaged the same way (`None` for a task without distractors).
+    #[serde(default)]
+    other_needles_kept: Option<f64>,
+    /// How many distractor values (other labels' numbers, other chains'
+    /// variables) the answer holds (`None` for a task without any).
+    #[serde(default)]
+    distractors_in_answer: Option<usize>,
     decode_tokens_per_second: f64,
     compression_seconds: f64,
 }
@@ -266,6 +274,10 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                             let needle_kept = kept.map_or(1.0, |k| k.fraction_kept(&prompt.asked_positions));
                             let needle_kept_per_layer =
                                 kept.map_or_else(Vec::new, |k| k.fraction_kept_per_layer(&prompt.asked_positions));
+                            let other_needles_kept = (!prompt.unasked_positions.is_empty())
+                                .then(|| kept.map_or(1.0, |k| k.fraction_kept(&prompt.unasked_positions)));
+                            let distractors_in_answer =
+                                (!task.distractors.is_empty()).then(|| task.distractors_in(&text));
                             eprintln!(
                                 "    {:<24} {:>5.0}%  KL {:>7.4}  needles kept {:>5.1}%  {:?}",
                                 budget.map_or_else(|| spec.label.clone(), |b| format!("{} @ {b}", spec.label)),
@@ -298,6 +310,8 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                                 kl_per_position: fidelity.kl,
                                 needle_kept,
                                 needle_kept_per_layer,
+                                other_needles_kept,
+                                distractors_in_answer,
                                 decode_tokens_per_second: run.answer.tokens_per_second(),
                                 compression_seconds: run.branch.stats.as_ref().map_or(0.0, |s| s.overhead_seconds()),
                             });
@@ -647,29 +661,35 @@ impl PooledKl {
 /// fraction of the asked needles' tokens kept.
 fn print_fidelity_table(args: &EvalArgs, records: &[Record]) {
     let rows = rows(args, records);
-    let pooled: Vec<(Key, PooledKl, f64)> = rows
+    let pooled: Vec<(Key, PooledKl, &[&Record])> = rows
         .iter()
-        .map(|(&(_, _, key), rs)| {
-            (
-                key,
-                PooledKl::of(rs),
-                mean(rs.iter().map(|r| r.needle_kept)).unwrap_or(0.0),
-            )
-        })
+        .map(|(&(_, _, key), rs)| (key, PooledKl::of(rs), rs.as_slice()))
         .collect();
     let streaming: BTreeMap<(&str, Option<usize>), f64> = pooled
         .iter()
         .filter(|((_, method, _), _, _)| *method == "streaming")
         .map(|((task, _, budget), v, _)| ((*task, *budget), v.mean_kl()))
         .collect();
+    let percent = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{:.1}%", 100.0 * v));
     let width = args.methods.iter().map(|m| m.label.len()).max().unwrap_or(0).max(20);
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<11} {:<width$} {:>7} {:>10} {:>7} {:>12} {:>13}",
-        "task", "method", "budget", "mean KL", "top-1", "/ streaming", "needles kept"
+        "{:<11} {:<width$} {:>7} {:>10} {:>7} {:>12} {:>13} {:>12} {:>12}",
+        "task", "method", "budget", "mean KL", "top-1", "/ streaming", "needles kept", "others kept", "distractors"
     );
-    for ((task, method, budget), v, kept) in &pooled {
+    for ((task, method, budget), v, rs) in &pooled {
+        let kept = mean(rs.iter().map(|r| r.needle_kept)).unwrap_or(0.0);
+        // Runs recorded before these were measured hold neither.
+        let others = rs.iter().map(|r| r.other_needles_kept).collect::<Option<Vec<f64>>>();
+        let others = others.and_then(|o| mean(o.into_iter()));
+        let distractors = rs
+            .iter()
+            .map(|r| r.distractors_in_answer)
+            .collect::<Option<Vec<usize>>>();
+        let distractors = distractors
+            .and_then(|d| mean(d.into_iter().map(|n| n as f64)))
+            .map_or_else(|| "-".to_string(), |d| format!("{d:.2}"));
         let kl = v.mean_kl();
         let ratio = streaming
             .get(&(*task, *budget))
@@ -677,19 +697,22 @@ fn print_fidelity_table(args: &EvalArgs, records: &[Record]) {
             .map_or_else(|| "-".to_string(), |s| format!("{:.3}", kl / s));
         let _ = writeln!(
             out,
-            "{:<11} {:<width$} {:>7} {:>10.4} {:>6.1}% {:>12} {:>12.1}%",
+            "{:<11} {:<width$} {:>7} {:>10.4} {:>6.1}% {:>12} {:>12.1}% {:>12} {:>12}",
             task,
             method,
             budget.map_or_else(|| "-".into(), |b| b.to_string()),
             kl,
             100.0 * v.top1 / v.positions.max(1) as f64,
             ratio,
-            100.0 * kept
+            100.0 * kept,
+            percent(others),
+            distractors
         );
     }
     println!(
         "\nfidelity to the full cache along its own answers, teacher-forced (KL nats/token, pooled over the prompts;\n\
-         needles kept: the asked needles' tokens a cache kept, averaged over layers, KV heads and prompts):"
+         needles kept: the asked needles' tokens a cache kept, averaged over layers, KV heads and prompts;\n\
+         others kept: the same for the other needles; distractors: other needles' values per answer):"
     );
     print!("{out}");
 }
@@ -704,12 +727,12 @@ fn csv_field(s: &str) -> String {
 
 fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
     let mut s = String::from(
-        "task,haystack,length,prompt_tokens,depth,seed,method,budget,cells,kv_bytes,score,lookahead,score_beyond_lookahead,full_score_beyond_lookahead,expected,answer,mean_kl,max_kl,top1,kl_positions,needle_kept,decode_tok_s,compression_s\n",
+        "task,haystack,length,prompt_tokens,depth,seed,method,budget,cells,kv_bytes,score,lookahead,score_beyond_lookahead,full_score_beyond_lookahead,expected,answer,mean_kl,max_kl,top1,kl_positions,needle_kept,other_needles_kept,distractors_in_answer,decode_tok_s,compression_s\n",
     );
     for r in records {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{},{:.6},{:.4},{:.4},{},{:.4},{:.2},{:.4}",
+            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{},{:.6},{:.4},{:.4},{},{:.4},{},{},{:.2},{:.4}",
             r.task,
             csv_field(&r.haystack),
             r.length,
@@ -732,6 +755,8 @@ fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
             r.top1,
             r.kl_positions,
             r.needle_kept,
+            r.other_needles_kept.map_or_else(String::new, |v| format!("{v:.4}")),
+            r.distractors_in_answer.map_or_else(String::new, |v| v.to_string()),
             r.decode_tokens_per_second,
             r.compression_seconds
         );
