@@ -104,11 +104,8 @@ struct Fresh {
 #[derive(Serialize)]
 struct Report<'a> {
     info: RunInfo,
-    method: &'a str,
-    budget: usize,
-    decode_tokens: usize,
-    fresh: &'a Fresh,
-    points: &'a [Point],
+    #[serde(flatten)]
+    measured: &'a Measured<'a>,
 }
 
 /// What `--replot` reads back of a bench report.
@@ -121,7 +118,9 @@ struct SavedReport {
     points: Vec<Point>,
 }
 
-/// What the table and the plot say a run measured.
+/// What a run measured: the report's fields besides `info`, which the table
+/// and the plot show.
+#[derive(Serialize)]
 struct Measured<'a> {
     method: &'a str,
     budget: usize,
@@ -268,11 +267,7 @@ pub fn run(args: &BenchArgs) -> snapkv::Result<()> {
         &args.out.join(format!("bench-{stem}.json")),
         &Report {
             info: RunInfo::new(&model, &args.model),
-            method: &args.method.label,
-            budget: args.budget,
-            decode_tokens: n,
-            fresh: &fresh,
-            points: &points,
+            measured: &measured,
         },
     )?;
     decode_chart(&args.out, &stem, &measured);

@@ -377,12 +377,6 @@ fn replot(args: &EvalArgs) -> snapkv::Result<()> {
         }
         out
     }
-    let parse = |what: &str, r: Result<MethodSpec, String>| {
-        r.map_err(|reason| snapkv::Error::InvalidArgument {
-            param: "replot",
-            reason: format!("{what}: {reason}"),
-        })
-    };
     let mut shown = args.clone();
     shown.tasks = distinct(records.iter().map(|r| r.task))
         .into_iter()
@@ -397,11 +391,17 @@ fn replot(args: &EvalArgs) -> snapkv::Result<()> {
     shown.budgets = distinct(records.iter().filter_map(|r| r.budget));
     shown.methods = distinct(records.iter().map(|r| r.method.as_str()))
         .into_iter()
-        .map(|m| parse(m, m.parse()))
+        .map(|m| {
+            m.parse::<MethodSpec>()
+                .map_err(|reason| snapkv::Error::InvalidArgument {
+                    param: "replot",
+                    reason: format!("method {m:?} of {}: {reason}", path.display()),
+                })
+        })
         .collect::<snapkv::Result<_>>()?;
     print_tables(&shown, &records);
     let model = model_stem(std::path::Path::new(&saved.info.model));
-    draw_plots(&shown, &records, &first.haystack.clone(), &model);
+    draw_plots(&shown, &records, &first.haystack, &model);
     Ok(())
 }
 
@@ -657,8 +657,9 @@ impl PooledKl {
 
 /// Mean KL divergence per token from the full cache along its own answers
 /// (pooled over every prompt of a task), top-1 agreement, the ratio to
-/// `streaming` at the same budget where the run has it, and the mean
-/// fraction of the asked needles' tokens kept.
+/// `streaming` at the same budget where the run has it, the mean fraction
+/// of the asked needles' tokens kept and of the other needles' tokens, and
+/// the distractor values per answer.
 fn print_fidelity_table(args: &EvalArgs, records: &[Record]) {
     let rows = rows(args, records);
     let pooled: Vec<(Key, PooledKl, &[&Record])> = rows
@@ -680,7 +681,8 @@ fn print_fidelity_table(args: &EvalArgs, records: &[Record]) {
     );
     for ((task, method, budget), v, rs) in &pooled {
         let kept = mean(rs.iter().map(|r| r.needle_kept)).unwrap_or(0.0);
-        // Runs recorded before these were measured hold neither.
+        // `-` for a task without distractors, and for runs recorded before
+        // these were measured.
         let others = rs.iter().map(|r| r.other_needles_kept).collect::<Option<Vec<f64>>>();
         let others = others.and_then(|o| mean(o.into_iter()));
         let distractors = rs
