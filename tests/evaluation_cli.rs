@@ -137,6 +137,10 @@ fn eval_writes_records_tables_and_heatmaps() {
         "{stdout}"
     );
     assert!(
+        stdout.contains("where the kept prefix cells went"),
+        "the cell shares table is printed: {stdout}"
+    );
+    assert!(
         stdout.contains("KL after"),
         "the look-ahead table compares KL after the look-ahead: {stdout}"
     );
@@ -177,6 +181,22 @@ fn eval_writes_records_tables_and_heatmaps() {
                 1.0,
                 "the full cache keeps every needle"
             );
+        }
+        // Where the kept prefix cells went: shares that add up to one; the
+        // full cache keeps them all and has none; streaming keeps the 4
+        // sink cells of its BUDGET - 32 prefix cells.
+        assert!(full["cell_shares"].is_null(), "{full}");
+        for r in &prompt[1..] {
+            let shares = &r["cell_shares"];
+            let parts = ["sink", "asked", "others", "request", "filler"].map(|k| float(shares, k));
+            assert!(parts.iter().all(|p| (0.0..=1.0).contains(p)), "{r}");
+            assert!((parts.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{r}");
+            if !has_distractors {
+                assert_eq!(float(shares, "others"), 0.0, "{r}");
+            }
+            if r["method"] == "streaming" {
+                assert_eq!(float(shares, "sink"), 4.0 / (BUDGET - 32) as f64, "{r}");
+            }
         }
         for r in &prompt[1..] {
             assert_eq!(

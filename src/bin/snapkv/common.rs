@@ -38,6 +38,9 @@ pub struct ChatPrompt {
     pub asked_positions: Vec<i32>,
     /// Positions of the tokens of the other needles (the distractors).
     pub unasked_positions: Vec<i32>,
+    /// Position of the first token of the request after the document (the
+    /// question and answer instructions).
+    pub request_start: i32,
 }
 
 /// Builds the chat prompt of a task instance and checks that every needle
@@ -73,6 +76,7 @@ pub fn task_prompt(model: &Model, task: &TaskInstance, window: usize) -> snapkv:
     Ok(ChatPrompt {
         asked_positions: positions(task.asked_needle_spans())?,
         unasked_positions: positions(task.unasked_needle_spans())?,
+        request_start: tokens_before(task.question_start)? as i32,
         tokens,
     })
 }

@@ -5,7 +5,7 @@
 //! accuracy heatmap (length × depth) per task and method. `--replot` redraws
 //! the tables and plots of an earlier run from its `eval.json`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -19,7 +19,7 @@ use snapkv::eval::{
 use snapkv::llama::{Pos, Token};
 use snapkv::{generate, init_backend, Generation, Model, ModelParams, Sampler};
 
-use crate::common::{model_stem, RunInfo};
+use crate::common::{model_stem, ChatPrompt, RunInfo};
 use crate::common::{observed_context, short_answer, task_prompt, token_counter, write_json};
 use crate::options::ModelOptions;
 use crate::options::{MethodOptions, MethodSpec};
@@ -122,8 +122,64 @@ struct Record {
     /// variables) the answer holds (`None` for a task without any).
     #[serde(default)]
     distractors_in_answer: Option<usize>,
+    /// Where the cache's kept prefix cells went (`None` for the full cache).
+    #[serde(default)]
+    cell_shares: Option<CellShares>,
     decode_tokens_per_second: f64,
     compression_seconds: f64,
+}
+
+/// Where a compressed cache's kept prefix cells (the window's excluded) went,
+/// as shares of all of them over every layer and KV head.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct CellShares {
+    /// The first 4 positions (the attention sink streaming keeps).
+    sink: f64,
+    /// The tokens of the needles the question asks about.
+    asked: f64,
+    /// The tokens of the other needles.
+    others: f64,
+    /// The request after the document (question, instructions) before the
+    /// window.
+    request: f64,
+    /// Everything else: the document's filler.
+    filler: f64,
+}
+
+impl CellShares {
+    fn of(kept: &snapkv::snapkv::KeptPositions, prompt: &ChatPrompt) -> Self {
+        let asked: HashSet<i32> = prompt.asked_positions.iter().copied().collect();
+        let others: HashSet<i32> = prompt.unasked_positions.iter().copied().collect();
+        let mut counts = CellShares::default();
+        let mut total = 0usize;
+        for layer in 0..kept.n_layer {
+            for head in 0..kept.n_head_kv {
+                for &p in kept.row(layer, head) {
+                    total += 1;
+                    let bin = if p < 4 {
+                        &mut counts.sink
+                    } else if asked.contains(&p) {
+                        &mut counts.asked
+                    } else if others.contains(&p) {
+                        &mut counts.others
+                    } else if p >= prompt.request_start {
+                        &mut counts.request
+                    } else {
+                        &mut counts.filler
+                    };
+                    *bin += 1.0;
+                }
+            }
+        }
+        let n = total.max(1) as f64;
+        CellShares {
+            sink: counts.sink / n,
+            asked: counts.asked / n,
+            others: counts.others / n,
+            request: counts.request / n,
+            filler: counts.filler / n,
+        }
+    }
 }
 
 /// A task's name, as `TaskKind::name` spells it. (An alias, so that serde
@@ -278,6 +334,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                                 .then(|| kept.map_or(1.0, |k| k.fraction_kept(&prompt.unasked_positions)));
                             let distractors_in_answer =
                                 (!task.distractors.is_empty()).then(|| task.distractors_in(&text));
+                            let cell_shares = kept.map(|k| CellShares::of(k, &prompt));
                             eprintln!(
                                 "    {:<24} {:>5.0}%  KL {:>7.4}  needles kept {:>5.1}%  {:?}",
                                 budget.map_or_else(|| spec.label.clone(), |b| format!("{} @ {b}", spec.label)),
@@ -312,6 +369,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                                 needle_kept_per_layer,
                                 other_needles_kept,
                                 distractors_in_answer,
+                                cell_shares,
                                 decode_tokens_per_second: run.answer.tokens_per_second(),
                                 compression_seconds: run.branch.stats.as_ref().map_or(0.0, |s| s.overhead_seconds()),
                             });
@@ -342,6 +400,46 @@ fn print_tables(args: &EvalArgs, records: &[Record]) {
     print_table(args, records);
     print_lookahead_table(args, records);
     print_fidelity_table(args, records);
+    print_cell_shares_table(args, records);
+}
+
+/// Per (task, method, budget): the mean shares of the kept prefix cells
+/// that went to the sink, the asked needles, the other needles, the request
+/// and the filler.
+fn print_cell_shares_table(args: &EvalArgs, records: &[Record]) {
+    let width = args.methods.iter().map(|m| m.label.len()).max().unwrap_or(0).max(20);
+    let mut out = String::new();
+    for ((_, _, (task, method, budget)), rs) in rows(args, records) {
+        let shares: Vec<CellShares> = rs.iter().filter_map(|r| r.cell_shares).collect();
+        if shares.is_empty() {
+            continue;
+        }
+        let mean_of = |f: fn(&CellShares) -> f64| 100.0 * shares.iter().map(f).sum::<f64>() / shares.len() as f64;
+        let _ = writeln!(
+            out,
+            "{:<11} {:<width$} {:>7} {:>6.1}% {:>6.1}% {:>6.1}% {:>7.1}% {:>6.1}%",
+            task,
+            method,
+            budget.map_or_else(|| "-".into(), |b| b.to_string()),
+            mean_of(|c| c.sink),
+            mean_of(|c| c.asked),
+            mean_of(|c| c.others),
+            mean_of(|c| c.request),
+            mean_of(|c| c.filler),
+        );
+    }
+    if out.is_empty() {
+        return;
+    }
+    println!(
+        "\nwhere the kept prefix cells went (shares over every layer and KV head, the window's cells left out;\n\
+         sink: the first 4 positions; request: the question and instructions before the window):"
+    );
+    println!(
+        "{:<11} {:<width$} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7}",
+        "task", "method", "budget", "sink", "asked", "others", "request", "filler"
+    );
+    print!("{out}");
 }
 
 fn draw_plots(args: &EvalArgs, records: &[Record], haystack: &str, model: &str) {
