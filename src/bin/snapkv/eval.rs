@@ -142,7 +142,8 @@ struct CellShares {
     /// The request after the document (question, instructions) before the
     /// window.
     request: f64,
-    /// Everything else: the document's filler.
+    /// Everything else: the document's filler (and the few tokens of the
+    /// chat template and the introduction before it).
     filler: f64,
 }
 
