@@ -31,8 +31,17 @@ task: over the answer positions after its look-ahead (all positions
 without one), how much of the summed KL the 10 largest positions and the
 2 largest prompts hold, and how many positions exceed 1 nat. A KL carried
 by a few positions comes from a few confident disagreements (a wrong name
-or number), not from a blur over every token.
+or number), not from a blur over every token. The 2 largest prompts'
+answers are printed beside what they should hold.
+
+`--numbers` counts, per task and method, the 7-digit numbers (the suite's
+values) in the answers: their mean per answer and the answers holding at
+most one (an answer that stopped after its first value).
+
+`--reproduced` checks runs against each other: for every (prompt, method,
+budget) that more than one file holds, whether the answers are identical.
 """
+import re
 
 import argparse
 import json
@@ -118,11 +127,43 @@ def kl_concentration(records, tasks, budget, method):
         total = sum(positions)
         if total <= 0:
             continue
-        prompts = sorted((sum(p) for p in per_prompt), reverse=True)
+        by_prompt = sorted(zip(mine, per_prompt), key=lambda rp: -sum(rp[1]))
+        prompts = [sum(p) for _, p in by_prompt]
         print(
             f"{task:<11} {len(mine):>7} {len(positions):>9} {total:>8.2f} {100 * sum(positions[:10]) / total:>11.0f}% "
             f"{100 * sum(prompts[:2]) / total:>13.0f}% {sum(k > 1 for k in positions):>13}"
         )
+        for r, _ in by_prompt[:2]:
+            print(f"{'':<11}   seed {r['seed']}, depth {r['depth']}: {r['answer'].strip()!r}, expected {', '.join(r['expected'])}")
+
+
+def count_numbers(records, tasks, budget):
+    """Prints, per task and method, the 7-digit numbers per answer."""
+    print(f"7-digit numbers per answer ({budget} cells; the full cache at any budget):")
+    print(f"{'task':<11} {'method':<32} {'answers':>7} {'numbers':>8} {'at most one':>12}")
+    for task in tasks:
+        methods = []
+        for r in records:
+            if r["task"] == task and (r["budget"] in (None, budget)) and r["method"] not in methods:
+                methods.append(r["method"])
+        for m in methods:
+            mine = [r for r in records if r["task"] == task and r["method"] == m and r["budget"] in (None, budget)]
+            counts = [len(re.findall(r"(?<!\d)\d{7}(?!\d)", r["answer"])) for r in mine]
+            print(f"{task:<11} {m:<32} {len(mine):>7} {mean(counts):>8.2f} {sum(c <= 1 for c in counts):>12}")
+
+
+def reproduced(records):
+    """Prints how many (prompt, method, budget) answers held by more than
+    one file are identical in all of them."""
+    answers = {}
+    for r in records:
+        answers.setdefault((r["prompt"][1:], r["method"], r["budget"]), []).append(r["answer"])
+    shared = {k: v for k, v in answers.items() if len(v) > 1}
+    same = sum(len(set(v)) == 1 for v in shared.values())
+    print(f"answers held by more than one run: {len(shared)}; identical in every run: {same}")
+    for (prompt, method, budget), v in shared.items():
+        if len(set(v)) > 1:
+            print(f"  differs: {prompt[0]} depth {prompt[3]} seed {prompt[4]} {method} @ {budget}: {[a[:40] for a in v]!r}")
 
 
 def fraction(num, den):
@@ -156,6 +197,10 @@ def main():
         default=[],
         metavar="M",
         help="also show how concentrated method M's per-position KL is (repeatable)",
+    )
+    ap.add_argument("--numbers", action="store_true", help="also count the 7-digit numbers per answer")
+    ap.add_argument(
+        "--reproduced", action="store_true", help="also check that answers several files hold are identical"
     )
     args = ap.parse_args()
 
@@ -217,6 +262,12 @@ def main():
     for m in args.kl_concentration:
         print()
         kl_concentration(records, tasks, args.budget, m)
+    if args.numbers:
+        print()
+        count_numbers(records, tasks, args.budget)
+    if args.reproduced:
+        print()
+        reproduced(records)
 
 
 if __name__ == "__main__":
