@@ -153,6 +153,12 @@ enum snapkv_value_weighting {
                                        points at */
 };
 
+enum snapkv_query_aggregation {
+    SNAPKV_QUERY_AGGREGATION_SUM = 0, /* a vote sums the window queries' probabilities
+                                         (SnapKV's paper; default) */
+    SNAPKV_QUERY_AGGREGATION_MAX = 1  /* a vote is the largest of them */
+};
+
 typedef struct snapkv_params {
     /* sizeof(snapkv_params) of the header the caller compiled against; set
      * by snapkv_params_default. Must stay the first member. */
@@ -183,6 +189,9 @@ typedef struct snapkv_params {
      * Appended after pool_forward: a caller built against a header without
      * it passes size 40 and gets the default. */
     int32_t value_weighting;
+    /* enum snapkv_query_aggregation. Default SNAPKV_QUERY_AGGREGATION_SUM.
+     * It fills what was the struct's tail padding: the size is unchanged. */
+    int32_t query_aggregation;
 } snapkv_params;
 
 /* Fills *params with the defaults (and params->size). Caller owns params.

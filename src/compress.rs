@@ -28,8 +28,8 @@ use crate::llama::observer::{Capture, CaptureRequest};
 use crate::llama::{dequantize_row, CacheType, ContextRef, ModelRef, Pos, SeqId, Token, WindowObserver};
 use crate::snapkv::{
     gather_keys, hadamard, pool_and_aggregate, position_order, rewrite, selector_by_name, value_norms,
-    weight_votes_by_value_norms, CellOrder, KeptPositions, ModelShape, QueryScorer, SelectionShape, Selector, SeqState,
-    SnapKvConfig, SnapKvSelector, ValueWeighting, Votes,
+    weight_votes_by_value_norms, CellOrder, KeptPositions, ModelShape, QueryAggregation, QueryScorer, SelectionShape,
+    Selector, SeqState, SnapKvConfig, SnapKvSelector, ValueWeighting, Votes,
 };
 
 /// Model architectures whose graph naming (`Qcur-<il>` after RoPE,
@@ -510,7 +510,7 @@ impl Compressor {
 
         let t_score = Instant::now();
         let (scores, source) = if self.selector.needs_scores() {
-            let (mut votes, source) = compute_votes(model, capture, &state, &order, w)?;
+            let (mut votes, source) = compute_votes(model, capture, &state, &order, w, self.config.queries)?;
             if self.config.value_weighting == ValueWeighting::Norm {
                 weight_by_value_norms(&state, &order, &mut votes)?;
             }
@@ -652,9 +652,10 @@ fn compute_votes(
     state: &SeqState<'_>,
     order: &CellOrder,
     w: usize,
+    queries: QueryAggregation,
 ) -> Result<(Votes, ScoreSource)> {
     let n_layer = model.n_layer();
-    let mut votes = Votes::new(n_layer, model.n_head(), order.prefix_len)?;
+    let mut votes = Votes::new(n_layer, model.n_head(), order.prefix_len)?.with_query_aggregation(queries);
     if capture.softmax.iter().all(Option::is_some) {
         if let Some(prefix_col) = softmax_columns(capture, state, order, model.n_head(), w) {
             for (layer, rows) in capture.softmax.iter().enumerate() {
@@ -901,7 +902,7 @@ mod tests {
         let state = SeqState::parse(&blob, &model_shape(model)).unwrap();
         let order = position_order(state.positions(), w).unwrap();
 
-        let (votes, source) = compute_votes(model, &capture, &state, &order, w).unwrap();
+        let (votes, source) = compute_votes(model, &capture, &state, &order, w, QueryAggregation::Sum).unwrap();
         let naive_votes = if fa == FlashAttention::Off {
             assert_eq!(source, ScoreSource::Softmax);
             naive_votes_softmax(model, &capture, p, w)

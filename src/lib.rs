@@ -67,4 +67,6 @@ pub use llama::{
     build_info, init_backend, set_log_level, Batch, ChatMessage, Context, ContextParams, ContextRef, FlashAttention,
     LogLevel, Model, ModelParams, ModelRef, Sampler, WindowObserver,
 };
-pub use snapkv::{Budget, CacheType, GqaAggregation, PoolAlign, Pooling, SnapKvConfig, ValueWeighting};
+pub use snapkv::{
+    Budget, CacheType, GqaAggregation, PoolAlign, Pooling, QueryAggregation, SnapKvConfig, ValueWeighting,
+};

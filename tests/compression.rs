@@ -14,7 +14,7 @@ use snapkv::snapkv::{
 use snapkv::testing::{tiny_model_path, TinyModelSpec};
 use snapkv::{
     generate, init_backend, Budget, CacheType, ChatMessage, Compressor, Context, FlashAttention, Model, ModelParams,
-    Sampler, SnapKvConfig, ValueWeighting, WindowObserver,
+    QueryAggregation, Sampler, SnapKvConfig, ValueWeighting, WindowObserver,
 };
 
 /// A selector that records what the wrapped one chose.
@@ -477,6 +477,24 @@ fn value_weighting_reads_every_v_layout_alike_and_changes_the_selection() {
     assert!(on_off >= 0.97, "{on_off}");
     assert!(q8 >= 0.95, "{q8}");
     assert!(vs_plain < 0.99, "weighting by value norms changed nothing: {vs_plain}");
+}
+
+/// Max over the window queries goes through the model's softmax (flash
+/// attention off) and through captured queries (on) alike, and keeps other
+/// cells than the sum does.
+#[test]
+fn max_over_queries_agrees_with_flash_attention_on_and_off_and_changes_the_selection() {
+    let tokens = tiny_prompt(400, 29);
+    let mut by_max = config(128);
+    by_max.queries = QueryAggregation::Max;
+    let f16 = (CacheType::F16, CacheType::F16);
+    let on = selection_of(tiny(), &tokens, by_max.clone(), FlashAttention::On, f16);
+    let off = selection_of(tiny(), &tokens, by_max, FlashAttention::Off, f16);
+    let summed = selection_of(tiny(), &tokens, config(128), FlashAttention::On, f16);
+    let (on_off, vs_sum) = (agreement(&on, &off), agreement(&on, &summed));
+    eprintln!("max over queries: flash on/off {on_off:.3}, max/sum {vs_sum:.3}");
+    assert!(on_off >= 0.97, "{on_off}");
+    assert!(vs_sum < 0.99, "max over the window queries changed nothing: {vs_sum}");
 }
 
 #[test]

@@ -433,6 +433,7 @@ mod tests {
             pool_align: 9,
             pool_forward: 9,
             value_weighting: 9,
+            query_aggregation: 9,
         };
         // SAFETY: p is writable.
         assert_eq!(unsafe { snapkv_params_default(&mut p) }, 0);

@@ -7,7 +7,7 @@ use std::mem::{offset_of, size_of};
 
 use super::status::{Failure, Status};
 use crate::compress::{CompressionStats, ScoreSource};
-use crate::snapkv::{Budget, GqaAggregation, PoolAlign, Pooling, SnapKvConfig, ValueWeighting};
+use crate::snapkv::{Budget, GqaAggregation, PoolAlign, Pooling, QueryAggregation, SnapKvConfig, ValueWeighting};
 
 /// `snapkv_observer`: opaque in C; in Rust the pointer is an
 /// `Arc<WindowObserver>` turned into a raw pointer (see `ptr.rs`).
@@ -50,6 +50,10 @@ pub const GQA_MAX: i32 = 1;
 pub const VALUE_WEIGHTING_OFF: i32 = 0;
 /// `SNAPKV_VALUE_WEIGHTING_NORM`.
 pub const VALUE_WEIGHTING_NORM: i32 = 1;
+/// `SNAPKV_QUERY_AGGREGATION_SUM`.
+pub const QUERY_AGGREGATION_SUM: i32 = 0;
+/// `SNAPKV_QUERY_AGGREGATION_MAX`.
+pub const QUERY_AGGREGATION_MAX: i32 = 1;
 /// `SNAPKV_SCORE_NONE`.
 pub const SCORE_NONE: i32 = 0;
 /// `SNAPKV_SCORE_SOFTMAX`.
@@ -89,6 +93,9 @@ pub struct SnapkvParams {
     /// caller compiled against that header (`size` 40) gets the default,
     /// off, which is also this field's zero.
     pub value_weighting: i32,
+    /// `enum snapkv_query_aggregation`. It fills what was the struct's tail
+    /// padding, so the size did not change; its zero is the default, sum.
+    pub query_aggregation: i32,
 }
 
 /// `sizeof(snapkv_params)` before `value_weighting` was appended: the
@@ -129,6 +136,10 @@ impl Default for SnapkvParams {
             value_weighting: match c.value_weighting {
                 ValueWeighting::Off => VALUE_WEIGHTING_OFF,
                 ValueWeighting::Norm => VALUE_WEIGHTING_NORM,
+            },
+            query_aggregation: match c.queries {
+                QueryAggregation::Sum => QUERY_AGGREGATION_SUM,
+                QueryAggregation::Max => QUERY_AGGREGATION_MAX,
             },
         }
     }
@@ -223,6 +234,15 @@ impl SnapkvParams {
                 )))
             }
         };
+        let queries = match self.query_aggregation {
+            QUERY_AGGREGATION_SUM => QueryAggregation::Sum,
+            QUERY_AGGREGATION_MAX => QueryAggregation::Max,
+            other => {
+                return Err(invalid(format!(
+                    "query_aggregation: unknown value {other} (SNAPKV_QUERY_AGGREGATION_SUM or _MAX)"
+                )))
+            }
+        };
         // Every field listed: a new parameter must be exposed to C too.
         let config = SnapKvConfig {
             window: self.window as usize,
@@ -232,6 +252,7 @@ impl SnapkvParams {
             pool_align,
             gqa,
             value_weighting,
+            queries,
         };
         config.validate().map_err(|e| invalid(e.to_string()))?;
         Ok(config)
@@ -376,6 +397,8 @@ pub fn abi_items() -> Vec<AbiItem> {
         abi_const!("SNAPKV_GQA_MAX", GQA_MAX),
         abi_const!("SNAPKV_VALUE_WEIGHTING_OFF", VALUE_WEIGHTING_OFF),
         abi_const!("SNAPKV_VALUE_WEIGHTING_NORM", VALUE_WEIGHTING_NORM),
+        abi_const!("SNAPKV_QUERY_AGGREGATION_SUM", QUERY_AGGREGATION_SUM),
+        abi_const!("SNAPKV_QUERY_AGGREGATION_MAX", QUERY_AGGREGATION_MAX),
         abi_const!("SNAPKV_SCORE_NONE", SCORE_NONE),
         abi_const!("SNAPKV_SCORE_SOFTMAX", SCORE_SOFTMAX),
         abi_const!("SNAPKV_SCORE_QUERY_KEY", SCORE_QUERY_KEY),
@@ -404,7 +427,8 @@ pub fn abi_items() -> Vec<AbiItem> {
         gqa,
         pool_align,
         pool_forward,
-        value_weighting
+        value_weighting,
+        query_aggregation
     ));
     items.extend(abi_offsets!(
         SnapkvStats,
@@ -450,6 +474,12 @@ mod tests {
             ..p
         };
         assert_eq!(norm.to_config().unwrap().value_weighting, ValueWeighting::Norm);
+        assert_eq!(p.query_aggregation, QUERY_AGGREGATION_SUM);
+        let max = SnapkvParams {
+            query_aggregation: QUERY_AGGREGATION_MAX,
+            ..p
+        };
+        assert_eq!(max.to_config().unwrap().queries, QueryAggregation::Max);
         assert_eq!(p.to_config().unwrap(), SnapKvConfig::default());
     }
 
@@ -469,6 +499,13 @@ mod tests {
                     ..base
                 },
                 "value_weighting",
+            ),
+            (
+                SnapkvParams {
+                    query_aggregation: -1,
+                    ..base
+                },
+                "query_aggregation",
             ),
             (
                 SnapkvParams {

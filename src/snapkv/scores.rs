@@ -8,7 +8,7 @@
 
 use std::thread;
 
-use super::config::{GqaAggregation, PoolAlign, Pooling};
+use super::config::{GqaAggregation, PoolAlign, Pooling, QueryAggregation};
 use super::error::AlgoError;
 
 /// The cells of a sequence in position order, split into prefix and window.
@@ -67,7 +67,8 @@ fn checked_volume(dims: &[usize], what: &str) -> Result<usize, AlgoError> {
         .ok_or_else(|| AlgoError::ShapeMismatch(format!("{what} size overflows: {dims:?}")))
 }
 
-/// Per-layer, per-query-head votes: the sum over the window queries of their
+/// Per-layer, per-query-head votes: the sum (or, with
+/// [`QueryAggregation::Max`], the maximum) over the window queries of their
 /// attention probability on each prefix cell. Layout `[layer][head][prefix]`.
 ///
 /// The public fields describe the layout; changing them after construction
@@ -80,11 +81,12 @@ pub struct Votes {
     pub n_head: usize,
     /// Prefix cells scored per head.
     pub prefix_len: usize,
+    queries: QueryAggregation,
     data: Vec<f32>,
 }
 
 impl Votes {
-    /// All-zero votes.
+    /// All-zero votes that sum the window queries' probabilities.
     ///
     /// # Errors
     /// [`AlgoError::ShapeMismatch`] when the size overflows.
@@ -94,8 +96,21 @@ impl Votes {
             n_layer,
             n_head,
             prefix_len,
+            queries: QueryAggregation::Sum,
             data: vec![0.0; len],
         })
+    }
+
+    /// The same votes, combining the probabilities added from now on by
+    /// `queries` (set it before adding any).
+    pub fn with_query_aggregation(mut self, queries: QueryAggregation) -> Self {
+        self.queries = queries;
+        self
+    }
+
+    /// How added probabilities are combined.
+    pub fn query_aggregation(&self) -> QueryAggregation {
+        self.queries
     }
 
     /// Votes of query head `head` in layer `layer`, one per prefix index.
@@ -217,7 +232,8 @@ impl HeadScores {
 /// `probs` is laid out `[head][query q in 0..window][column c in 0..n_cols]`
 /// (the `kq_soft_max` tensor); `prefix_col[i]` is the column that holds
 /// prefix index `i`. For every head and prefix index the probabilities of
-/// all window queries are summed into `votes`.
+/// all window queries are summed into `votes` (or their maximum taken, as
+/// the votes' [`QueryAggregation`] says).
 ///
 /// # Errors
 /// [`AlgoError::ShapeMismatch`] when `layer` is out of range, `probs` is not
@@ -256,14 +272,24 @@ pub fn add_votes_from_softmax(
         return Ok(());
     }
     let prefix_len = votes.prefix_len;
+    let queries = votes.queries;
     let layer_votes = votes.layer_mut(layer);
     for (head_votes, head_probs) in layer_votes
         .chunks_exact_mut(prefix_len.max(1))
         .zip(probs.chunks_exact(window * n_cols))
     {
         for row in head_probs.chunks_exact(n_cols) {
-            for (v, &c) in head_votes.iter_mut().zip(prefix_col) {
-                *v += row[c];
+            match queries {
+                QueryAggregation::Sum => {
+                    for (v, &c) in head_votes.iter_mut().zip(prefix_col) {
+                        *v += row[c];
+                    }
+                }
+                QueryAggregation::Max => {
+                    for (v, &c) in head_votes.iter_mut().zip(prefix_col) {
+                        *v = v.max(row[c]);
+                    }
+                }
             }
         }
     }
@@ -338,6 +364,7 @@ struct QkShape {
     prefix_len: usize,
     n_cells: usize,
     scale: f32,
+    queries: QueryAggregation,
 }
 
 /// Multiply-adds below which a call stays on the calling thread.
@@ -420,6 +447,7 @@ impl QueryScorer {
             prefix_len: votes.prefix_len,
             n_cells,
             scale,
+            queries: votes.queries,
         };
         if votes.prefix_len == 0 {
             return Ok(());
@@ -459,7 +487,8 @@ impl QueryScorer {
 /// `h / (n_head / n_head_kv)`; window query `q` sits at window cell `q` and
 /// sees every prefix cell plus window cells `0..=q`. Logits are scaled by
 /// `scale`, turned into probabilities by a max-subtracted softmax in f32, and
-/// the probabilities of prefix cells are added to `votes`.
+/// the probabilities of prefix cells are added to `votes` (or their maximum
+/// taken, as the votes' [`QueryAggregation`] says).
 ///
 /// Uses `std::thread::available_parallelism()` threads for large inputs;
 /// use [`QueryScorer`] to choose the thread count and to reuse buffers.
@@ -529,8 +558,17 @@ fn score_heads(
             let inv_sum = 1.0 / softmax_numerators(visible, s.scale);
             let row_start = (h - first_head + head_local) * s.prefix_len;
             let votes_row = &mut votes_part[row_start..row_start + s.prefix_len];
-            for (v, &e) in votes_row.iter_mut().zip(visible.iter()) {
-                *v += e * inv_sum;
+            match s.queries {
+                QueryAggregation::Sum => {
+                    for (v, &e) in votes_row.iter_mut().zip(visible.iter()) {
+                        *v += e * inv_sum;
+                    }
+                }
+                QueryAggregation::Max => {
+                    for (v, &e) in votes_row.iter_mut().zip(visible.iter()) {
+                        *v = v.max(e * inv_sum);
+                    }
+                }
             }
         }
         h = h_end;
@@ -908,6 +946,22 @@ pub(crate) mod tests {
         votes
     }
 
+    /// Naive votes `[head][prefix]`: the largest probability any window
+    /// query gives each prefix cell ([`QueryAggregation::Max`]).
+    fn naive_max_votes(d: Dims, probs: &[f64]) -> Vec<f64> {
+        let n = d.prefix_len + d.window;
+        let mut votes = vec![0f64; d.n_head * d.prefix_len];
+        for h in 0..d.n_head {
+            for q in 0..d.window {
+                for i in 0..d.prefix_len {
+                    let v = &mut votes[h * d.prefix_len + i];
+                    *v = v.max(probs[(h * d.window + q) * n + i]);
+                }
+            }
+        }
+        votes
+    }
+
     /// Naive O(n·k) pooling with truncated windows.
     fn naive_pool(row: &[f64], kernel: usize, pooling: Pooling, align: PoolAlign) -> Vec<f64> {
         let (before, after) = match align {
@@ -1152,6 +1206,48 @@ pub(crate) mod tests {
         for (a, b) in from_softmax.as_slice().iter().zip(from_queries.as_slice()) {
             assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn max_over_queries_matches_the_naive_reference_on_both_paths() {
+        let d = Dims {
+            n_head: 6,
+            n_head_kv: 2,
+            head_dim: 16,
+            window: 7,
+            prefix_len: 90,
+        };
+        let n = d.prefix_len + d.window;
+        let queries: Vec<f32> = random_values(11, d.window * d.n_head * d.head_dim)
+            .into_iter()
+            .map(|x| x * 3.0)
+            .collect();
+        let keys = random_values(12, n * d.n_head_kv * d.head_dim);
+        let scale = 0.25f32;
+        let probs = naive_probs(d, &queries, &keys, f64::from(scale));
+        let reference = naive_max_votes(d, &probs);
+        let sums = naive_votes(d, &probs);
+        assert!(
+            reference.iter().zip(&sums).any(|(m, s)| (m - s).abs() > 1e-3),
+            "max and sum must differ for the test to mean anything"
+        );
+        for threads in [1, 3] {
+            let mut votes = Votes::new(1, d.n_head, d.prefix_len)
+                .unwrap()
+                .with_query_aggregation(QueryAggregation::Max);
+            QueryScorer::new(threads)
+                .add_votes(&mut votes, 0, &queries, &keys, d.head_dim, d.n_head_kv, d.window, scale)
+                .unwrap();
+            assert_close(votes.as_slice(), &reference, 1e-4, "max votes from queries");
+        }
+        let softmax: Vec<f32> = probs.iter().map(|&p| p as f32).collect();
+        let columns: Vec<usize> = (0..d.prefix_len).collect();
+        let mut from_softmax = Votes::new(1, d.n_head, d.prefix_len)
+            .unwrap()
+            .with_query_aggregation(QueryAggregation::Max);
+        add_votes_from_softmax(&mut from_softmax, 0, &softmax, n, d.window, &columns).unwrap();
+        assert_close(from_softmax.as_slice(), &reference, 1e-6, "max votes from softmax");
+        assert_eq!(from_softmax.query_aggregation(), QueryAggregation::Max);
     }
 
     #[test]

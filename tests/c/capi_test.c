@@ -223,7 +223,8 @@ int main(int argc, char ** argv) {
     expect(snapkv_params_default(&p), SNAPKV_OK, "params_default", NULL);
     CHECK(p.size == sizeof(snapkv_params) && p.window == 32 && p.budget == 1024 && p.kernel == 11 &&
           p.pool_align == SNAPKV_POOL_ALIGN_FORWARD && p.pool_forward == 7 &&
-          p.value_weighting == SNAPKV_VALUE_WEIGHTING_OFF, "defaults");
+          p.value_weighting == SNAPKV_VALUE_WEIGHTING_OFF &&
+          p.query_aggregation == SNAPKV_QUERY_AGGREGATION_SUM, "defaults");
     p.window = 16;
     p.budget = 64;
     memset(&sentinel, 0xAB, sizeof sentinel);
@@ -278,6 +279,9 @@ int main(int argc, char ** argv) {
     bad = p; bad.value_weighting = 2;
     expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
            "params.value_weighting = 2", "value_weighting");
+    bad = p; bad.query_aggregation = 7;
+    expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
+           "params.query_aggregation = 7", "query_aggregation");
     /* A caller built before value_weighting existed passes the old size;
      * the field, past its struct, is not read (the invalid 2 is ignored). */
     bad = p; bad.value_weighting = 2; bad.size = offsetof(snapkv_params, value_weighting); bad.window = 0;

@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use snapkv::{Budget, CacheType, FlashAttention, GqaAggregation, PoolAlign, Pooling, SnapKvConfig, ValueWeighting};
+use snapkv::{
+    Budget, CacheType, FlashAttention, GqaAggregation, PoolAlign, Pooling, QueryAggregation, SnapKvConfig,
+    ValueWeighting,
+};
 
 /// The default model: Qwen2.5-Coder-0.5B-Instruct, fetched by scripts/fetch-models.sh.
 pub const DEFAULT_MODEL: &str = "models/qwen2.5-coder-0.5b-instruct.gguf";
@@ -92,6 +95,10 @@ pub struct MethodOptions {
     /// Votes weighted by the norm of the cached value vector they point at: off or norm.
     #[arg(long = "value-weighting", default_value = "off")]
     pub value_weighting: ValueWeighting,
+    /// How the window queries' attention on a position makes its vote: sum (SnapKV's paper) or max (the
+    /// largest of them).
+    #[arg(long = "query-aggregation", default_value = "sum")]
+    pub query_aggregation: QueryAggregation,
 }
 
 impl MethodOptions {
@@ -104,6 +111,7 @@ impl MethodOptions {
         cfg.pool_align = self.pool_align;
         cfg.gqa = self.gqa;
         cfg.value_weighting = self.value_weighting;
+        cfg.queries = self.query_aggregation;
         cfg.budget = Budget::Cells(cells);
         cfg
     }
@@ -119,7 +127,7 @@ pub fn parse_cache_type(s: &str) -> Result<CacheType, String> {
 
 /// A method as written on the command line: a name (`full` or a selector)
 /// optionally followed by `:key=value` overrides of the shared method
-/// options, e.g. `snapkv:kernel=15:pool=avg:align=trailing:gqa=max:value=norm`. Overrides let one run
+/// options, e.g. `snapkv:kernel=15:pool=avg:align=trailing:gqa=max:value=norm:queries=max`. Overrides let one run
 /// compare variants of a method over the same evaluated prompts; the window
 /// cannot be overridden (every method of a run observes the same window).
 /// `lookahead=N` (`eval` only) compresses after the answer's first `N`
@@ -136,6 +144,7 @@ pub struct MethodSpec {
     align: Option<PoolAlign>,
     gqa: Option<GqaAggregation>,
     value_weighting: Option<ValueWeighting>,
+    queries: Option<QueryAggregation>,
     lookahead: usize,
 }
 
@@ -186,6 +195,9 @@ impl MethodSpec {
         if let Some(v) = self.value_weighting {
             cfg.value_weighting = v;
         }
+        if let Some(q) = self.queries {
+            cfg.queries = q;
+        }
         snapkv::eval::Method::by_name(&self.name, cfg)
     }
 }
@@ -208,6 +220,7 @@ impl std::str::FromStr for MethodSpec {
             align: None,
             gqa: None,
             value_weighting: None,
+            queries: None,
             lookahead: 0,
         };
         for part in parts {
@@ -223,10 +236,11 @@ impl std::str::FromStr for MethodSpec {
                 "align" => spec.align = Some(value.parse().map_err(|e| format!("{s:?}: align: {e}"))?),
                 "gqa" => spec.gqa = Some(value.parse().map_err(|e| format!("{s:?}: gqa: {e}"))?),
                 "value" => spec.value_weighting = Some(value.parse().map_err(|e| format!("{s:?}: value: {e}"))?),
+                "queries" => spec.queries = Some(value.parse().map_err(|e| format!("{s:?}: queries: {e}"))?),
                 "lookahead" => spec.lookahead = value.parse().map_err(|e| format!("{s:?}: lookahead: {e}"))?,
                 _ => {
                     return Err(format!(
-                        "{s:?}: unknown option {key:?} (kernel, pool, align, gqa, value, lookahead)"
+                        "{s:?}: unknown option {key:?} (kernel, pool, align, gqa, value, queries, lookahead)"
                     ))
                 }
             }
@@ -256,6 +270,11 @@ mod tests {
         let weighted: MethodSpec = "snapkv:value=norm:lookahead=8".parse().unwrap();
         assert_eq!(weighted.value_weighting, Some(snapkv::ValueWeighting::Norm));
         assert_eq!((weighted.lookahead(), plain.value_weighting), (8, None));
+        let by_max: MethodSpec = "snapkv:queries=max".parse().unwrap();
+        assert_eq!(
+            (by_max.queries, plain.queries),
+            (Some(snapkv::QueryAggregation::Max), None)
+        );
         assert_eq!(
             spec.label,
             "snapkv-shared-layer:kernel=15:pool=avg:align=trailing:gqa=max"
@@ -276,6 +295,7 @@ mod tests {
             "snapkv:pool=min",
             "snapkv:align=left",
             "snapkv:value=l1",
+            "snapkv:queries=mean",
         ] {
             assert!(bad.parse::<MethodSpec>().is_err(), "{bad}");
         }
