@@ -962,6 +962,17 @@ pub(crate) mod tests {
         votes
     }
 
+    /// Random window queries (`[q][head][d]`, times `query_gain` to sharpen
+    /// the attention) and keys (`[cell][kv_head][d]`) for shape `d`.
+    fn random_queries_and_keys(d: Dims, query_seed: u64, key_seed: u64, query_gain: f32) -> (Vec<f32>, Vec<f32>) {
+        let n = d.prefix_len + d.window;
+        let queries = random_values(query_seed, d.window * d.n_head * d.head_dim)
+            .into_iter()
+            .map(|x| x * query_gain)
+            .collect();
+        (queries, random_values(key_seed, n * d.n_head_kv * d.head_dim))
+    }
+
     /// Naive O(n·k) pooling with truncated windows.
     fn naive_pool(row: &[f64], kernel: usize, pooling: Pooling, align: PoolAlign) -> Vec<f64> {
         let (before, after) = match align {
@@ -1027,12 +1038,7 @@ pub(crate) mod tests {
     }
 
     fn check_against_reference(d: Dims, seed: u64, threads: usize) {
-        let n = d.prefix_len + d.window;
-        let queries = random_values(seed, d.window * d.n_head * d.head_dim)
-            .into_iter()
-            .map(|x| x * 3.0)
-            .collect::<Vec<_>>();
-        let keys = random_values(seed ^ 0xabcdef, n * d.n_head_kv * d.head_dim);
+        let (queries, keys) = random_queries_and_keys(d, seed, seed ^ 0xabcdef, 3.0);
         let scale = 1.0 / (d.head_dim as f32).sqrt();
         let probs = naive_probs(d, &queries, &keys, f64::from(scale));
         let ref_votes = naive_votes(d, &probs);
@@ -1123,12 +1129,7 @@ pub(crate) mod tests {
             window: 8,
             prefix_len: 400,
         };
-        let n = d.prefix_len + d.window;
-        let queries: Vec<f32> = random_values(11, d.window * d.n_head * d.head_dim)
-            .iter()
-            .map(|x| x * 4.0)
-            .collect();
-        let keys = random_values(12, n * d.n_head_kv * d.head_dim);
+        let (queries, keys) = random_queries_and_keys(d, 11, 12, 4.0);
         let scale = 1.0 / (d.head_dim as f32).sqrt();
         let ref_votes = naive_votes(d, &naive_probs(d, &queries, &keys, f64::from(scale)));
         let votes = fast_votes(d, &queries, &keys, scale, 1);
@@ -1218,11 +1219,7 @@ pub(crate) mod tests {
             prefix_len: 90,
         };
         let n = d.prefix_len + d.window;
-        let queries: Vec<f32> = random_values(11, d.window * d.n_head * d.head_dim)
-            .into_iter()
-            .map(|x| x * 3.0)
-            .collect();
-        let keys = random_values(12, n * d.n_head_kv * d.head_dim);
+        let (queries, keys) = random_queries_and_keys(d, 11, 12, 3.0);
         let scale = 0.25f32;
         let probs = naive_probs(d, &queries, &keys, f64::from(scale));
         let reference = naive_max_votes(d, &probs);
