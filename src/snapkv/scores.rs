@@ -279,21 +279,23 @@ pub fn add_votes_from_softmax(
         .zip(probs.chunks_exact(window * n_cols))
     {
         for row in head_probs.chunks_exact(n_cols) {
-            match queries {
-                QueryAggregation::Sum => {
-                    for (v, &c) in head_votes.iter_mut().zip(prefix_col) {
-                        *v += row[c];
-                    }
-                }
-                QueryAggregation::Max => {
-                    for (v, &c) in head_votes.iter_mut().zip(prefix_col) {
-                        *v = v.max(row[c]);
-                    }
-                }
+            for (v, &c) in head_votes.iter_mut().zip(prefix_col) {
+                *v = combine(queries, *v, row[c]);
             }
         }
     }
     Ok(())
+}
+
+/// A vote after one more window query's probability `p`: the sum or the
+/// maximum so far. (`queries` is the same for a whole loop, so the
+/// compiler hoists the match out of it.)
+#[inline(always)]
+fn combine(queries: QueryAggregation, vote: f32, p: f32) -> f32 {
+    match queries {
+        QueryAggregation::Sum => vote + p,
+        QueryAggregation::Max => vote.max(p),
+    }
 }
 
 /// Multiplies layer `layer`'s votes by the norms of the value vectors they
@@ -558,17 +560,8 @@ fn score_heads(
             let inv_sum = 1.0 / softmax_numerators(visible, s.scale);
             let row_start = (h - first_head + head_local) * s.prefix_len;
             let votes_row = &mut votes_part[row_start..row_start + s.prefix_len];
-            match s.queries {
-                QueryAggregation::Sum => {
-                    for (v, &e) in votes_row.iter_mut().zip(visible.iter()) {
-                        *v += e * inv_sum;
-                    }
-                }
-                QueryAggregation::Max => {
-                    for (v, &e) in votes_row.iter_mut().zip(visible.iter()) {
-                        *v = v.max(e * inv_sum);
-                    }
-                }
+            for (v, &e) in votes_row.iter_mut().zip(visible.iter()) {
+                *v = combine(s.queries, *v, e * inv_sum);
             }
         }
         h = h_end;
@@ -932,30 +925,25 @@ pub(crate) mod tests {
         out
     }
 
-    /// Naive votes `[head][prefix]` from naive probabilities.
+    /// Naive votes `[head][prefix]` from naive probabilities: their sum
+    /// over the window queries.
     fn naive_votes(d: Dims, probs: &[f64]) -> Vec<f64> {
-        let n = d.prefix_len + d.window;
-        let mut votes = vec![0f64; d.n_head * d.prefix_len];
-        for h in 0..d.n_head {
-            for q in 0..d.window {
-                for i in 0..d.prefix_len {
-                    votes[h * d.prefix_len + i] += probs[(h * d.window + q) * n + i];
-                }
-            }
-        }
-        votes
+        naive_votes_by(d, probs, QueryAggregation::Sum)
     }
 
-    /// Naive votes `[head][prefix]`: the largest probability any window
-    /// query gives each prefix cell ([`QueryAggregation::Max`]).
-    fn naive_max_votes(d: Dims, probs: &[f64]) -> Vec<f64> {
+    /// Naive votes `[head][prefix]`, the window queries' probabilities
+    /// summed or their maximum taken.
+    fn naive_votes_by(d: Dims, probs: &[f64], queries: QueryAggregation) -> Vec<f64> {
         let n = d.prefix_len + d.window;
         let mut votes = vec![0f64; d.n_head * d.prefix_len];
         for h in 0..d.n_head {
             for q in 0..d.window {
                 for i in 0..d.prefix_len {
-                    let v = &mut votes[h * d.prefix_len + i];
-                    *v = v.max(probs[(h * d.window + q) * n + i]);
+                    let (v, p) = (&mut votes[h * d.prefix_len + i], probs[(h * d.window + q) * n + i]);
+                    *v = match queries {
+                        QueryAggregation::Sum => *v + p,
+                        QueryAggregation::Max => v.max(p),
+                    };
                 }
             }
         }
@@ -1222,7 +1210,7 @@ pub(crate) mod tests {
         let (queries, keys) = random_queries_and_keys(d, 11, 12, 3.0);
         let scale = 0.25f32;
         let probs = naive_probs(d, &queries, &keys, f64::from(scale));
-        let reference = naive_max_votes(d, &probs);
+        let reference = naive_votes_by(d, &probs, QueryAggregation::Max);
         let sums = naive_votes(d, &probs);
         assert!(
             reference.iter().zip(&sums).any(|(m, s)| (m - s).abs() > 1e-3),
