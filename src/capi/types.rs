@@ -116,14 +116,8 @@ impl Default for SnapkvParams {
             budget,
             kernel: c.kernel as u32,
             budget_fraction,
-            pooling: match c.pooling {
-                Pooling::Max => POOLING_MAX,
-                Pooling::Avg => POOLING_AVG,
-            },
-            gqa: match c.gqa {
-                GqaAggregation::Mean => GQA_MEAN,
-                GqaAggregation::Max => GQA_MAX,
-            },
+            pooling: c.pooling.to_c(),
+            gqa: c.gqa.to_c(),
             pool_align: match c.pool_align {
                 PoolAlign::Centered => POOL_ALIGN_CENTERED,
                 PoolAlign::Trailing => POOL_ALIGN_TRAILING,
@@ -133,14 +127,8 @@ impl Default for SnapkvParams {
                 PoolAlign::Forward(n) => u32::try_from(n).unwrap_or(u32::MAX),
                 PoolAlign::Centered | PoolAlign::Trailing => 0,
             },
-            value_weighting: match c.value_weighting {
-                ValueWeighting::Off => VALUE_WEIGHTING_OFF,
-                ValueWeighting::Norm => VALUE_WEIGHTING_NORM,
-            },
-            query_aggregation: match c.queries {
-                QueryAggregation::Sum => QUERY_AGGREGATION_SUM,
-                QueryAggregation::Max => QUERY_AGGREGATION_MAX,
-            },
+            value_weighting: c.value_weighting.to_c(),
+            query_aggregation: c.queries.to_c(),
         }
     }
 }
@@ -148,6 +136,50 @@ impl Default for SnapkvParams {
 fn invalid(msg: String) -> Failure {
     Failure::new(Status::InvalidParams, msg)
 }
+
+/// A parameter enum of the safe API and the `int` enumerators that stand
+/// for its variants in snapkv.h.
+trait CEnum: Sized {
+    /// The enumerator of this variant.
+    fn to_c(self) -> i32;
+
+    /// The variant of an enumerator the caller put in the field `field`.
+    ///
+    /// # Errors
+    /// [`Status::InvalidParams`] naming the field, the value and the
+    /// enumerators it may hold, for any other value.
+    fn from_c(field: &str, value: i32) -> Result<Self, Failure>;
+}
+
+/// Implements [`CEnum`] from `Variant <=> CONSTANT` pairs: both directions
+/// are exhaustive matches, so a variant without an enumerator does not
+/// compile, and an error lists the constants by their names in snapkv.h.
+macro_rules! c_enum {
+    ($ty:ident { $($variant:ident <=> $value:ident),+ $(,)? }) => {
+        impl CEnum for $ty {
+            fn to_c(self) -> i32 {
+                match self {
+                    $($ty::$variant => $value,)+
+                }
+            }
+
+            fn from_c(field: &str, value: i32) -> Result<Self, Failure> {
+                match value {
+                    $($value => Ok($ty::$variant),)+
+                    other => Err(invalid(format!(
+                        "{field}: unknown value {other} ({})",
+                        [$(concat!("SNAPKV_", stringify!($value))),+].join(" or ")
+                    ))),
+                }
+            }
+        }
+    };
+}
+
+c_enum!(Pooling { Max <=> POOLING_MAX, Avg <=> POOLING_AVG });
+c_enum!(GqaAggregation { Mean <=> GQA_MEAN, Max <=> GQA_MAX });
+c_enum!(ValueWeighting { Off <=> VALUE_WEIGHTING_OFF, Norm <=> VALUE_WEIGHTING_NORM });
+c_enum!(QueryAggregation { Sum <=> QUERY_AGGREGATION_SUM, Max <=> QUERY_AGGREGATION_MAX });
 
 impl SnapkvParams {
     /// Checks the `size` field a caller set; returns how many bytes of the
@@ -181,24 +213,8 @@ impl SnapkvParams {
 
     /// Converts to the safe API's configuration and validates it.
     pub(crate) fn to_config(self) -> Result<SnapKvConfig, Failure> {
-        let pooling = match self.pooling {
-            POOLING_MAX => Pooling::Max,
-            POOLING_AVG => Pooling::Avg,
-            other => {
-                return Err(invalid(format!(
-                    "pooling: unknown value {other} (SNAPKV_POOLING_MAX or SNAPKV_POOLING_AVG)"
-                )))
-            }
-        };
-        let gqa = match self.gqa {
-            GQA_MEAN => GqaAggregation::Mean,
-            GQA_MAX => GqaAggregation::Max,
-            other => {
-                return Err(invalid(format!(
-                    "gqa: unknown value {other} (SNAPKV_GQA_MEAN or SNAPKV_GQA_MAX)"
-                )))
-            }
-        };
+        let pooling = Pooling::from_c("pooling", self.pooling)?;
+        let gqa = GqaAggregation::from_c("gqa", self.gqa)?;
         // pool_forward means something only with the forward alignment: a
         // caller who switches the defaults to centred need not clear it.
         let pool_align = match self.pool_align {
@@ -225,24 +241,8 @@ impl SnapkvParams {
                 )))
             }
         };
-        let value_weighting = match self.value_weighting {
-            VALUE_WEIGHTING_OFF => ValueWeighting::Off,
-            VALUE_WEIGHTING_NORM => ValueWeighting::Norm,
-            other => {
-                return Err(invalid(format!(
-                    "value_weighting: unknown value {other} (SNAPKV_VALUE_WEIGHTING_OFF or _NORM)"
-                )))
-            }
-        };
-        let queries = match self.query_aggregation {
-            QUERY_AGGREGATION_SUM => QueryAggregation::Sum,
-            QUERY_AGGREGATION_MAX => QueryAggregation::Max,
-            other => {
-                return Err(invalid(format!(
-                    "query_aggregation: unknown value {other} (SNAPKV_QUERY_AGGREGATION_SUM or _MAX)"
-                )))
-            }
-        };
+        let value_weighting = ValueWeighting::from_c("value_weighting", self.value_weighting)?;
+        let queries = QueryAggregation::from_c("query_aggregation", self.query_aggregation)?;
         // Every field listed: a new parameter must be exposed to C too.
         let config = SnapKvConfig {
             window: self.window as usize,
@@ -481,6 +481,27 @@ mod tests {
         };
         assert_eq!(max.to_config().unwrap().queries, QueryAggregation::Max);
         assert_eq!(p.to_config().unwrap(), SnapKvConfig::default());
+    }
+
+    #[test]
+    fn enumerators_round_trip_and_unknown_ones_are_named() {
+        for p in [Pooling::Max, Pooling::Avg] {
+            assert_eq!(Pooling::from_c("pooling", p.to_c()).unwrap(), p);
+        }
+        for g in [GqaAggregation::Mean, GqaAggregation::Max] {
+            assert_eq!(GqaAggregation::from_c("gqa", g.to_c()).unwrap(), g);
+        }
+        for v in [ValueWeighting::Off, ValueWeighting::Norm] {
+            assert_eq!(ValueWeighting::from_c("value_weighting", v.to_c()).unwrap(), v);
+        }
+        for q in [QueryAggregation::Sum, QueryAggregation::Max] {
+            assert_eq!(QueryAggregation::from_c("query_aggregation", q.to_c()).unwrap(), q);
+        }
+        let err = QueryAggregation::from_c("query_aggregation", 5).unwrap_err();
+        assert_eq!(
+            err.message,
+            "query_aggregation: unknown value 5 (SNAPKV_QUERY_AGGREGATION_SUM or SNAPKV_QUERY_AGGREGATION_MAX)"
+        );
     }
 
     #[test]

@@ -251,30 +251,53 @@ impl SnapKvConfig {
     }
 }
 
-impl FromStr for Pooling {
-    type Err = AlgoError;
+/// `expected `a` or `b``, `expected `a`, `b` or `c``: the names a parse
+/// accepts, for its error.
+fn expected_one_of(names: &[&str]) -> String {
+    let quoted: Vec<String> = names.iter().map(|n| format!("`{n}`")).collect();
+    match quoted.split_last() {
+        Some((last, [])) => format!("expected {last}"),
+        Some((last, rest)) => format!("expected {} or {last}", rest.join(", ")),
+        None => "expected nothing".into(),
+    }
+}
 
-    /// Parses `max` or `avg` (case-insensitive).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "max" => Ok(Pooling::Max),
-            "avg" => Ok(Pooling::Avg),
-            _ => Err(AlgoError::InvalidConfig {
-                param: "pooling",
-                reason: format!("expected `max` or `avg`, got `{s}`"),
-            }),
+/// `FromStr` (case-insensitive) and `Display` for a parameter enum whose
+/// variants each have one name; a parse error names the parameter and every
+/// accepted name.
+macro_rules! named_variants {
+    ($ty:ident, $param:literal, { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl FromStr for $ty {
+            type Err = AlgoError;
+
+            /// Parses a variant's name (case-insensitive).
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $(
+                    if s.eq_ignore_ascii_case($name) {
+                        return Ok($ty::$variant);
+                    }
+                )+
+                Err(AlgoError::InvalidConfig {
+                    param: $param,
+                    reason: format!("{}, got `{s}`", expected_one_of(&[$($name),+])),
+                })
+            }
         }
-    }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self {
+                    $($ty::$variant => $name,)+
+                })
+            }
+        }
+    };
 }
 
-impl fmt::Display for Pooling {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Pooling::Max => "max",
-            Pooling::Avg => "avg",
-        })
-    }
-}
+named_variants!(Pooling, "pooling", { Max => "max", Avg => "avg" });
+named_variants!(GqaAggregation, "gqa", { Mean => "mean", Max => "max" });
+named_variants!(ValueWeighting, "value_weighting", { Off => "off", Norm => "norm" });
+named_variants!(QueryAggregation, "queries", { Sum => "sum", Max => "max" });
 
 impl FromStr for PoolAlign {
     type Err = AlgoError;
@@ -305,81 +328,6 @@ impl fmt::Display for PoolAlign {
             PoolAlign::Trailing => f.write_str("trailing"),
             PoolAlign::Forward(n) => write!(f, "forward-{n}"),
         }
-    }
-}
-
-impl FromStr for GqaAggregation {
-    type Err = AlgoError;
-
-    /// Parses `mean` or `max` (case-insensitive).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "mean" => Ok(GqaAggregation::Mean),
-            "max" => Ok(GqaAggregation::Max),
-            _ => Err(AlgoError::InvalidConfig {
-                param: "gqa",
-                reason: format!("expected `mean` or `max`, got `{s}`"),
-            }),
-        }
-    }
-}
-
-impl fmt::Display for GqaAggregation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            GqaAggregation::Mean => "mean",
-            GqaAggregation::Max => "max",
-        })
-    }
-}
-
-impl FromStr for ValueWeighting {
-    type Err = AlgoError;
-
-    /// Parses `off` or `norm` (case-insensitive).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "off" => Ok(ValueWeighting::Off),
-            "norm" => Ok(ValueWeighting::Norm),
-            _ => Err(AlgoError::InvalidConfig {
-                param: "value_weighting",
-                reason: format!("expected `off` or `norm`, got `{s}`"),
-            }),
-        }
-    }
-}
-
-impl fmt::Display for ValueWeighting {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ValueWeighting::Off => "off",
-            ValueWeighting::Norm => "norm",
-        })
-    }
-}
-
-impl FromStr for QueryAggregation {
-    type Err = AlgoError;
-
-    /// Parses `sum` or `max` (case-insensitive).
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "sum" => Ok(QueryAggregation::Sum),
-            "max" => Ok(QueryAggregation::Max),
-            _ => Err(AlgoError::InvalidConfig {
-                param: "queries",
-                reason: format!("expected `sum` or `max`, got `{s}`"),
-            }),
-        }
-    }
-}
-
-impl fmt::Display for QueryAggregation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            QueryAggregation::Sum => "sum",
-            QueryAggregation::Max => "max",
-        })
     }
 }
 
@@ -507,6 +455,19 @@ mod tests {
         for bad in ["left", "forward", "forward-", "forward--1", "forward-x", "forward6"] {
             assert!(bad.parse::<PoolAlign>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn parse_errors_name_the_parameter_and_every_choice() {
+        match "mean".parse::<QueryAggregation>() {
+            Err(AlgoError::InvalidConfig { param, reason }) => {
+                assert_eq!(param, "queries");
+                assert_eq!(reason, "expected `sum` or `max`, got `mean`");
+            }
+            other => panic!("expected InvalidConfig, got {other:?}"),
+        }
+        assert_eq!(expected_one_of(&["a"]), "expected `a`");
+        assert_eq!(expected_one_of(&["a", "b", "c"]), "expected `a`, `b` or `c`");
     }
 
     #[test]
