@@ -401,6 +401,31 @@ int main(int argc, char ** argv) {
     CHECK(st.compressed && st.cells_before == (uint64_t) n_prompt + 3 && st.cells_after == 64,
           "compressed with the answer's first tokens");
     CHECK(llama_memory_seq_pos_max(llama_get_memory(ctx), S1) == n_prompt + 2, "positions continue after them");
+    /* The non-default scoring options through C: the largest vote of the
+     * window, weighted by value norms, compresses as the defaults do and
+     * keeps other cells than the sum does. */
+    {
+        snapkv_params by_max = p;
+        unsigned char * by_sum_state;
+        size_t by_sum_n;
+        by_max.query_aggregation = SNAPKV_QUERY_AGGREGATION_MAX;
+        by_max.value_weighting = SNAPKV_VALUE_WEIGHTING_NORM;
+        CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 (sum)");
+        expect(snapkv_prefill(ctx, obs, &p, S1, toks, n_prompt, &st), SNAPKV_OK, "prefill(seq 1, sum)", NULL);
+        by_sum_state = seq_state(ctx, S1, &by_sum_n);
+        CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 (max)");
+        st = sentinel;
+        expect(snapkv_prefill(ctx, obs, &by_max, S1, toks, n_prompt, &st), SNAPKV_OK,
+               "prefill(seq 1, max of the window, value-weighted)", NULL);
+        CHECK(st.compressed && st.cells_before == (uint64_t) n_prompt && st.cells_after == 64,
+              "max-aggregated compression stats");
+        CHECK(!same_state(ctx, S1, by_sum_state, by_sum_n), "max and value weighting keep other cells than the sum");
+        {
+            llama_token t = (llama_token) argmax(llama_get_logits_ith(ctx, -1), llama_vocab_n_tokens(vocab));
+            CHECK(decode(ctx, S1, &t, 1, n_prompt) == 0, "decode after the max-aggregated compression");
+        }
+        free(by_sum_state);
+    }
     /* Observing a context the observer is not attached to. */
     expect(snapkv_observe(plain, obs, &p), SNAPKV_OK, "observe(plain)", NULL);
     CHECK(decode(plain, S0, toks, 1, n_prompt) == 0, "decode plain");
