@@ -268,6 +268,8 @@ fn eval_over_several_budgets_plots_accuracy_against_the_budget() {
             dir.to_str().unwrap(),
         ],
     );
+    let saved = std::fs::read_to_string(dir.join("table.txt")).unwrap();
+    assert_eq!(saved.trim(), tables.trim(), "table.txt holds the printed tables");
     let report = json(&dir.join("eval.json"));
     let records = report["records"].as_array().unwrap();
     assert_eq!(
@@ -309,6 +311,8 @@ fn eval_over_several_budgets_plots_accuracy_against_the_budget() {
         ],
     );
     assert_eq!(replotted, tables, "the replotted tables differ from the run's");
+    let rewritten = std::fs::read_to_string(dir.join("table.txt")).unwrap();
+    assert_eq!(rewritten, saved, "--replot rewrites the same table.txt");
     for plot in plots {
         assert_plot(&dir.join(plot));
     }

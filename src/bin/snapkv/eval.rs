@@ -1,9 +1,10 @@
 //! `snapkv eval`: the synthetic long-context suite (passkey, multi-key,
 //! multi-value, variable tracking) over lengths × depths × seeds × methods ×
 //! budgets. Each prompt is evaluated once; every method branches from that
-//! state. Writes a table to stdout, `eval.json` and `eval.csv`, and an
-//! accuracy heatmap (length × depth) per task and method. `--replot` redraws
-//! the tables and plots of an earlier run from its `eval.json`.
+//! state. Prints its tables and writes them to `table.txt`, the records to
+//! `eval.json` and `eval.csv`, and an accuracy heatmap (length × depth) per
+//! task and method. `--replot` redraws the tables and plots of an earlier
+//! run from its `eval.json`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -60,10 +61,10 @@ pub struct EvalArgs {
     /// Tokens to generate per answer (0 = enough for the expected answer plus 16).
     #[arg(short = 'n', long = "n-predict", default_value_t = 0)]
     n_predict: usize,
-    /// Output directory for eval.json, eval.csv and the heatmaps.
+    /// Output directory for table.txt, eval.json, eval.csv and the heatmaps.
     #[arg(long, default_value = "results/eval")]
     out: PathBuf,
-    /// Evaluate nothing: read `<out>/eval.json` of an earlier run and print its tables and redraw its
+    /// Evaluate nothing: read `<out>/eval.json` of an earlier run, print and rewrite its tables and redraw its
     /// heatmaps and charts from the records (tasks, lengths, depths, seeds, methods and budgets as recorded).
     #[arg(long)]
     replot: bool,
@@ -381,8 +382,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
         }
     }
 
-    print_tables(args, &records);
-    std::fs::create_dir_all(&args.out)?;
+    write_tables(args, &records)?;
     write_json(
         &args.out.join("eval.json"),
         &Report {
@@ -397,17 +397,28 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
     Ok(())
 }
 
-fn print_tables(args: &EvalArgs, records: &[Record]) {
-    print_table(args, records);
-    print_lookahead_table(args, records);
-    print_fidelity_table(args, records);
-    print_cell_shares_table(args, records);
+/// Prints the run's tables and writes them to `<out>/table.txt`, so that a
+/// results directory holds what its run printed.
+fn write_tables(args: &EvalArgs, records: &[Record]) -> snapkv::Result<()> {
+    let tables = [
+        accuracy_table(args, records),
+        lookahead_table(args, records),
+        fidelity_table(args, records),
+        cell_shares_table(args, records),
+    ]
+    .concat();
+    print!("{tables}");
+    std::fs::create_dir_all(&args.out)?;
+    let path = args.out.join("table.txt");
+    std::fs::write(&path, tables.trim_start())?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
 }
 
 /// Per (task, method, budget): the mean shares of the kept prefix cells
 /// that went to the sink, the asked needles, the other needles, the request
 /// and the filler.
-fn print_cell_shares_table(args: &EvalArgs, records: &[Record]) {
+fn cell_shares_table(args: &EvalArgs, records: &[Record]) -> String {
     let width = args.methods.iter().map(|m| m.label.len()).max().unwrap_or(0).max(20);
     let mut out = String::new();
     for ((_, _, (task, method, budget)), rs) in rows(args, records) {
@@ -430,17 +441,14 @@ fn print_cell_shares_table(args: &EvalArgs, records: &[Record]) {
         );
     }
     if out.is_empty() {
-        return;
+        return out;
     }
-    println!(
+    format!(
         "\nwhere the kept prefix cells went (shares over every layer and KV head, the window's cells left out;\n\
-         sink: the first 4 positions; request: the question and instructions before the window):"
-    );
-    println!(
-        "{:<11} {:<width$} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7}",
+         sink: the first 4 positions; request: the question and instructions before the window):\n\
+         {:<11} {:<width$} {:>7} {:>7} {:>7} {:>7} {:>8} {:>7}\n{out}",
         "task", "method", "budget", "sink", "asked", "others", "request", "filler"
-    );
-    print!("{out}");
+    )
 }
 
 fn draw_plots(args: &EvalArgs, records: &[Record], haystack: &str, model: &str) {
@@ -498,7 +506,7 @@ fn replot(args: &EvalArgs) -> snapkv::Result<()> {
                 })
         })
         .collect::<snapkv::Result<_>>()?;
-    print_tables(&shown, &records);
+    write_tables(&shown, &records)?;
     let model = model_stem(std::path::Path::new(&saved.info.model));
     draw_plots(&shown, &records, &first.haystack, &model);
     Ok(())
@@ -600,7 +608,7 @@ fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
 }
 
 /// Mean score per (task, method, budget) and length.
-fn print_table(args: &EvalArgs, records: &[Record]) {
+fn accuracy_table(args: &EvalArgs, records: &[Record]) -> String {
     let mut out = String::new();
     let width = args.methods.iter().map(|m| m.label.len()).max().unwrap_or(0).max(20);
     let _ = write!(out, "{:<11} {:<width$} {:>7}", "task", "method", "budget");
@@ -637,20 +645,19 @@ fn print_table(args: &EvalArgs, records: &[Record]) {
             .map_or_else(|| "-".to_string(), |f| format!("{:.0}%", 100.0 * all / f));
         let _ = writeln!(out, " {:>7.1}% {:>8}", 100.0 * all, rel);
     }
-    println!(
-        "\naccuracy (mean fraction of expected values found; {} depths × {} seeds per length):",
+    format!(
+        "\naccuracy (mean fraction of expected values found; {} depths × {} seeds per length):\n{out}",
         args.depths.len(),
         args.seeds.len()
-    );
-    print!("{out}");
+    )
 }
 
 /// For the methods with a look-ahead: accuracy over what their answers found
 /// beyond their first tokens (the full cache's), beside the full cache's
 /// own answers scored the same way on the same prompts.
-fn print_lookahead_table(args: &EvalArgs, records: &[Record]) {
+fn lookahead_table(args: &EvalArgs, records: &[Record]) -> String {
     if records.iter().all(|r| r.lookahead == 0) {
-        return;
+        return String::new();
     }
     let width = args.methods.iter().map(|m| m.label.len()).max().unwrap_or(0).max(20);
     let mut out = String::new();
@@ -694,11 +701,10 @@ fn print_lookahead_table(args: &EvalArgs, records: &[Record]) {
             vs_streaming
         );
     }
-    println!(
+    format!(
         "\naccuracy beyond the look-ahead (expected values not already in the answer's first tokens, which the full cache wrote);\n\
-         KL after: mean KL over the answer positions after the look-ahead, pooled, beside plain streaming's on the same positions:"
-    );
-    print!("{out}");
+         KL after: mean KL over the answer positions after the look-ahead, pooled, beside plain streaming's on the same positions:\n{out}"
+    )
 }
 
 /// Mean KL over the answer positions after each record's look-ahead, pooled
@@ -759,7 +765,7 @@ impl PooledKl {
 /// `streaming` at the same budget where the run has it, the mean fraction
 /// of the asked needles' tokens kept and of the other needles' tokens, and
 /// the distractor values per answer.
-fn print_fidelity_table(args: &EvalArgs, records: &[Record]) {
+fn fidelity_table(args: &EvalArgs, records: &[Record]) -> String {
     let rows = rows(args, records);
     let pooled: Vec<(Key, PooledKl, &[&Record])> = rows
         .iter()
@@ -810,12 +816,11 @@ fn print_fidelity_table(args: &EvalArgs, records: &[Record]) {
             distractors
         );
     }
-    println!(
+    format!(
         "\nfidelity to the full cache along its own answers, teacher-forced (KL nats/token, pooled over the prompts;\n\
          needles kept: the asked needles' tokens a cache kept, averaged over layers, KV heads and prompts;\n\
-         others kept: the same for the other needles; distractors: other needles' values per answer):"
-    );
-    print!("{out}");
+         others kept: the same for the other needles; distractors: other needles' values per answer):\n{out}"
+    )
 }
 
 fn csv_field(s: &str) -> String {
