@@ -394,7 +394,7 @@ fn bench_reports_both_caches_and_the_fresh_prompt() {
 #[test]
 fn fidelity_compares_evictions_and_quantized_caches() {
     let dir = out_dir("fidelity");
-    succeed(
+    let table = succeed(
         "fidelity",
         &[
             "--length",
@@ -411,6 +411,9 @@ fn fidelity_compares_evictions_and_quantized_caches() {
             dir.to_str().unwrap(),
         ],
     );
+    let saved = std::fs::read_to_string(dir.join("table.txt")).unwrap();
+    assert_eq!(saved.trim(), table.trim(), "table.txt holds the printed table");
+    assert!(saved.contains("q8_0") && saved.contains("streaming"), "{saved}");
     let report = json(&find(&dir, "fidelity-", ".json"));
     let rows = report["rows"].as_array().unwrap();
     let names: Vec<(String, String)> = rows

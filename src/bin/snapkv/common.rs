@@ -163,6 +163,19 @@ pub fn write_json(path: &Path, value: &impl serde::Serialize) -> snapkv::Result<
     Ok(())
 }
 
+/// Writes `text` to `path`, creating its directory, and says so on stderr.
+///
+/// # Errors
+/// [`snapkv::Error::Io`] when the directory or the file cannot be written.
+pub fn write_text(path: &Path, text: &str) -> snapkv::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, text)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
 /// The file stem of a model path (for file names of reports).
 pub fn model_stem(path: &Path) -> String {
     path.file_stem()

@@ -21,7 +21,7 @@ use snapkv::llama::{Pos, Token};
 use snapkv::{generate, init_backend, Generation, Model, ModelParams, Sampler};
 
 use crate::common::{model_stem, ChatPrompt, RunInfo};
-use crate::common::{observed_context, short_answer, task_prompt, token_counter, write_json};
+use crate::common::{observed_context, short_answer, task_prompt, token_counter, write_json, write_text};
 use crate::options::ModelOptions;
 use crate::options::{MethodOptions, MethodSpec};
 use crate::plot::{self, Heatmap, LineChart, Series};
@@ -408,11 +408,7 @@ fn write_tables(args: &EvalArgs, records: &[Record]) -> snapkv::Result<()> {
     ]
     .concat();
     print!("{tables}");
-    std::fs::create_dir_all(&args.out)?;
-    let path = args.out.join("table.txt");
-    std::fs::write(&path, tables.trim_start())?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
+    write_text(&args.out.join("table.txt"), tables.trim_start())
 }
 
 /// Per (task, method, budget): the mean shares of the kept prefix cells

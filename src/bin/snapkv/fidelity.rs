@@ -19,7 +19,7 @@ use snapkv::eval::{
 use snapkv::{generate, init_backend, CacheType, ChatMessage, Context, FlashAttention, Model, ModelParams, Sampler};
 
 use crate::common::{context_params, model_stem, observed_context, task_prompt, token_counter};
-use crate::common::{write_json, Progress, RunInfo};
+use crate::common::{write_json, write_text, Progress, RunInfo};
 use crate::options::{parse_cache_type, ModelOptions};
 use crate::options::{MethodOptions, MethodSpec};
 
@@ -72,7 +72,7 @@ pub struct FidelityArgs {
     /// Quantized KV cache types to compare (K and V both), comma-separated; `--quant` with no value for none.
     #[arg(long, value_delimiter = ',', num_args = 0.., default_value = "q8_0,q4_0", value_parser = parse_cache_type)]
     quant: Vec<CacheType>,
-    /// Output directory for fidelity-<model>.json.
+    /// Output directory for fidelity-<model>.json and table.txt (the printed table).
     #[arg(long, default_value = "results/fidelity")]
     out: PathBuf,
     #[command(flatten)]
@@ -195,7 +195,7 @@ pub fn run(args: &FidelityArgs) -> snapkv::Result<()> {
         push(&mut rows, q.name().into(), "full", None, usage, agr);
     }
 
-    print_table(&rows, p, cont.len());
+    write_table(&args.out, &rows, p, cont.len())?;
     let path = args
         .out
         .join(format!("fidelity-{}.json", model_stem(&args.model.model)));
@@ -257,7 +257,8 @@ fn compare(ctx: &mut snapkv::ContextRef, p: usize, cont: &[i32], reference: &[Ve
     ))
 }
 
-fn print_table(rows: &[Row], p: usize, n: usize) {
+/// Prints the table of `rows` and writes it to `<out>/table.txt`.
+fn write_table(out: &std::path::Path, rows: &[Row], p: usize, n: usize) -> snapkv::Result<()> {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -285,6 +286,7 @@ fn print_table(rows: &[Row], p: usize, n: usize) {
         );
     }
     print!("{s}");
+    write_text(&out.join("table.txt"), s.trim_start())
 }
 
 #[cfg(test)]
