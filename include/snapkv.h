@@ -199,6 +199,23 @@ typedef struct snapkv_params {
  * when used: invalid ones give SNAPKV_ERR_INVALID_PARAMS. */
 snapkv_status snapkv_params_default(snapkv_params * params);
 
+/* Named sets of the selection parameters (kernel, pooling, gqa,
+ * pool_align, pool_forward, value_weighting, query_aggregation), measured
+ * together; window and budget are not part of them. */
+enum snapkv_preset {
+    SNAPKV_PRESET_DEFAULT = 0, /* snapkv_params_default's: for continuations
+                                  that draw on the whole prompt */
+    SNAPKV_PRESET_FACTS = 1    /* for answers that copy facts out of the
+                                  prompt: QUERY_AGGREGATION_MAX, kernel 7,
+                                  POOL_ALIGN_TRAILING, VALUE_WEIGHTING_NORM,
+                                  POOLING_MAX */
+};
+
+/* Fills *params like snapkv_params_default, with the selection parameters
+ * of `preset` (enum snapkv_preset). SNAPKV_ERR_NULL_POINTER when params is
+ * NULL; SNAPKV_ERR_INVALID_PARAMS for an unknown preset, *params untouched. */
+snapkv_status snapkv_params_preset(snapkv_params * params, int32_t preset);
+
 /* ------------------------------------------------------------------------ */
 /* Statistics                                                               */
 /* ------------------------------------------------------------------------ */

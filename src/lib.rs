@@ -68,5 +68,5 @@ pub use llama::{
     LogLevel, Model, ModelParams, ModelRef, Sampler, WindowObserver,
 };
 pub use snapkv::{
-    Budget, CacheType, GqaAggregation, PoolAlign, Pooling, QueryAggregation, SnapKvConfig, ValueWeighting,
+    Budget, CacheType, GqaAggregation, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting,
 };

@@ -327,6 +327,47 @@ fn eval_refuses_bad_settings() {
     assert!(err.contains("budget"), "{err}");
     let err = fail("eval", &["--methods", "snapkv:kernel=4"]);
     assert!(err.contains("kernel"), "{err}");
+    let err = fail("eval", &["--preset", "fast"]);
+    assert!(err.contains("`default` or `facts`"), "{err}");
+    let err = fail("eval", &["--methods", "snapkv:preset=fast"]);
+    assert!(err.contains("preset") && err.contains("`facts`"), "{err}");
+}
+
+#[test]
+fn the_facts_preset_is_its_spelled_out_options() {
+    const SPELLED: &str = "snapkv:queries=max:kernel=7:align=trailing:value=norm:pool=max";
+    let run = |name: &str, extra: &[&str], methods: &str| {
+        let dir = out_dir(name);
+        let mut args = vec![
+            "--tasks",
+            "multivalue",
+            "--lengths",
+            "300",
+            "--depths",
+            "0.5",
+            "--budgets",
+            "64",
+            "--methods",
+            methods,
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--out", dir.to_str().unwrap()]);
+        succeed("eval", &args);
+        let report = json(&dir.join("eval.json"));
+        report["records"].as_array().unwrap().clone()
+    };
+    let by_method = run("preset-method", &[], &format!("snapkv,snapkv:preset=facts,{SPELLED}"));
+    let by_run = run("preset-run", &["--preset", "facts"], "snapkv");
+    let (default, preset, spelled, run_preset) = (&by_method[0], &by_method[1], &by_method[2], &by_run[0]);
+    for r in [preset, run_preset] {
+        assert_eq!(r["answer"], spelled["answer"], "{r}");
+        assert_eq!(float(r, "mean_kl"), float(spelled, "mean_kl"), "{r}");
+        assert_eq!(r["cell_shares"], spelled["cell_shares"], "{r}");
+    }
+    assert_ne!(
+        default["cell_shares"], spelled["cell_shares"],
+        "the defaults keep other cells than the preset, so the comparison above can fail"
+    );
 }
 
 #[test]

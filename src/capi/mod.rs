@@ -156,6 +156,21 @@ pub unsafe extern "C" fn snapkv_params_default(params: *mut SnapkvParams) -> i32
     })
 }
 
+/// Fills `params` with the defaults and the selection parameters of
+/// `preset` (an `enum snapkv_preset`); leaves it untouched on failure.
+///
+/// # Safety
+/// See snapkv.h.
+#[no_mangle]
+pub unsafe extern "C" fn snapkv_params_preset(params: *mut SnapkvParams, preset: i32) -> i32 {
+    boundary(|| {
+        let out = ptr::params_out(params)?;
+        let preset = types::preset_from_c(preset)?;
+        *out = SnapkvParams::from_config(&preset.config());
+        Ok(())
+    })
+}
+
 /// A new observer; NULL (with a last-error message) on failure. Free with
 /// `snapkv_observer_free`.
 #[no_mangle]
@@ -381,6 +396,27 @@ mod tests {
     }
 
     #[test]
+    fn presets_fill_the_params_and_an_unknown_one_leaves_them() {
+        let mut params = SnapkvParams {
+            window: 5,
+            ..SnapkvParams::default()
+        };
+        // SAFETY: `params` is a live, writable snapkv_params.
+        let code = unsafe { snapkv_params_preset(&mut params, 7) };
+        assert_eq!(code, Status::InvalidParams.code());
+        assert!(last_error().contains("SNAPKV_PRESET_FACTS"), "{}", last_error());
+        assert_eq!(params.window, 5, "a refused preset leaves the struct as it was");
+        // SAFETY: as above.
+        let code = unsafe { snapkv_params_preset(&mut params, types::PRESET_FACTS) };
+        assert_eq!(code, Status::Ok.code());
+        assert_eq!(params.to_config().unwrap(), crate::snapkv::Preset::Facts.config());
+        // SAFETY: as above.
+        let code = unsafe { snapkv_params_preset(&mut params, types::PRESET_DEFAULT) };
+        assert_eq!(code, Status::Ok.code());
+        assert_eq!(params, SnapkvParams::default());
+    }
+
+    #[test]
     fn null_pointers_are_refused_with_a_message() {
         let params = SnapkvParams::default();
         // SAFETY: NULL pointers are part of the contract (refused).
@@ -399,6 +435,9 @@ mod tests {
         assert!(last_error().contains("ctx"));
         // SAFETY: a NULL params pointer is a documented error, not UB.
         let code = unsafe { snapkv_params_default(std::ptr::null_mut()) };
+        assert_eq!(code, Status::NullPointer.code());
+        // SAFETY: a NULL params pointer is a documented error, not UB.
+        let code = unsafe { snapkv_params_preset(std::ptr::null_mut(), types::PRESET_FACTS) };
         assert_eq!(code, Status::NullPointer.code());
         // SAFETY: NULL is a documented no-op.
         unsafe { snapkv_observer_free(std::ptr::null_mut()) };

@@ -96,7 +96,7 @@ pub(super) fn params(params: *const SnapkvParams) -> Result<SnapkvParams, Failur
     Ok(ours)
 }
 
-/// Where to write a `snapkv_params` (`snapkv_params_default`).
+/// Where to write a `snapkv_params` (`snapkv_params_default`, `snapkv_params_preset`).
 pub(super) fn params_out<'a>(params: *mut SnapkvParams) -> Result<&'a mut SnapkvParams, Failure> {
     let params = NonNull::new(params).ok_or_else(|| Failure::null("params"))?;
     // SAFETY: snapkv.h: `params` points at writable storage for one

@@ -7,7 +7,9 @@ use std::mem::{offset_of, size_of};
 
 use super::status::{Failure, Status};
 use crate::compress::{CompressionStats, ScoreSource};
-use crate::snapkv::{Budget, GqaAggregation, PoolAlign, Pooling, QueryAggregation, SnapKvConfig, ValueWeighting};
+use crate::snapkv::{
+    Budget, GqaAggregation, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting,
+};
 
 /// `snapkv_observer`: opaque in C; in Rust the pointer is an
 /// `Arc<WindowObserver>` turned into a raw pointer (see `ptr.rs`).
@@ -54,6 +56,10 @@ pub const VALUE_WEIGHTING_NORM: i32 = 1;
 pub const QUERY_AGGREGATION_SUM: i32 = 0;
 /// `SNAPKV_QUERY_AGGREGATION_MAX`.
 pub const QUERY_AGGREGATION_MAX: i32 = 1;
+/// `SNAPKV_PRESET_DEFAULT`.
+pub const PRESET_DEFAULT: i32 = 0;
+/// `SNAPKV_PRESET_FACTS`.
+pub const PRESET_FACTS: i32 = 1;
 /// `SNAPKV_SCORE_NONE`.
 pub const SCORE_NONE: i32 = 0;
 /// `SNAPKV_SCORE_SOFTMAX`.
@@ -105,7 +111,13 @@ const PARAMS_MIN_SIZE: u32 = offset_of!(SnapkvParams, value_weighting) as u32;
 impl Default for SnapkvParams {
     /// The defaults of [`SnapKvConfig::default`]: they live there only.
     fn default() -> Self {
-        let c = SnapKvConfig::default();
+        SnapkvParams::from_config(&SnapKvConfig::default())
+    }
+}
+
+impl SnapkvParams {
+    /// The C struct of a configuration (`size` set to this header's).
+    pub(crate) fn from_config(c: &SnapKvConfig) -> Self {
         let (budget, budget_fraction) = match c.budget {
             Budget::Cells(n) => (u32::try_from(n).unwrap_or(u32::MAX), 0.0),
             Budget::Fraction(f) => (0, f),
@@ -180,6 +192,15 @@ c_enum!(Pooling { Max <=> POOLING_MAX, Avg <=> POOLING_AVG });
 c_enum!(GqaAggregation { Mean <=> GQA_MEAN, Max <=> GQA_MAX });
 c_enum!(ValueWeighting { Off <=> VALUE_WEIGHTING_OFF, Norm <=> VALUE_WEIGHTING_NORM });
 c_enum!(QueryAggregation { Sum <=> QUERY_AGGREGATION_SUM, Max <=> QUERY_AGGREGATION_MAX });
+c_enum!(Preset { Default <=> PRESET_DEFAULT, Facts <=> PRESET_FACTS });
+
+/// The [`Preset`] an `enum snapkv_preset` value names.
+///
+/// # Errors
+/// [`Status::InvalidParams`] naming the enumerators, for any other value.
+pub(crate) fn preset_from_c(value: i32) -> Result<Preset, Failure> {
+    Preset::from_c("preset", value)
+}
 
 impl SnapkvParams {
     /// Checks the `size` field a caller set; returns how many bytes of the
@@ -399,6 +420,8 @@ pub fn abi_items() -> Vec<AbiItem> {
         abi_const!("SNAPKV_VALUE_WEIGHTING_NORM", VALUE_WEIGHTING_NORM),
         abi_const!("SNAPKV_QUERY_AGGREGATION_SUM", QUERY_AGGREGATION_SUM),
         abi_const!("SNAPKV_QUERY_AGGREGATION_MAX", QUERY_AGGREGATION_MAX),
+        abi_const!("SNAPKV_PRESET_DEFAULT", PRESET_DEFAULT),
+        abi_const!("SNAPKV_PRESET_FACTS", PRESET_FACTS),
         abi_const!("SNAPKV_SCORE_NONE", SCORE_NONE),
         abi_const!("SNAPKV_SCORE_SOFTMAX", SCORE_SOFTMAX),
         abi_const!("SNAPKV_SCORE_QUERY_KEY", SCORE_QUERY_KEY),
@@ -497,6 +520,15 @@ mod tests {
         for q in [QueryAggregation::Sum, QueryAggregation::Max] {
             assert_eq!(QueryAggregation::from_c("query_aggregation", q.to_c()).unwrap(), q);
         }
+        for preset in [Preset::Default, Preset::Facts] {
+            assert_eq!(preset_from_c(preset.to_c()).unwrap(), preset);
+            let params = SnapkvParams::from_config(&preset.config());
+            assert_eq!(params.to_config().unwrap(), preset.config());
+        }
+        assert_eq!(
+            preset_from_c(2).unwrap_err().message,
+            "preset: unknown value 2 (SNAPKV_PRESET_DEFAULT or SNAPKV_PRESET_FACTS)"
+        );
         let err = QueryAggregation::from_c("query_aggregation", 5).unwrap_err();
         assert_eq!(
             err.message,

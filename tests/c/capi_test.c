@@ -225,6 +225,24 @@ int main(int argc, char ** argv) {
           p.pool_align == SNAPKV_POOL_ALIGN_FORWARD && p.pool_forward == 7 &&
           p.value_weighting == SNAPKV_VALUE_WEIGHTING_OFF &&
           p.query_aggregation == SNAPKV_QUERY_AGGREGATION_SUM, "defaults");
+    {
+        snapkv_params facts, untouched;
+        expect(snapkv_params_preset(NULL, SNAPKV_PRESET_FACTS), SNAPKV_ERR_NULL_POINTER, "params_preset(NULL)",
+               "params");
+        memset(&untouched, 0x5A, sizeof untouched);
+        facts = untouched;
+        expect(snapkv_params_preset(&facts, 9), SNAPKV_ERR_INVALID_PARAMS, "params_preset(9)", "SNAPKV_PRESET_FACTS");
+        CHECK(memcmp(&facts, &untouched, sizeof facts) == 0, "an unknown preset leaves the struct");
+        expect(snapkv_params_preset(&facts, SNAPKV_PRESET_FACTS), SNAPKV_OK, "params_preset(FACTS)", NULL);
+        CHECK(facts.size == sizeof(snapkv_params) && facts.window == p.window && facts.budget == p.budget &&
+                  facts.kernel == 7 && facts.pooling == SNAPKV_POOLING_MAX &&
+                  facts.pool_align == SNAPKV_POOL_ALIGN_TRAILING &&
+                  facts.value_weighting == SNAPKV_VALUE_WEIGHTING_NORM &&
+                  facts.query_aggregation == SNAPKV_QUERY_AGGREGATION_MAX && facts.gqa == SNAPKV_GQA_MEAN,
+              "the facts preset");
+        expect(snapkv_params_preset(&facts, SNAPKV_PRESET_DEFAULT), SNAPKV_OK, "params_preset(DEFAULT)", NULL);
+        CHECK(memcmp(&facts, &p, sizeof p) == 0, "the default preset is snapkv_params_default");
+    }
     p.window = 16;
     p.budget = 64;
     memset(&sentinel, 0xAB, sizeof sentinel);

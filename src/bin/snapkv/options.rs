@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use snapkv::{
-    Budget, CacheType, FlashAttention, GqaAggregation, PoolAlign, Pooling, QueryAggregation, SnapKvConfig,
+    Budget, CacheType, FlashAttention, GqaAggregation, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig,
     ValueWeighting,
 };
 
@@ -73,47 +73,93 @@ impl SnapKvOptions {
 }
 
 /// SnapKV parameters other than the budget, shared by every method of a run.
+/// The selection options not given take the preset's values.
 #[derive(Debug, Clone, Args)]
 pub struct MethodOptions {
     /// Observation window: the last W prompt tokens (the same for every method).
     #[arg(long, default_value_t = 32)]
     pub window: usize,
-    /// Pooling kernel (odd; at least 9 with the default --pool-align forward-7, any odd size with centered).
-    #[arg(long, default_value_t = 11)]
-    pub kernel: usize,
-    /// Pooling: max or avg.
-    #[arg(long, default_value = "avg")]
-    pub pool: Pooling,
+    /// Selection parameters to start from: default (for continuations that draw on the whole prompt) or facts
+    /// (for answers that copy facts out of it: --query-aggregation max --kernel 7 --pool-align trailing
+    /// --value-weighting norm --pool max). The options below override it.
+    #[arg(long, default_value = "default")]
+    pub preset: Preset,
+    /// Pooling kernel (odd; at least 9 with --pool-align forward-7, any odd size with centered) [default: the
+    /// preset's, 11].
+    #[arg(long)]
+    pub kernel: Option<usize>,
+    /// Pooling: max or avg [default: the preset's, avg].
+    #[arg(long)]
+    pub pool: Option<Pooling>,
     /// Where a position's pooling window lies, and so which neighbours a position that drew attention keeps:
     /// centered (kernel/2 on each side), trailing (the kernel-1 tokens after it) or forward-N (N tokens after
-    /// it and kernel-1-N before it; N below the kernel).
-    #[arg(long = "pool-align", default_value = "forward-7")]
-    pub pool_align: PoolAlign,
-    /// Aggregation of query heads sharing a KV head: mean or max.
-    #[arg(long, default_value = "mean")]
-    pub gqa: GqaAggregation,
-    /// Votes weighted by the norm of the cached value vector they point at: off or norm.
-    #[arg(long = "value-weighting", default_value = "off")]
-    pub value_weighting: ValueWeighting,
+    /// it and kernel-1-N before it; N below the kernel) [default: the preset's, forward-7].
+    #[arg(long = "pool-align")]
+    pub pool_align: Option<PoolAlign>,
+    /// Aggregation of query heads sharing a KV head: mean or max [default: the preset's, mean].
+    #[arg(long)]
+    pub gqa: Option<GqaAggregation>,
+    /// Votes weighted by the norm of the cached value vector they point at: off or norm [default: the
+    /// preset's, off].
+    #[arg(long = "value-weighting")]
+    pub value_weighting: Option<ValueWeighting>,
     /// How the window queries' attention on a position makes its vote: sum (SnapKV's paper) or max (the
-    /// largest of them).
-    #[arg(long = "query-aggregation", default_value = "sum")]
-    pub query_aggregation: QueryAggregation,
+    /// largest of them) [default: the preset's, sum].
+    #[arg(long = "query-aggregation")]
+    pub query_aggregation: Option<QueryAggregation>,
 }
 
 impl MethodOptions {
     /// The configuration for a budget of `cells` cells per KV head.
     pub fn config(&self, cells: usize) -> SnapKvConfig {
-        let mut cfg = SnapKvConfig::default();
+        let mut cfg = self.preset.config();
         cfg.window = self.window;
-        cfg.kernel = self.kernel;
-        cfg.pooling = self.pool;
-        cfg.pool_align = self.pool_align;
-        cfg.gqa = self.gqa;
-        cfg.value_weighting = self.value_weighting;
-        cfg.queries = self.query_aggregation;
         cfg.budget = Budget::Cells(cells);
+        let overrides = SelectionOverrides {
+            kernel: self.kernel,
+            pool: self.pool,
+            align: self.pool_align,
+            gqa: self.gqa,
+            value_weighting: self.value_weighting,
+            queries: self.query_aggregation,
+        };
+        overrides.apply(&mut cfg);
         cfg
+    }
+}
+
+/// Selection parameters given one by one, each replacing the configuration's
+/// when set.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct SelectionOverrides {
+    kernel: Option<usize>,
+    pool: Option<Pooling>,
+    align: Option<PoolAlign>,
+    gqa: Option<GqaAggregation>,
+    value_weighting: Option<ValueWeighting>,
+    queries: Option<QueryAggregation>,
+}
+
+impl SelectionOverrides {
+    fn apply(&self, cfg: &mut SnapKvConfig) {
+        if let Some(k) = self.kernel {
+            cfg.kernel = k;
+        }
+        if let Some(p) = self.pool {
+            cfg.pooling = p;
+        }
+        if let Some(a) = self.align {
+            cfg.pool_align = a;
+        }
+        if let Some(g) = self.gqa {
+            cfg.gqa = g;
+        }
+        if let Some(v) = self.value_weighting {
+            cfg.value_weighting = v;
+        }
+        if let Some(q) = self.queries {
+            cfg.queries = q;
+        }
     }
 }
 
@@ -130,6 +176,8 @@ pub fn parse_cache_type(s: &str) -> Result<CacheType, String> {
 /// options, e.g. `snapkv:kernel=15:pool=avg:align=trailing:gqa=max:value=norm:queries=max`. Overrides let one run
 /// compare variants of a method over the same evaluated prompts; the window
 /// cannot be overridden (every method of a run observes the same window).
+/// `preset=NAME` starts the method's selection parameters from that preset
+/// instead of the run's options (its other overrides still apply).
 /// `lookahead=N` (`eval` only) compresses after the answer's first `N`
 /// tokens instead of right after the prompt, so that the window's last `N`
 /// tokens are the answer's.
@@ -139,12 +187,8 @@ pub struct MethodSpec {
     pub label: String,
     /// `full` or a selector name.
     pub name: String,
-    kernel: Option<usize>,
-    pool: Option<Pooling>,
-    align: Option<PoolAlign>,
-    gqa: Option<GqaAggregation>,
-    value_weighting: Option<ValueWeighting>,
-    queries: Option<QueryAggregation>,
+    preset: Option<Preset>,
+    overrides: SelectionOverrides,
     lookahead: usize,
 }
 
@@ -174,31 +218,23 @@ impl MethodSpec {
         })
     }
 
+    /// The configuration of this method for a budget of `cells` cells per
+    /// KV head: the run's, then the spec's preset, then its overrides.
+    fn config(&self, opts: &MethodOptions, cells: usize) -> SnapKvConfig {
+        let mut cfg = opts.config(cells);
+        if let Some(preset) = self.preset {
+            preset.apply(&mut cfg);
+        }
+        self.overrides.apply(&mut cfg);
+        cfg
+    }
+
     /// The method for a budget of `cells` cells per KV head.
     ///
     /// # Errors
     /// As [`snapkv::eval::Method::by_name`] (an invalid configuration).
     pub fn method(&self, opts: &MethodOptions, cells: usize) -> snapkv::Result<snapkv::eval::Method> {
-        let mut cfg = opts.config(cells);
-        if let Some(k) = self.kernel {
-            cfg.kernel = k;
-        }
-        if let Some(p) = self.pool {
-            cfg.pooling = p;
-        }
-        if let Some(a) = self.align {
-            cfg.pool_align = a;
-        }
-        if let Some(g) = self.gqa {
-            cfg.gqa = g;
-        }
-        if let Some(v) = self.value_weighting {
-            cfg.value_weighting = v;
-        }
-        if let Some(q) = self.queries {
-            cfg.queries = q;
-        }
-        snapkv::eval::Method::by_name(&self.name, cfg)
+        snapkv::eval::Method::by_name(&self.name, self.config(opts, cells))
     }
 }
 
@@ -215,12 +251,8 @@ impl std::str::FromStr for MethodSpec {
         let mut spec = MethodSpec {
             label: s.to_string(),
             name,
-            kernel: None,
-            pool: None,
-            align: None,
-            gqa: None,
-            value_weighting: None,
-            queries: None,
+            preset: None,
+            overrides: SelectionOverrides::default(),
             lookahead: 0,
         };
         for part in parts {
@@ -230,17 +262,19 @@ impl std::str::FromStr for MethodSpec {
             let (key, value) = part
                 .split_once('=')
                 .ok_or_else(|| format!("{s:?}: expected key=value after ':', got {part:?}"))?;
+            let o = &mut spec.overrides;
             match key {
-                "kernel" => spec.kernel = Some(value.parse().map_err(|e| format!("{s:?}: kernel: {e}"))?),
-                "pool" => spec.pool = Some(value.parse().map_err(|e| format!("{s:?}: pool: {e}"))?),
-                "align" => spec.align = Some(value.parse().map_err(|e| format!("{s:?}: align: {e}"))?),
-                "gqa" => spec.gqa = Some(value.parse().map_err(|e| format!("{s:?}: gqa: {e}"))?),
-                "value" => spec.value_weighting = Some(value.parse().map_err(|e| format!("{s:?}: value: {e}"))?),
-                "queries" => spec.queries = Some(value.parse().map_err(|e| format!("{s:?}: queries: {e}"))?),
+                "preset" => spec.preset = Some(value.parse().map_err(|e| format!("{s:?}: preset: {e}"))?),
+                "kernel" => o.kernel = Some(value.parse().map_err(|e| format!("{s:?}: kernel: {e}"))?),
+                "pool" => o.pool = Some(value.parse().map_err(|e| format!("{s:?}: pool: {e}"))?),
+                "align" => o.align = Some(value.parse().map_err(|e| format!("{s:?}: align: {e}"))?),
+                "gqa" => o.gqa = Some(value.parse().map_err(|e| format!("{s:?}: gqa: {e}"))?),
+                "value" => o.value_weighting = Some(value.parse().map_err(|e| format!("{s:?}: value: {e}"))?),
+                "queries" => o.queries = Some(value.parse().map_err(|e| format!("{s:?}: queries: {e}"))?),
                 "lookahead" => spec.lookahead = value.parse().map_err(|e| format!("{s:?}: lookahead: {e}"))?,
                 _ => {
                     return Err(format!(
-                        "{s:?}: unknown option {key:?} (kernel, pool, align, gqa, value, queries, lookahead)"
+                        "{s:?}: unknown option {key:?} (preset, kernel, pool, align, gqa, value, queries, lookahead)"
                     ))
                 }
             }
@@ -251,28 +285,32 @@ impl std::str::FromStr for MethodSpec {
 
 #[cfg(test)]
 mod tests {
-    use super::MethodSpec;
+    use super::{MethodOptions, MethodSpec};
+    use snapkv::{Preset, SnapKvConfig};
 
     #[test]
     fn method_specs_parse_names_and_overrides() {
         let plain: MethodSpec = "snapkv".parse().unwrap();
-        assert_eq!((plain.name.as_str(), plain.kernel, plain.pool), ("snapkv", None, None));
+        assert_eq!(
+            (plain.name.as_str(), plain.overrides.kernel, plain.overrides.pool),
+            ("snapkv", None, None)
+        );
         let spec: MethodSpec = "snapkv-shared-layer:kernel=15:pool=avg:align=trailing:gqa=max"
             .parse()
             .unwrap();
         assert_eq!(spec.name, "snapkv-shared-layer");
-        assert_eq!(spec.kernel, Some(15));
-        assert_eq!(spec.pool, Some(snapkv::Pooling::Avg));
-        assert_eq!(spec.align, Some(snapkv::PoolAlign::Trailing));
+        assert_eq!(spec.overrides.kernel, Some(15));
+        assert_eq!(spec.overrides.pool, Some(snapkv::Pooling::Avg));
+        assert_eq!(spec.overrides.align, Some(snapkv::PoolAlign::Trailing));
         let forward: MethodSpec = "snapkv:kernel=11:align=forward-7".parse().unwrap();
-        assert_eq!(forward.align, Some(snapkv::PoolAlign::Forward(7)));
-        assert_eq!(spec.gqa, Some(snapkv::GqaAggregation::Max));
+        assert_eq!(forward.overrides.align, Some(snapkv::PoolAlign::Forward(7)));
+        assert_eq!(spec.overrides.gqa, Some(snapkv::GqaAggregation::Max));
         let weighted: MethodSpec = "snapkv:value=norm:lookahead=8".parse().unwrap();
-        assert_eq!(weighted.value_weighting, Some(snapkv::ValueWeighting::Norm));
-        assert_eq!((weighted.lookahead(), plain.value_weighting), (8, None));
+        assert_eq!(weighted.overrides.value_weighting, Some(snapkv::ValueWeighting::Norm));
+        assert_eq!((weighted.lookahead(), plain.overrides.value_weighting), (8, None));
         let by_max: MethodSpec = "snapkv:queries=max".parse().unwrap();
         assert_eq!(
-            (by_max.queries, plain.queries),
+            (by_max.overrides.queries, plain.overrides.queries),
             (Some(snapkv::QueryAggregation::Max), None)
         );
         assert_eq!(
@@ -296,8 +334,55 @@ mod tests {
             "snapkv:align=left",
             "snapkv:value=l1",
             "snapkv:queries=mean",
+            "snapkv:preset=fast",
         ] {
             assert!(bad.parse::<MethodSpec>().is_err(), "{bad}");
         }
+    }
+
+    /// Run options as the command line gives them, with `args` after the
+    /// subcommand's name.
+    fn run_options(args: &[&str]) -> MethodOptions {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Run {
+            #[command(flatten)]
+            method: MethodOptions,
+        }
+        Run::try_parse_from(std::iter::once("snapkv").chain(args.iter().copied()))
+            .unwrap()
+            .method
+    }
+
+    #[test]
+    fn presets_start_the_selection_and_options_override_them() {
+        let mut expected = SnapKvConfig::default();
+        expected.budget = snapkv::Budget::Cells(256);
+        assert_eq!(run_options(&[]).config(256), expected);
+
+        let facts = run_options(&["--preset", "facts", "--window", "16"]).config(256);
+        expected = Preset::Facts.config();
+        expected.window = 16;
+        expected.budget = snapkv::Budget::Cells(256);
+        assert_eq!(facts, expected);
+
+        let facts_kernel_9 = run_options(&["--preset", "facts", "--kernel", "9"]).config(256);
+        assert_eq!(facts_kernel_9.kernel, 9);
+        assert_eq!(facts_kernel_9.queries, Preset::Facts.config().queries);
+
+        // A method's preset replaces the run's selection, not its window;
+        // the method's own overrides come after it.
+        let run = run_options(&["--kernel", "15", "--window", "16"]);
+        let spec: MethodSpec = "snapkv:preset=facts:pool=avg".parse().unwrap();
+        let cfg = spec.config(&run, 256);
+        assert_eq!((cfg.window, cfg.kernel, cfg.pooling), (16, 7, snapkv::Pooling::Avg));
+        assert_eq!(cfg.queries, snapkv::QueryAggregation::Max);
+        let spelled_out: MethodSpec = "snapkv:queries=max:kernel=7:align=trailing:value=norm:pool=max"
+            .parse()
+            .unwrap();
+        let by_name: MethodSpec = "snapkv:preset=facts".parse().unwrap();
+        let defaults = run_options(&[]);
+        assert_eq!(spelled_out.config(&defaults, 256), by_name.config(&defaults, 256));
+        assert_eq!(run_options(&[]).preset, Preset::Default);
     }
 }
