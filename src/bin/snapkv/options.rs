@@ -84,29 +84,9 @@ pub struct MethodOptions {
     /// --value-weighting norm --pool max). The options below override it.
     #[arg(long, default_value = "default")]
     pub preset: Preset,
-    /// Pooling kernel (odd; at least 9 with --pool-align forward-7, any odd size with centered) [default: the
-    /// preset's, 11].
-    #[arg(long)]
-    pub kernel: Option<usize>,
-    /// Pooling: max or avg [default: the preset's, avg].
-    #[arg(long)]
-    pub pool: Option<Pooling>,
-    /// Where a position's pooling window lies, and so which neighbours a position that drew attention keeps:
-    /// centered (kernel/2 on each side), trailing (the kernel-1 tokens after it) or forward-N (N tokens after
-    /// it and kernel-1-N before it; N below the kernel) [default: the preset's, forward-7].
-    #[arg(long = "pool-align")]
-    pub pool_align: Option<PoolAlign>,
-    /// Aggregation of query heads sharing a KV head: mean or max [default: the preset's, mean].
-    #[arg(long)]
-    pub gqa: Option<GqaAggregation>,
-    /// Votes weighted by the norm of the cached value vector they point at: off or norm [default: the
-    /// preset's, off].
-    #[arg(long = "value-weighting")]
-    pub value_weighting: Option<ValueWeighting>,
-    /// How the window queries' attention on a position makes its vote: sum (SnapKV's paper) or max (the
-    /// largest of them) [default: the preset's, sum].
-    #[arg(long = "query-aggregation")]
-    pub query_aggregation: Option<QueryAggregation>,
+    /// The selection options given one by one.
+    #[command(flatten)]
+    pub selection: SelectionOverrides,
 }
 
 impl MethodOptions {
@@ -115,28 +95,38 @@ impl MethodOptions {
         let mut cfg = self.preset.config();
         cfg.window = self.window;
         cfg.budget = Budget::Cells(cells);
-        let overrides = SelectionOverrides {
-            kernel: self.kernel,
-            pool: self.pool,
-            align: self.pool_align,
-            gqa: self.gqa,
-            value_weighting: self.value_weighting,
-            queries: self.query_aggregation,
-        };
-        overrides.apply(&mut cfg);
+        self.selection.apply(&mut cfg);
         cfg
     }
 }
 
-/// Selection parameters given one by one, each replacing the configuration's
-/// when set.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct SelectionOverrides {
+/// Selection parameters given one by one on the command line (or as a
+/// method's `key=value` options), each replacing the configuration's when
+/// set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Args)]
+pub struct SelectionOverrides {
+    /// Pooling kernel (odd; at least 9 with --pool-align forward-7, any odd size with centered) [default: the
+    /// preset's, 11].
+    #[arg(long)]
     kernel: Option<usize>,
+    /// Pooling: max or avg [default: the preset's, avg].
+    #[arg(long)]
     pool: Option<Pooling>,
+    /// Where a position's pooling window lies, and so which neighbours a position that drew attention keeps:
+    /// centered (kernel/2 on each side), trailing (the kernel-1 tokens after it) or forward-N (N tokens after
+    /// it and kernel-1-N before it; N below the kernel) [default: the preset's, forward-7].
+    #[arg(long = "pool-align", value_name = "POOL_ALIGN")]
     align: Option<PoolAlign>,
+    /// Aggregation of query heads sharing a KV head: mean or max [default: the preset's, mean].
+    #[arg(long)]
     gqa: Option<GqaAggregation>,
+    /// Votes weighted by the norm of the cached value vector they point at: off or norm [default: the
+    /// preset's, off].
+    #[arg(long = "value-weighting")]
     value_weighting: Option<ValueWeighting>,
+    /// How the window queries' attention on a position makes its vote: sum (SnapKV's paper) or max (the
+    /// largest of them) [default: the preset's, sum].
+    #[arg(long = "query-aggregation", value_name = "QUERY_AGGREGATION")]
     queries: Option<QueryAggregation>,
 }
 
