@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use snapkv::snapkv::{
     add_votes_from_queries, pool_and_aggregate, QueryScorer, SelectionShape, Selector, SnapKvSelector, Votes,
 };
-use snapkv::{GqaAggregation, PoolAlign, Pooling};
+use snapkv::{GqaAggregation, PoolAlign, Pooling, QueryAggregation};
 
 const N_LAYER: usize = 24;
 const N_HEAD: usize = 14;
@@ -73,6 +73,20 @@ fn scoring(c: &mut Criterion) {
     });
     group.bench_function("QueryScorer/24 layers, all threads", |b| {
         let mut votes = Votes::new(N_LAYER, N_HEAD, PREFIX).expect("shape");
+        let mut scorer = QueryScorer::new(0);
+        b.iter(|| {
+            for layer in 0..N_LAYER {
+                scorer
+                    .add_votes(&mut votes, layer, &queries, &keys, HEAD_DIM, N_HEAD_KV, WINDOW, scale)
+                    .expect("votes");
+            }
+            black_box(&votes);
+        });
+    });
+    group.bench_function("QueryScorer/24 layers, all threads, largest vote of the window", |b| {
+        let mut votes = Votes::new(N_LAYER, N_HEAD, PREFIX)
+            .expect("shape")
+            .with_query_aggregation(QueryAggregation::Max);
         let mut scorer = QueryScorer::new(0);
         b.iter(|| {
             for layer in 0..N_LAYER {
