@@ -373,6 +373,8 @@ struct QkShape {
 const PARALLEL_THRESHOLD: usize = 1 << 22;
 /// Keys per packed tile (four SSE vectors of accumulators per query row).
 const KEY_TILE: usize = 16;
+/// Query rows that meet each key tile together in [`compute_logits`].
+const QUERY_BLOCK: usize = 6;
 
 impl QueryScorer {
     /// A scorer using up to `threads` threads; 0 means
@@ -584,7 +586,6 @@ fn compute_logits(
     logits: &mut [f32],
 ) {
     let d = s.head_dim;
-    let rows = queries.len() / d;
     let key_stride = s.n_head_kv * d;
     let n_tiles = s.n_cells.div_ceil(KEY_TILE);
     packed.clear();
@@ -600,19 +601,19 @@ fn compute_logits(
     for (t, tile) in packed.chunks_exact(KEY_TILE * d).enumerate() {
         let c0 = t * KEY_TILE;
         let valid = KEY_TILE.min(s.n_cells - c0);
-        let mut pairs = queries.chunks_exact(2 * d);
+        let mut blocks = queries.chunks_exact(QUERY_BLOCK * d);
         let mut r = 0;
-        for pair in &mut pairs {
-            let (q0, q1) = pair.split_at(d);
-            let (a, b) = tile_dots2(tile, q0, q1);
-            store_tile(&mut logits[r * s.n_cells + c0..], &a, valid);
-            store_tile(&mut logits[(r + 1) * s.n_cells + c0..], &b, valid);
-            r += 2;
+        for block in &mut blocks {
+            let rows: [&[f32]; QUERY_BLOCK] = std::array::from_fn(|i| &block[i * d..(i + 1) * d]);
+            for (i, row_dots) in tile_dots(tile, rows).iter().enumerate() {
+                store_tile(&mut logits[(r + i) * s.n_cells + c0..], row_dots, valid);
+            }
+            r += QUERY_BLOCK;
         }
-        if r < rows {
-            let q = pairs.remainder();
-            let (a, _) = tile_dots2(tile, q, q);
-            store_tile(&mut logits[r * s.n_cells + c0..], &a, valid);
+        for q in blocks.remainder().chunks_exact(d) {
+            let [row_dots] = tile_dots(tile, [q]);
+            store_tile(&mut logits[r * s.n_cells + c0..], &row_dots, valid);
+            r += 1;
         }
     }
 }
@@ -628,18 +629,23 @@ fn store_tile(dst: &mut [f32], dots: &[f32; KEY_TILE], valid: usize) {
     }
 }
 
-/// Dot products of two query rows with every key of one packed tile.
+/// Dot products of `N` query rows with every key of one packed tile: per
+/// dimension, one tile row (two 256-bit loads) meets `N` broadcast query
+/// elements, `2N` vector multiply-adds into accumulators held in registers.
+/// Each dot product sums its terms in dimension order, as a plain loop
+/// would, so the blocking changes no result.
 #[inline(always)]
-fn tile_dots2(tile: &[f32], q0: &[f32], q1: &[f32]) -> ([f32; KEY_TILE], [f32; KEY_TILE]) {
-    let mut a = [0f32; KEY_TILE];
-    let mut b = [0f32; KEY_TILE];
-    for ((k, &x0), &x1) in tile.chunks_exact(KEY_TILE).zip(q0).zip(q1) {
-        for j in 0..KEY_TILE {
-            a[j] += x0 * k[j];
-            b[j] += x1 * k[j];
+fn tile_dots<const N: usize>(tile: &[f32], q: [&[f32]; N]) -> [[f32; KEY_TILE]; N] {
+    let mut acc = [[0f32; KEY_TILE]; N];
+    for (dim, k) in tile.chunks_exact(KEY_TILE).enumerate() {
+        for (row, q_row) in acc.iter_mut().zip(&q) {
+            let x = q_row[dim];
+            for j in 0..KEY_TILE {
+                row[j] += x * k[j];
+            }
         }
     }
-    (a, b)
+    acc
 }
 
 const LANES: usize = 8;
@@ -669,21 +675,19 @@ fn lane_max(values: &[f32]) -> f32 {
 /// Replaces `logits` by `exp((x - max) * scale)` and returns their sum.
 fn softmax_numerators(logits: &mut [f32], scale: f32) -> f32 {
     let max = lane_max(logits);
+    // A plain map loop: LLVM's loop vectoriser turns it into full-width
+    // SIMD, where the same work unrolled by hand in lanes was only paired.
+    for x in logits.iter_mut() {
+        *x = fast_exp((*x - max) * scale);
+    }
     let mut acc = [0f32; LANES];
-    let mut chunks = logits.chunks_exact_mut(LANES);
+    let mut chunks = logits.chunks_exact(LANES);
     for chunk in &mut chunks {
         for i in 0..LANES {
-            let e = fast_exp((chunk[i] - max) * scale);
-            chunk[i] = e;
-            acc[i] += e;
+            acc[i] += chunk[i];
         }
     }
-    let mut sum = lane_sum(acc);
-    for x in chunks.into_remainder() {
-        *x = fast_exp((*x - max) * scale);
-        sum += *x;
-    }
-    sum
+    chunks.remainder().iter().fold(lane_sum(acc), |sum, &x| sum + x)
 }
 
 /// `e^x` for `x <= 0` to about 2e-7 relative error, written with plain
@@ -883,6 +887,55 @@ pub(crate) mod tests {
                 ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn blocked_logits_equal_plain_dot_products_bit_for_bit() {
+        // 2 KV heads; 13 query rows (two blocks of QUERY_BLOCK and a
+        // remainder) against 37 cells (two full key tiles and a partial one).
+        let (n_head_kv, d, rows, n_cells) = (2, 64, 13, 37);
+        let shape = QkShape {
+            n_head: 2,
+            n_head_kv,
+            head_dim: d,
+            window: rows,
+            prefix_len: n_cells - rows,
+            n_cells,
+            scale: 0.125,
+            queries: QueryAggregation::Sum,
+        };
+        let queries = random_values(11, rows * d);
+        let keys = random_values(12, n_cells * n_head_kv * d);
+        for kv_head in 0..n_head_kv {
+            let mut logits = vec![f32::NAN; rows * n_cells];
+            compute_logits(&queries, &keys, kv_head, shape, &mut Vec::new(), &mut logits);
+            for (r, q) in queries.chunks_exact(d).enumerate() {
+                for c in 0..n_cells {
+                    let k = &keys[(c * n_head_kv + kv_head) * d..][..d];
+                    let plain = q.iter().zip(k).fold(0f32, |sum, (&a, &b)| sum + a * b);
+                    assert_eq!(logits[r * n_cells + c].to_bits(), plain.to_bits(), "row {r}, cell {c}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_numerators_sum_in_lanes_and_keep_the_remainder() {
+        // 8 lanes × 2 and a remainder of 3.
+        let mut logits: Vec<f32> = (0..19).map(|i| i as f32 * 0.25 - 2.0).collect();
+        let original = logits.clone();
+        let sum = softmax_numerators(&mut logits, 0.5);
+        let max = original.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        for (e, x) in logits.iter().zip(&original) {
+            let exact = (((x - max) * 0.5) as f64).exp();
+            assert!((*e as f64 - exact).abs() <= 1e-6 * exact, "{e} vs {exact}");
+        }
+        let mut lanes = [0f32; LANES];
+        for (i, e) in logits[..16].iter().enumerate() {
+            lanes[i % LANES] += e;
+        }
+        let expected = logits[16..].iter().fold(lane_sum(lanes), |s, &e| s + e);
+        assert_eq!(sum.to_bits(), expected.to_bits());
     }
 
     #[derive(Clone, Copy, Debug)]
