@@ -4,29 +4,21 @@
 //! 1,024-cell budget, for row-wise V (flash attention on) and transposed V
 //! (flash attention off). The blobs are synthetic (snapkv::snapkv::synthetic).
 
+mod common;
+
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use snapkv::snapkv::synthetic::build_blob;
-use snapkv::snapkv::{position_order, rewrite, ModelShape, RandomSelector, SelectionShape, Selector, SeqState};
+use snapkv::snapkv::{position_order, rewrite, RandomSelector, SelectionShape, Selector, SeqState};
 use snapkv::CacheType;
 
 const P: usize = 8000;
 const WINDOW: usize = 32;
 const BUDGET: usize = 1024;
 
-fn shape() -> ModelShape {
-    ModelShape {
-        n_layer: 24,
-        n_head: 14,
-        n_head_kv: 2,
-        head_dim_k: 64,
-        head_dim_v: 64,
-    }
-}
-
 fn compaction(c: &mut Criterion) {
-    let shape = shape();
+    let shape = common::qwen_0_5b();
     let positions: Vec<i32> = (0..P as i32).collect();
     let mut group = c.benchmark_group("compaction");
     group.sample_size(10);

@@ -71,32 +71,25 @@ fn scoring(c: &mut Criterion) {
             black_box(&votes);
         });
     });
-    group.bench_function("QueryScorer/24 layers, all threads", |b| {
-        let mut votes = Votes::new(N_LAYER, N_HEAD, PREFIX).expect("shape");
-        let mut scorer = QueryScorer::new(0);
-        b.iter(|| {
-            for layer in 0..N_LAYER {
-                scorer
-                    .add_votes(&mut votes, layer, &queries, &keys, HEAD_DIM, N_HEAD_KV, WINDOW, scale)
-                    .expect("votes");
-            }
-            black_box(&votes);
+    for (label, aggregation) in [
+        ("", QueryAggregation::Sum),
+        (", largest vote of the window", QueryAggregation::Max),
+    ] {
+        group.bench_function(format!("QueryScorer/24 layers, all threads{label}"), |b| {
+            let mut votes = Votes::new(N_LAYER, N_HEAD, PREFIX)
+                .expect("shape")
+                .with_query_aggregation(aggregation);
+            let mut scorer = QueryScorer::new(0);
+            b.iter(|| {
+                for layer in 0..N_LAYER {
+                    scorer
+                        .add_votes(&mut votes, layer, &queries, &keys, HEAD_DIM, N_HEAD_KV, WINDOW, scale)
+                        .expect("votes");
+                }
+                black_box(&votes);
+            });
         });
-    });
-    group.bench_function("QueryScorer/24 layers, all threads, largest vote of the window", |b| {
-        let mut votes = Votes::new(N_LAYER, N_HEAD, PREFIX)
-            .expect("shape")
-            .with_query_aggregation(QueryAggregation::Max);
-        let mut scorer = QueryScorer::new(0);
-        b.iter(|| {
-            for layer in 0..N_LAYER {
-                scorer
-                    .add_votes(&mut votes, layer, &queries, &keys, HEAD_DIM, N_HEAD_KV, WINDOW, scale)
-                    .expect("votes");
-            }
-            black_box(&votes);
-        });
-    });
+    }
 
     let votes = votes_filled();
     group.bench_function("pool_and_aggregate/24 layers, max pool k=7, mean GQA", |b| {

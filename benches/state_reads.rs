@@ -7,40 +7,17 @@
 //! layers, 3 KV heads of dimension 64). The blobs are synthetic
 //! (snapkv::snapkv::synthetic).
 
+mod common;
+
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use snapkv::snapkv::synthetic::build_blob;
-use snapkv::snapkv::{gather_keys, position_order, value_norms, AlgoError, ModelShape, SeqState};
+use snapkv::snapkv::{gather_keys, position_order, value_norms, AlgoError, SeqState};
 use snapkv::CacheType;
 
 const P: usize = 8000;
 const WINDOW: usize = 32;
-
-fn shapes() -> [(&'static str, ModelShape); 2] {
-    [
-        (
-            "Qwen2.5 0.5B",
-            ModelShape {
-                n_layer: 24,
-                n_head: 14,
-                n_head_kv: 2,
-                head_dim_k: 64,
-                head_dim_v: 64,
-            },
-        ),
-        (
-            "SmolLM2-135M",
-            ModelShape {
-                n_layer: 30,
-                n_head: 9,
-                n_head_kv: 3,
-                head_dim_k: 64,
-                head_dim_v: 64,
-            },
-        ),
-    ]
-}
 
 /// An f16 bit pattern in [0.5, 1) from a byte's position, so that every
 /// decoded value is finite.
@@ -58,7 +35,10 @@ fn state_reads(c: &mut Criterion) {
     group.sample_size(10);
     let mut no_quantized =
         |_: CacheType, _: &[u8], _: &mut [f32]| -> Result<(), AlgoError> { unreachable!("the cache is f16") };
-    for (label, shape) in shapes() {
+    for (label, shape) in [
+        ("Qwen2.5 0.5B", common::qwen_0_5b()),
+        ("SmolLM2-135M", common::smollm2_135m()),
+    ] {
         let blob = build_blob(
             &shape,
             &positions,
