@@ -115,36 +115,6 @@ impl Default for SnapkvParams {
     }
 }
 
-impl SnapkvParams {
-    /// The C struct of a configuration (`size` set to this header's).
-    pub(crate) fn from_config(c: &SnapKvConfig) -> Self {
-        let (budget, budget_fraction) = match c.budget {
-            Budget::Cells(n) => (u32::try_from(n).unwrap_or(u32::MAX), 0.0),
-            Budget::Fraction(f) => (0, f),
-        };
-        SnapkvParams {
-            size: size_of::<SnapkvParams>() as u32,
-            window: c.window as u32,
-            budget,
-            kernel: c.kernel as u32,
-            budget_fraction,
-            pooling: c.pooling.to_c(),
-            gqa: c.gqa.to_c(),
-            pool_align: match c.pool_align {
-                PoolAlign::Centered => POOL_ALIGN_CENTERED,
-                PoolAlign::Trailing => POOL_ALIGN_TRAILING,
-                PoolAlign::Forward(_) => POOL_ALIGN_FORWARD,
-            },
-            pool_forward: match c.pool_align {
-                PoolAlign::Forward(n) => u32::try_from(n).unwrap_or(u32::MAX),
-                PoolAlign::Centered | PoolAlign::Trailing => 0,
-            },
-            value_weighting: c.value_weighting.to_c(),
-            query_aggregation: c.queries.to_c(),
-        }
-    }
-}
-
 fn invalid(msg: String) -> Failure {
     Failure::new(Status::InvalidParams, msg)
 }
@@ -203,6 +173,35 @@ pub(crate) fn preset_from_c(value: i32) -> Result<Preset, Failure> {
 }
 
 impl SnapkvParams {
+    /// The C struct of a configuration (`size` set to this header's): the
+    /// inverse of [`SnapkvParams::to_config`].
+    pub(crate) fn from_config(c: &SnapKvConfig) -> Self {
+        let (budget, budget_fraction) = match c.budget {
+            Budget::Cells(n) => (u32::try_from(n).unwrap_or(u32::MAX), 0.0),
+            Budget::Fraction(f) => (0, f),
+        };
+        SnapkvParams {
+            size: size_of::<SnapkvParams>() as u32,
+            window: c.window as u32,
+            budget,
+            kernel: c.kernel as u32,
+            budget_fraction,
+            pooling: c.pooling.to_c(),
+            gqa: c.gqa.to_c(),
+            pool_align: match c.pool_align {
+                PoolAlign::Centered => POOL_ALIGN_CENTERED,
+                PoolAlign::Trailing => POOL_ALIGN_TRAILING,
+                PoolAlign::Forward(_) => POOL_ALIGN_FORWARD,
+            },
+            pool_forward: match c.pool_align {
+                PoolAlign::Forward(n) => u32::try_from(n).unwrap_or(u32::MAX),
+                PoolAlign::Centered | PoolAlign::Trailing => 0,
+            },
+            value_weighting: c.value_weighting.to_c(),
+            query_aggregation: c.queries.to_c(),
+        }
+    }
+
     /// Checks the `size` field a caller set; returns how many bytes of the
     /// caller's struct may be read (its size) when it is acceptable: at
     /// least the layout before `value_weighting` (fields past a smaller
