@@ -363,6 +363,9 @@ struct QkShape {
     n_head_kv: usize,
     head_dim: usize,
     window: usize,
+    /// Query rows: the `window` rows at the window's cells, then any rows
+    /// of tokens after it.
+    rows: usize,
     prefix_len: usize,
     n_cells: usize,
     scale: f32,
@@ -429,10 +432,12 @@ impl QueryScorer {
             .prefix_len
             .checked_add(window)
             .ok_or_else(|| AlgoError::ShapeMismatch("prefix length + window overflows".into()))?;
-        let q_len = checked_volume(&[window, n_head, head_dim], "queries")?;
-        if queries.len() != q_len {
+        let row_len = checked_volume(&[n_head, head_dim], "queries")?;
+        let rows = queries.len() / row_len;
+        if queries.len() % row_len != 0 || rows < window {
             return Err(AlgoError::ShapeMismatch(format!(
-                "queries of layer {layer} have {} values, expected {window} queries × {n_head} heads × {head_dim} = {q_len}",
+                "queries of layer {layer} have {} values, expected a multiple of {n_head} heads × {head_dim} = {row_len} \
+                 for at least {window} queries",
                 queries.len()
             )));
         }
@@ -448,6 +453,7 @@ impl QueryScorer {
             n_head_kv,
             head_dim,
             window,
+            rows,
             prefix_len: votes.prefix_len,
             n_cells,
             scale,
@@ -456,7 +462,7 @@ impl QueryScorer {
         if votes.prefix_len == 0 {
             return Ok(());
         }
-        let work = k_len.saturating_mul(window).saturating_mul(n_head / n_head_kv);
+        let work = k_len.saturating_mul(rows).saturating_mul(n_head / n_head_kv);
         let threads = if work < PARALLEL_THRESHOLD {
             1
         } else {
@@ -485,11 +491,15 @@ impl QueryScorer {
 /// Adds one layer's votes computed from post-RoPE window queries and the
 /// cached keys (flash attention on).
 ///
-/// `queries` is `[q in 0..window][head][d]`, `keys` is
+/// `queries` is `[row][head][d]` with at least `window` rows, `keys` is
 /// `[cell in position order][kv_head][d]` for `prefix_len + window` cells,
 /// prefix first then window. Query head `h` attends with KV head
-/// `h / (n_head / n_head_kv)`; window query `q` sits at window cell `q` and
-/// sees every prefix cell plus window cells `0..=q`. Logits are scaled by
+/// `h / (n_head / n_head_kv)`; window query `q < window` sits at window cell
+/// `q` and sees every prefix cell plus window cells `0..=q`. Rows after the
+/// first `window` are queries of tokens after the window (a draft of the
+/// answer, see [`SnapKvConfig::draft`](crate::snapkv::SnapKvConfig::draft)):
+/// they see every prefix and window cell (their own cells are not among
+/// `keys`, so their softmax runs over the cells given). Logits are scaled by
 /// `scale`, turned into probabilities by a max-subtracted softmax in f32, and
 /// the probabilities of prefix cells are added to `votes` (or their maximum
 /// taken, as the votes' [`QueryAggregation`] says).
@@ -499,7 +509,7 @@ impl QueryScorer {
 ///
 /// # Errors
 /// [`AlgoError::ShapeMismatch`] when a buffer length does not match the
-/// shapes, `layer` is out of range, the heads do not split evenly over the
+/// shapes (or holds fewer than `window` query rows), `layer` is out of range, the heads do not split evenly over the
 /// KV heads, `head_dim` or `window` is 0, or `scale` is not finite and
 /// positive.
 #[allow(clippy::too_many_arguments)]
@@ -534,11 +544,11 @@ fn score_heads(
     while h < end {
         let kv_head = h / group;
         let h_end = end.min((kv_head + 1) * group);
-        let rows = (h_end - h) * s.window;
-        // Gather this run's queries as contiguous rows: row = (head - h) * window + q.
+        let rows = (h_end - h) * s.rows;
+        // Gather this run's queries as contiguous rows: row = (head - h) * rows + q.
         scratch.queries.clear();
         for head in h..h_end {
-            for q in 0..s.window {
+            for q in 0..s.rows {
                 let start = (q * s.n_head + head) * d;
                 scratch.queries.extend_from_slice(&queries[start..start + d]);
             }
@@ -556,9 +566,9 @@ fn score_heads(
             .chunks_exact_mut(s.n_cells)
             .enumerate()
         {
-            let head_local = r / s.window;
-            let q = r % s.window;
-            let visible = &mut logits[..s.prefix_len + q + 1];
+            let head_local = r / s.rows;
+            let q = r % s.rows;
+            let visible = &mut logits[..s.prefix_len + (q + 1).min(s.window)];
             let inv_sum = 1.0 / softmax_numerators(visible, s.scale);
             let row_start = (h - first_head + head_local) * s.prefix_len;
             let votes_row = &mut votes_part[row_start..row_start + s.prefix_len];
@@ -899,6 +909,7 @@ pub(crate) mod tests {
             n_head_kv,
             head_dim: d,
             window: rows,
+            rows,
             prefix_len: n_cells - rows,
             n_cells,
             scale: 0.125,
@@ -1329,6 +1340,92 @@ pub(crate) mod tests {
                 add_votes_from_queries(&mut votes, layer, &q, &k, head_dim, n_head_kv, window, scale),
                 Err(AlgoError::ShapeMismatch(_))
             ));
+        }
+        // Queries that are not whole rows, and fewer rows than the window.
+        assert!(matches!(
+            add_votes_from_queries(&mut votes, 0, &q[..q.len() - 1], &k, 8, 2, 2, 0.3),
+            Err(AlgoError::ShapeMismatch(_))
+        ));
+        let mut short = Votes::new(1, 4, 2).unwrap();
+        assert!(matches!(
+            add_votes_from_queries(&mut short, 0, &q, &k, 8, 2, 3, 0.3),
+            Err(AlgoError::ShapeMismatch(_))
+        ));
+    }
+
+    #[test]
+    fn rows_after_the_window_see_every_window_cell() {
+        let d = Dims {
+            n_head: 4,
+            n_head_kv: 2,
+            head_dim: 16,
+            window: 5,
+            prefix_len: 60,
+        };
+        let extra = 3;
+        let n = d.prefix_len + d.window;
+        let (window_queries, keys) = random_queries_and_keys(d, 31, 32, 3.0);
+        let row_len = d.n_head * d.head_dim;
+        let draft: Vec<f32> = random_values(33, extra * row_len)
+            .into_iter()
+            .map(|x| x * 3.0)
+            .collect();
+        let scale = 0.25f32;
+        for aggregation in [QueryAggregation::Sum, QueryAggregation::Max] {
+            // The reference: the window rows as always; each extra row is
+            // what a window query at the last window cell (which sees every
+            // window cell) with that row's values would vote.
+            let mut reference = naive_votes_by(
+                d,
+                &naive_probs(d, &window_queries, &keys, f64::from(scale)),
+                aggregation,
+            );
+            for row in draft.chunks_exact(row_len) {
+                let mut queries = window_queries.clone();
+                queries[(d.window - 1) * row_len..].copy_from_slice(row);
+                let probs = naive_probs(d, &queries, &keys, f64::from(scale));
+                for h in 0..d.n_head {
+                    for i in 0..d.prefix_len {
+                        let p = probs[(h * d.window + d.window - 1) * n + i];
+                        let v = &mut reference[h * d.prefix_len + i];
+                        *v = match aggregation {
+                            QueryAggregation::Sum => *v + p,
+                            QueryAggregation::Max => v.max(p),
+                        };
+                    }
+                }
+            }
+            let all: Vec<f32> = window_queries.iter().chain(&draft).copied().collect();
+            let mut votes = Votes::new(1, d.n_head, d.prefix_len)
+                .unwrap()
+                .with_query_aggregation(aggregation);
+            QueryScorer::new(1)
+                .add_votes(&mut votes, 0, &all, &keys, d.head_dim, d.n_head_kv, d.window, scale)
+                .unwrap();
+            assert_close(votes.as_slice(), &reference, 1e-4, "votes with rows after the window");
+            let mut window_only = Votes::new(1, d.n_head, d.prefix_len)
+                .unwrap()
+                .with_query_aggregation(aggregation);
+            QueryScorer::new(1)
+                .add_votes(
+                    &mut window_only,
+                    0,
+                    &window_queries,
+                    &keys,
+                    d.head_dim,
+                    d.n_head_kv,
+                    d.window,
+                    scale,
+                )
+                .unwrap();
+            assert!(
+                votes
+                    .as_slice()
+                    .iter()
+                    .zip(window_only.as_slice())
+                    .any(|(a, b)| (a - b).abs() > 1e-3),
+                "the extra rows must change the votes for the test to mean anything"
+            );
         }
     }
 
