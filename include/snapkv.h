@@ -192,6 +192,21 @@ typedef struct snapkv_params {
     /* enum snapkv_query_aggregation. Default SNAPKV_QUERY_AGGREGATION_SUM.
      * It fills what was the struct's tail padding: the size is unchanged. */
     int32_t query_aggregation;
+    /* Answer tokens to draft: 0 (the default) for none. With a draft, the
+     * cache is compressed once from the window, up to draft_tokens answer
+     * tokens are decoded greedily on it with their queries recorded, and
+     * the positions are selected again from the full prompt with the
+     * window's and the draft's queries voting together. The draft's tokens
+     * are discarded and the prompt's last token is decoded again over the
+     * final cache, so llama_get_logits_ith(ctx, -1) is the prompt's (over
+     * the compressed cache). Cost: draft_tokens decodes over `budget`
+     * cells, a second scoring and compaction. snapkv_prefill and
+     * snapkv_compress_after_prefill take it; snapkv_compress_observed,
+     * which is not given the prompt's tokens, refuses it
+     * (SNAPKV_ERR_INVALID_ARGUMENT). At most 1024. Appended after
+     * query_aggregation: a caller built against a header without it passes
+     * size 48 and gets 0. */
+    uint64_t draft_tokens;
 } snapkv_params;
 
 /* Fills *params with the defaults (and params->size). Caller owns params.
@@ -245,6 +260,10 @@ typedef struct snapkv_stats {
     double score_seconds;   /* scoring */
     double select_seconds;  /* selecting */
     double compact_seconds; /* reading, rewriting and writing the sequence state */
+    /* Appended after compact_seconds: a caller built against a header
+     * without them passes size 96 and gets the fields above only. */
+    uint64_t draft_tokens;  /* answer tokens drafted (0 without a draft) */
+    double draft_seconds;   /* decoding the draft and the prompt's last token again */
 } snapkv_stats;
 
 /* ------------------------------------------------------------------------ */

@@ -24,12 +24,13 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::eval::argmax;
 use crate::llama::observer::{Capture, CaptureRequest};
 use crate::llama::{dequantize_row, CacheType, ContextRef, ModelRef, Pos, SeqId, Token, WindowObserver};
 use crate::snapkv::{
     gather_keys, hadamard, pool_and_aggregate, position_order, rewrite, selector_by_name, value_norms,
-    weight_votes_by_value_norms, CellOrder, KeptPositions, ModelShape, QueryAggregation, QueryScorer, SelectionShape,
-    Selector, SeqState, SnapKvConfig, SnapKvSelector, ValueWeighting, Votes,
+    weight_votes_by_value_norms, CellOrder, HeadScores, KeptPositions, ModelShape, QueryAggregation, QueryScorer,
+    Selection, SelectionShape, Selector, SeqState, SnapKvConfig, SnapKvSelector, ValueWeighting, Votes,
 };
 
 /// Model architectures whose graph naming (`Qcur-<il>` after RoPE,
@@ -79,6 +80,13 @@ pub struct CompressionStats {
     pub select_seconds: f64,
     /// Seconds reading, rewriting and writing the sequence state.
     pub compact_seconds: f64,
+    /// Tokens of the answer drafted on the first compressed cache
+    /// ([`SnapKvConfig::draft`]); 0 without a draft.
+    pub draft_tokens: usize,
+    /// Seconds decoding the draft and the prompt's last token again (the
+    /// second selection's scoring and compaction count in `score_seconds`
+    /// and `compact_seconds`).
+    pub draft_seconds: f64,
     /// The prompt positions each KV head kept (`None` when nothing was
     /// compressed).
     pub kept: Option<KeptPositions>,
@@ -86,9 +94,9 @@ pub struct CompressionStats {
 
 impl CompressionStats {
     /// Time spent on compression beyond evaluating the prompt itself:
-    /// observing, scoring, selecting and compacting.
+    /// observing, scoring, selecting, compacting and drafting.
     pub fn overhead_seconds(&self) -> f64 {
-        self.observe_seconds + self.score_seconds + self.select_seconds + self.compact_seconds
+        self.observe_seconds + self.score_seconds + self.select_seconds + self.compact_seconds + self.draft_seconds
     }
 }
 
@@ -230,7 +238,11 @@ impl Compressor {
         let prefill_seconds = t0.elapsed().as_secs_f64();
         let (capture, window_seconds) =
             self.observe_window(ctx, observer, seq, &tokens[split..], start + split as Pos, w)?;
-        let mut stats = self.compress_captured(ctx, seq, &capture, Some(budget))?;
+        let draft = Drafting {
+            observer,
+            last_token: tokens[tokens.len() - 1],
+        };
+        let mut stats = self.compress_captured(ctx, seq, &capture, Some(budget), Some(draft))?;
         stats.prefill_seconds = prefill_seconds;
         stats.window_seconds = window_seconds;
         Ok(stats)
@@ -299,7 +311,11 @@ impl Compressor {
                 });
             }
             let (capture, window_seconds) = self.observe_window(ctx, observer, seq, window, first, w)?;
-            let mut stats = self.compress_captured(ctx, seq, &capture, Some(budget))?;
+            let draft = Drafting {
+                observer,
+                last_token: window[w - 1],
+            };
+            let mut stats = self.compress_captured(ctx, seq, &capture, Some(budget), Some(draft))?;
             stats.window_seconds = window_seconds;
             Ok(stats)
         })();
@@ -385,6 +401,14 @@ impl Compressor {
             });
         }
         ctx.check_seq(seq)?;
+        if self.config.draft > 0 {
+            return Err(Error::InvalidArgument {
+                param: "draft",
+                reason: "a draft decodes the prompt's last token again, which compress_observed is not given: \
+                         use prefill or compress_after_prefill, or set draft to 0"
+                    .into(),
+            });
+        }
         let w = self.config.window;
         let last = ctx.seq_pos_max(seq).ok_or(Error::EmptySequence { seq })?;
         if capture.callbacks == 0 {
@@ -411,7 +435,7 @@ impl Compressor {
         }
         // The budget follows from the cells the state holds, which
         // compress_captured reads anyway.
-        self.compress_captured(ctx, seq, &capture, None)
+        self.compress_captured(ctx, seq, &capture, None, None)
     }
 
     fn noop_stats(&self, cells: usize, prefill_seconds: f64) -> CompressionStats {
@@ -429,6 +453,8 @@ impl Compressor {
             score_seconds: 0.0,
             select_seconds: 0.0,
             compact_seconds: 0.0,
+            draft_tokens: 0,
+            draft_seconds: 0.0,
             kept: None,
         }
     }
@@ -478,6 +504,7 @@ impl Compressor {
         seq: SeqId,
         capture: &Capture,
         budget: Option<usize>,
+        draft: Option<Drafting<'_>>,
     ) -> Result<CompressionStats> {
         if let Some(e) = &capture.error {
             return Err(Error::Capture(e.clone()));
@@ -509,24 +536,13 @@ impl Compressor {
         let n_keep = budget - w;
 
         let t_score = Instant::now();
-        let (scores, source) = if self.selector.needs_scores() {
-            let (mut votes, source) = compute_votes(model, capture, &state, &order, w, self.config.queries)?;
-            if self.config.value_weighting == ValueWeighting::Norm {
-                weight_by_value_norms(&state, &order, &mut votes)?;
-            }
-            let scores = pool_and_aggregate(
-                &votes,
-                shape.n_head_kv,
-                self.config.kernel,
-                self.config.pooling,
-                self.config.pool_align,
-                self.config.gqa,
-            )?;
-            (Some(scores), source)
+        let (scores, mut source) = if self.selector.needs_scores() {
+            let (votes, source) = compute_votes(model, capture, &state, &order, w, self.config.queries)?;
+            (Some(self.scores_from_votes(&state, &order, votes)?), source)
         } else {
             (None, ScoreSource::None)
         };
-        let score_seconds = t_score.elapsed().as_secs_f64();
+        let mut score_seconds = t_score.elapsed().as_secs_f64();
 
         let t_select = Instant::now();
         let sel_shape = SelectionShape {
@@ -534,23 +550,45 @@ impl Compressor {
             n_head_kv: shape.n_head_kv,
             prefix_len: order.prefix_len,
         };
-        let selection = self.selector.select(scores.as_ref(), &sel_shape, n_keep)?;
-        let prefix_positions: Vec<i32> = order.by_position[..order.prefix_len]
-            .iter()
-            .map(|&cell| state.positions()[cell])
-            .collect();
-        let kept = KeptPositions::new(&selection, &prefix_positions)?;
-        let select_seconds = t_select.elapsed().as_secs_f64();
+        let mut selection = self.selector.select(scores.as_ref(), &sel_shape, n_keep)?;
+        let mut select_seconds = t_select.elapsed().as_secs_f64();
 
         let t_rewrite = Instant::now();
-        let new_blob = rewrite(&state, &order, &selection)?;
-        let cells_before = state.n_cells();
-        drop(state);
+        let mut new_blob = rewrite(&state, &order, &selection)?;
         if let Err(err) = ctx.state_seq_set(seq, &new_blob) {
             restore(ctx, seq, &blob, &err)?;
             return Err(err);
         }
         compact_seconds += t_rewrite.elapsed().as_secs_f64();
+
+        let mut draft_tokens = 0;
+        let mut draft_seconds = 0.0;
+        if let Some(draft) = draft.filter(|_| self.config.draft > 0 && scores.is_some()) {
+            let redrafted = self.redraft(ctx, seq, capture, &state, &order, &sel_shape, n_keep, draft);
+            match redrafted {
+                Ok(Some(r)) => {
+                    source = ScoreSource::QueryKey;
+                    selection = r.selection;
+                    new_blob = r.blob;
+                    draft_tokens = r.tokens;
+                    draft_seconds = r.draft_seconds;
+                    score_seconds += r.score_seconds;
+                    select_seconds += r.select_seconds;
+                    compact_seconds += r.compact_seconds;
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    restore(ctx, seq, &blob, &err)?;
+                    return Err(err);
+                }
+            }
+        }
+        let prefix_positions: Vec<i32> = order.by_position[..order.prefix_len]
+            .iter()
+            .map(|&cell| state.positions()[cell])
+            .collect();
+        let kept = KeptPositions::new(&selection, &prefix_positions)?;
+        let cells_before = state.n_cells();
         Ok(CompressionStats {
             compressed: true,
             method: self.selector.name(),
@@ -565,9 +603,149 @@ impl Compressor {
             score_seconds,
             select_seconds,
             compact_seconds,
+            draft_tokens,
+            draft_seconds,
             kept: Some(kept),
         })
     }
+
+    /// Weights (when configured), pools and aggregates votes into per-KV-head
+    /// scores.
+    fn scores_from_votes(&self, state: &SeqState<'_>, order: &CellOrder, mut votes: Votes) -> Result<HeadScores> {
+        if self.config.value_weighting == ValueWeighting::Norm {
+            weight_by_value_norms(state, order, &mut votes)?;
+        }
+        Ok(pool_and_aggregate(
+            &votes,
+            state.shape().n_head_kv,
+            self.config.kernel,
+            self.config.pooling,
+            self.config.pool_align,
+            self.config.gqa,
+        )?)
+    }
+
+    /// The draft's second selection, on a sequence already compacted from
+    /// `state` (the full prompt) by the window's selection: greedily decodes
+    /// up to [`SnapKvConfig::draft`] tokens of the answer on the compacted
+    /// cache with the observer recording their queries, selects again from
+    /// `state` with the window's and the draft's queries voting together,
+    /// writes that selection in place of the first (the draft's cells go
+    /// with it) and decodes the prompt's last token again over it, so that
+    /// the logits left are the prompt's. `None` when the first drafted token
+    /// ends the answer (nothing was decoded; the first selection stands).
+    #[allow(clippy::too_many_arguments)]
+    fn redraft(
+        &self,
+        ctx: &mut ContextRef,
+        seq: SeqId,
+        capture: &Capture,
+        state: &SeqState<'_>,
+        order: &CellOrder,
+        sel_shape: &SelectionShape,
+        n_keep: usize,
+        draft: Drafting<'_>,
+    ) -> Result<Option<Redraft>> {
+        let last = ctx.seq_pos_max(seq).ok_or(Error::EmptySequence { seq })?;
+        let t_draft = Instant::now();
+        let before = draft.observer.activity();
+        let model = ctx.model();
+        draft.observer.arm(CaptureRequest {
+            n_layer: model.n_layer(),
+            n_head: model.n_head(),
+            head_dim: model.head_dim(),
+            n_tokens: None,
+            keep: self.config.draft,
+        });
+        let mut tokens = 0;
+        let decoded = (|| -> Result<()> {
+            while tokens < self.config.draft {
+                let logits = ctx.logits_ith(-1).ok_or_else(|| Error::InvalidArgument {
+                    param: "logits",
+                    reason: "the prompt's last decode left no logits to draft from".into(),
+                })?;
+                let token = argmax(logits) as Token;
+                if ctx.model().is_eog(token) {
+                    break;
+                }
+                ctx.decode_tokens(seq, &[token], last + 1 + tokens as Pos, true)?;
+                tokens += 1;
+            }
+            Ok(())
+        })();
+        let drafted = draft.observer.disarm();
+        decoded?;
+        if tokens == 0 {
+            return Ok(None);
+        }
+        if draft.observer.activity().missed_window_since(before) {
+            return Err(Error::ObserverMissing);
+        }
+        if let Some(e) = drafted.error {
+            return Err(Error::Capture(e));
+        }
+        let mut draft_seconds = t_draft.elapsed().as_secs_f64();
+
+        let t_score = Instant::now();
+        let model = ctx.model();
+        let queries: Vec<Option<Vec<f32>>> = capture
+            .queries
+            .iter()
+            .zip(&drafted.queries)
+            .map(|(window, draft)| Some([window.as_deref()?, draft.as_deref()?].concat()))
+            .collect();
+        let mut votes =
+            Votes::new(model.n_layer(), model.n_head(), order.prefix_len)?.with_query_aggregation(self.config.queries);
+        query_key_votes(model, &queries, state, order, self.config.window, &mut votes)?;
+        let scores = self.scores_from_votes(state, order, votes)?;
+        let score_seconds = t_score.elapsed().as_secs_f64();
+        let t_select = Instant::now();
+        let selection = self.selector.select(Some(&scores), sel_shape, n_keep)?;
+        let select_seconds = t_select.elapsed().as_secs_f64();
+        let t_compact = Instant::now();
+        let blob = rewrite(state, order, &selection)?;
+        ctx.state_seq_set(seq, &blob)?;
+        let compact_seconds = t_compact.elapsed().as_secs_f64();
+
+        let t_last = Instant::now();
+        if !ctx.seq_rm(seq, last, -1) {
+            return Err(Error::State {
+                op: "set",
+                reason: "llama.cpp could not remove the prompt's last token to decode it again".into(),
+            });
+        }
+        ctx.decode_tokens(seq, &[draft.last_token], last, true)?;
+        draft_seconds += t_last.elapsed().as_secs_f64();
+        Ok(Some(Redraft {
+            selection,
+            blob,
+            tokens,
+            draft_seconds,
+            score_seconds,
+            select_seconds,
+            compact_seconds,
+        }))
+    }
+}
+
+/// What a draft needs beyond the window's capture: the observer that records
+/// the draft's queries, and the prompt's last token, decoded again at the
+/// end.
+#[derive(Clone, Copy)]
+struct Drafting<'a> {
+    observer: &'a WindowObserver,
+    last_token: Token,
+}
+
+/// The outcome of [`Compressor::redraft`].
+struct Redraft {
+    selection: Selection,
+    blob: Vec<u8>,
+    tokens: usize,
+    draft_seconds: f64,
+    score_seconds: f64,
+    select_seconds: f64,
+    compact_seconds: f64,
 }
 
 /// Puts a sequence back as it was after a failed step.
@@ -666,7 +844,7 @@ fn compute_votes(
         }
         log::warn!("softmax columns could not be matched to the sequence's cells; scoring from queries and keys");
     }
-    query_key_votes(model, capture, state, order, w, &mut votes)?;
+    query_key_votes(model, &capture.queries, state, order, w, &mut votes)?;
     Ok((votes, ScoreSource::QueryKey))
 }
 
@@ -722,7 +900,7 @@ fn softmax_columns(
 /// layer, accounting for llama.cpp's Hadamard rotation of quantized keys.
 fn query_key_votes(
     model: &ModelRef,
-    capture: &Capture,
+    layer_queries: &[Option<Vec<f32>>],
     state: &SeqState<'_>,
     order: &CellOrder,
     w: usize,
@@ -733,7 +911,7 @@ fn query_key_votes(
     let mut scorer = QueryScorer::new(0);
     let mut keys = Vec::new();
     let mut rotated = Vec::new();
-    for (layer, queries) in capture.queries.iter().enumerate() {
+    for (layer, queries) in layer_queries.iter().enumerate() {
         let queries = queries.as_ref().ok_or_else(|| {
             Error::Capture(format!(
                 "no query captured for layer {layer} (is the architecture's graph as expected?)"

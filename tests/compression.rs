@@ -522,6 +522,70 @@ fn flash_attention_on_and_off_agree_on_the_default_model() {
     assert!(agree >= 0.97, "{agree}");
 }
 
+/// A draft: the answer's first tokens, decoded greedily on the cache
+/// compressed once, vote beside the window for a second selection from the
+/// full prompt; the draft's cells go, and the logits left are the prompt's
+/// last token's, decoded again over the final cache.
+#[test]
+fn a_draft_selects_again_and_leaves_the_prompts_logits() {
+    let tokens = tiny_prompt(400, 31);
+    let p = tokens.len() as i32;
+    let f16 = (CacheType::F16, CacheType::F16);
+    for fa in [FlashAttention::On, FlashAttention::Off] {
+        let plain = selection_of(tiny(), &tokens, config(128), fa, f16);
+        let mut cfg = config(128);
+        cfg.draft = 8;
+        let (comp, chosen) = recording(cfg, SnapKvSelector);
+        let mut ctx = observed(tiny(), 1024, fa);
+        let stats = comp.prefill(&mut ctx, 0, &tokens).unwrap();
+        assert!(stats.compressed);
+        assert_eq!(stats.draft_tokens, 8, "{fa:?}");
+        assert!(stats.draft_seconds > 0.0);
+        assert_eq!(
+            stats.score_source,
+            snapkv::ScoreSource::QueryKey,
+            "the second selection scores from queries"
+        );
+        let drafted = chosen.lock().unwrap().take().unwrap();
+        let agree = agreement(&plain, &drafted);
+        assert!(
+            agree < 0.99,
+            "{fa:?}: the draft's votes must change the selection (agreement {agree})"
+        );
+        assert!(agree > 0.5, "{fa:?}: the window still votes (agreement {agree})");
+        assert_eq!(n_cells(&ctx, 0), 128, "the draft's cells are gone");
+        assert_eq!(ctx.seq_pos_max(0), Some(p - 1));
+
+        // The logits left are the prompt's last token's over the final cache.
+        let logits = ctx.logits_ith(-1).unwrap().to_vec();
+        assert!(ctx.seq_rm(0, p - 1, -1));
+        ctx.decode_tokens(0, &tokens[tokens.len() - 1..], p - 1, true).unwrap();
+        let diff = max_abs_diff(&logits, ctx.logits_ith(-1).unwrap());
+        assert!(diff < 1e-5, "{fa:?}: logits differ by {diff}");
+        let gen = generate(&mut ctx, 0, &mut Sampler::greedy(), p, 4, false).unwrap();
+        assert_eq!(gen.tokens.len(), 4);
+
+        // The re-evaluating hook drafts too.
+        let mut hooked = observed(tiny(), 1024, fa);
+        hooked.decode_tokens(0, &tokens, 0, true).unwrap();
+        let stats = comp.compress_after_prefill(&mut hooked, 0, &tokens).unwrap();
+        assert_eq!((stats.draft_tokens, stats.cells_after), (8, 128));
+        assert_eq!(n_cells(&hooked, 0), 128);
+
+        // The observed-decode hook is not given the prompt's last token:
+        // refused, the sequence as it was.
+        let mut watched = observed(tiny(), 1024, fa);
+        comp.observe_decodes(&watched).unwrap();
+        watched.decode_tokens(0, &tokens, 0, true).unwrap();
+        let before = watched.state_seq_get(0).unwrap();
+        assert!(matches!(
+            comp.compress_observed(&mut watched, 0),
+            Err(snapkv::Error::InvalidArgument { param: "draft", .. })
+        ));
+        assert_eq!(watched.state_seq_get(0).unwrap(), before);
+    }
+}
+
 #[test]
 fn failures_leave_the_sequence_as_it_was() {
     let tokens = tiny_prompt(300, 19);

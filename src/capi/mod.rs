@@ -473,6 +473,7 @@ mod tests {
             pool_forward: 9,
             value_weighting: 9,
             query_aggregation: 9,
+            draft_tokens: 9,
         };
         // SAFETY: p is writable.
         assert_eq!(unsafe { snapkv_params_default(&mut p) }, 0);

@@ -102,6 +102,12 @@ pub struct SnapkvParams {
     /// `enum snapkv_query_aggregation`. It fills what was the struct's tail
     /// padding, so the size did not change; its zero is the default, sum.
     pub query_aggregation: i32,
+    /// Answer tokens drafted on the cache compressed once, whose queries
+    /// vote in a second selection ([`SnapKvConfig::draft`]). Appended after
+    /// the 48-byte layout: a caller compiled against that header gets the
+    /// default, 0 (no draft), which is also this field's zero. 64 bits wide
+    /// so that the struct has no padding.
+    pub draft_tokens: u64,
 }
 
 /// `sizeof(snapkv_params)` before `value_weighting` was appended: the
@@ -199,6 +205,7 @@ impl SnapkvParams {
             },
             value_weighting: c.value_weighting.to_c(),
             query_aggregation: c.queries.to_c(),
+            draft_tokens: c.draft as u64,
         }
     }
 
@@ -273,6 +280,7 @@ impl SnapkvParams {
             gqa,
             value_weighting,
             queries,
+            draft: usize::try_from(self.draft_tokens).unwrap_or(usize::MAX),
         };
         config.validate().map_err(|e| invalid(e.to_string()))?;
         Ok(config)
@@ -309,21 +317,30 @@ pub struct SnapkvStats {
     pub select_seconds: f64,
     /// Seconds reading, rewriting and writing the sequence state.
     pub compact_seconds: f64,
+    /// Answer tokens drafted (0 without a draft). Appended after the
+    /// 96-byte layout, like `draft_seconds`: a caller compiled against that
+    /// header gets neither.
+    pub draft_tokens: u64,
+    /// Seconds decoding the draft and the prompt's last token again.
+    pub draft_seconds: f64,
 }
+
+/// `sizeof(snapkv_stats)` before `draft_tokens` was appended: the smallest
+/// size a caller may pass.
+const STATS_MIN_SIZE: usize = offset_of!(SnapkvStats, draft_tokens);
 
 impl SnapkvStats {
     /// Checks the `size` field a caller set; returns the bytes that may be
     /// written (the smaller of the caller's and ours).
     pub(crate) fn check_size(size: u32) -> Result<usize, Failure> {
-        // The smallest layout ever published: this one (version 1).
         let ours = size_of::<SnapkvStats>();
-        if (size as usize) < ours || size > MAX_STRUCT_SIZE {
+        if (size as usize) < STATS_MIN_SIZE || size > MAX_STRUCT_SIZE {
             return Err(Failure::new(
                 Status::InvalidArgument,
                 format!("snapkv_stats.size is {size}, expected {ours}: set it to sizeof(snapkv_stats)"),
             ));
         }
-        Ok(ours)
+        Ok(ours.min(size as usize))
     }
 }
 
@@ -347,6 +364,8 @@ impl From<&CompressionStats> for SnapkvStats {
             score_seconds: s.score_seconds,
             select_seconds: s.select_seconds,
             compact_seconds: s.compact_seconds,
+            draft_tokens: s.draft_tokens as u64,
+            draft_seconds: s.draft_seconds,
         }
     }
 }
@@ -450,7 +469,8 @@ pub fn abi_items() -> Vec<AbiItem> {
         pool_align,
         pool_forward,
         value_weighting,
-        query_aggregation
+        query_aggregation,
+        draft_tokens
     ));
     items.extend(abi_offsets!(
         SnapkvStats,
@@ -467,7 +487,9 @@ pub fn abi_items() -> Vec<AbiItem> {
         observe_seconds,
         score_seconds,
         select_seconds,
-        compact_seconds
+        compact_seconds,
+        draft_tokens,
+        draft_seconds
     ));
     for &s in Status::ALL {
         items.push(AbiItem {
@@ -615,7 +637,7 @@ mod tests {
     fn sizes_are_checked() {
         let ours = size_of::<SnapkvParams>() as u32;
         assert!(SnapkvParams::check_size(0).is_err());
-        assert_eq!((PARAMS_MIN_SIZE, ours), (40, 48));
+        assert_eq!((PARAMS_MIN_SIZE, ours), (40, 56));
         assert!(SnapkvParams::check_size(PARAMS_MIN_SIZE - 1).is_err());
         assert_eq!(SnapkvParams::check_size(PARAMS_MIN_SIZE).unwrap(), 40);
         assert_eq!(SnapkvParams::check_size(ours).unwrap(), ours as usize);
@@ -624,6 +646,9 @@ mod tests {
         assert!(SnapkvParams::check_tail(&[0; 8]).is_ok());
         assert!(SnapkvParams::check_tail(&[0, 0, 1]).is_err());
         assert!(SnapkvStats::check_size(0).is_err());
+        assert_eq!((STATS_MIN_SIZE, size_of::<SnapkvStats>()), (96, 112));
+        assert!(SnapkvStats::check_size(STATS_MIN_SIZE as u32 - 8).is_err());
+        assert_eq!(SnapkvStats::check_size(STATS_MIN_SIZE as u32).unwrap(), STATS_MIN_SIZE);
         assert_eq!(
             SnapkvStats::check_size(size_of::<SnapkvStats>() as u32 + 16).unwrap(),
             size_of::<SnapkvStats>()

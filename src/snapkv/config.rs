@@ -207,6 +207,10 @@ impl Default for Budget {
     }
 }
 
+/// The longest draft [`SnapKvConfig::draft`] takes: the draft's queries are
+/// held in memory (tokens × layers × query heads × head size floats).
+pub const MAX_DRAFT: usize = 1024;
+
 /// SnapKV parameters. Build with [`SnapKvConfig::default`] (or
 /// [`Preset::config`]) and adjust the fields; call
 /// [`SnapKvConfig::validate`] before use.
@@ -235,6 +239,24 @@ pub struct SnapKvConfig {
     /// How the window queries' probabilities make one vote. Default
     /// [`QueryAggregation::Sum`].
     pub queries: QueryAggregation,
+    /// Tokens of a greedy draft of the answer that vote beside the window;
+    /// 0 (the default) for none. With a draft, compression selects twice:
+    /// once from the window, which compacts the cache; then up to `draft`
+    /// tokens are decoded greedily on that small cache with their queries
+    /// recorded, and the positions are selected again from the full prompt
+    /// with the window's and the draft's queries voting together. The
+    /// draft's queries ask for what the answer's next tokens need (the next
+    /// value of a list, the next link of a chain), which the prompt's own
+    /// last tokens do not point at. Its tokens are discarded, and the
+    /// prompt's last token is decoded again over the final cache so that the
+    /// logits left are the prompt's (computed over the compressed cache,
+    /// not the full one). Cost: `draft` decodes over `budget` cells, a
+    /// second scoring and compaction, one more decode. Needs the prompt's
+    /// last token, so only the paths given the tokens take it
+    /// ([`Compressor::prefill`](crate::Compressor::prefill) and
+    /// [`Compressor::compress_after_prefill`](crate::Compressor::compress_after_prefill)).
+    /// At most [`MAX_DRAFT`].
+    pub draft: usize,
 }
 
 impl Default for SnapKvConfig {
@@ -249,6 +271,7 @@ impl Default for SnapKvConfig {
             gqa: GqaAggregation::default(),
             value_weighting: ValueWeighting::default(),
             queries: QueryAggregation::default(),
+            draft: 0,
         }
     }
 }
@@ -259,8 +282,14 @@ impl SnapKvConfig {
     /// # Errors
     /// [`AlgoError::InvalidConfig`] when `window` is 0, `kernel` is even or 0,
     /// a [`PoolAlign::Forward`] reach is not below `kernel`, a `Cells` budget is not larger than the window, or a `Fraction` budget
-    /// is not a finite number in (0, 1].
+    /// is not a finite number in (0, 1], or `draft` exceeds [`MAX_DRAFT`].
     pub fn validate(&self) -> Result<(), AlgoError> {
+        if self.draft > MAX_DRAFT {
+            return Err(AlgoError::InvalidConfig {
+                param: "draft",
+                reason: format!("at most {MAX_DRAFT} tokens, got {}", self.draft),
+            });
+        }
         if self.window == 0 {
             return Err(AlgoError::InvalidConfig {
                 param: "window",
@@ -516,6 +545,13 @@ mod tests {
             other => panic!("expected a pool_align error, got {other:?}"),
         }
         config(1, Budget::Fraction(1.0), 3).validate().unwrap();
+        let mut drafting = SnapKvConfig {
+            draft: MAX_DRAFT,
+            ..SnapKvConfig::default()
+        };
+        drafting.validate().unwrap();
+        drafting.draft = MAX_DRAFT + 1;
+        assert_eq!(refused_param(&drafting), "draft");
     }
 
     #[test]

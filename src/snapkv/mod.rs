@@ -24,7 +24,9 @@ pub mod state_blob;
 pub mod synthetic;
 
 pub use compact::rewrite;
-pub use config::{Budget, GqaAggregation, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting};
+pub use config::{
+    Budget, GqaAggregation, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting, MAX_DRAFT,
+};
 pub use error::AlgoError;
 pub use ggml_type::{decode_f32_row, CacheType};
 pub use keys::{gather_keys, value_norms, QuantizedRowDecoder};

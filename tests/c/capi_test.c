@@ -444,6 +444,51 @@ int main(int argc, char ** argv) {
         }
         free(by_sum_state);
     }
+    /* A draft through C: eight answer tokens drafted on the cache compressed
+     * once vote in a second selection; a caller built against the header
+     * before the draft fields (stats size 96) gets the older fields only. */
+    {
+        snapkv_params drafting = p;
+        unsigned char * plain_state;
+        size_t plain_n;
+        snapkv_stats older;
+        drafting.draft_tokens = 8;
+        CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 (no draft)");
+        expect(snapkv_prefill(ctx, obs, &p, S1, toks, n_prompt, &st), SNAPKV_OK, "prefill(seq 1, no draft)", NULL);
+        CHECK(st.draft_tokens == 0 && st.draft_seconds == 0.0, "no draft by default");
+        plain_state = seq_state(ctx, S1, &plain_n);
+        CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 (draft)");
+        st = sentinel;
+        expect(snapkv_prefill(ctx, obs, &drafting, S1, toks, n_prompt, &st), SNAPKV_OK, "prefill(seq 1, draft 8)",
+               NULL);
+        CHECK(st.compressed && st.cells_after == 64 && st.draft_tokens == 8 && st.draft_seconds > 0.0,
+              "draft stats");
+        CHECK(llama_memory_seq_pos_max(llama_get_memory(ctx), S1) == n_prompt - 1, "the draft's tokens are gone");
+        CHECK(!same_state(ctx, S1, plain_state, plain_n), "the draft's votes keep other cells");
+        CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 (older stats)");
+        memset(&older, 0x5A, sizeof older);
+        older.size = (uint32_t) offsetof(snapkv_stats, draft_tokens);
+        expect(snapkv_prefill(ctx, obs, &drafting, S1, toks, n_prompt, &older), SNAPKV_OK,
+               "prefill(seq 1, stats of the older header)", NULL);
+        CHECK(older.cells_after == 64 && older.size == offsetof(snapkv_stats, draft_tokens),
+              "older stats written up to their size");
+        {
+            const unsigned char * tail = (const unsigned char *) &older + offsetof(snapkv_stats, draft_tokens);
+            CHECK(tail[0] == 0x5A && tail[sizeof older - offsetof(snapkv_stats, draft_tokens) - 1] == 0x5A,
+                  "nothing written past an older caller's stats");
+        }
+        /* The observed-decode hook is not given the prompt's last token. */
+        CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 (observed draft)");
+        expect(snapkv_observe(ctx, obs, &drafting), SNAPKV_OK, "observe (draft)", NULL);
+        CHECK(decode(ctx, S1, toks, n_prompt, 0) == 0, "host decodes the prompt (draft)");
+        free(plain_state);
+        plain_state = seq_state(ctx, S1, &plain_n);
+        st = sentinel;
+        expect(snapkv_compress_observed(ctx, obs, &drafting, S1, &st), SNAPKV_ERR_INVALID_ARGUMENT,
+               "compress_observed(draft)", "draft");
+        CHECK(same_state(ctx, S1, plain_state, plain_n), "a refused draft leaves the sequence");
+        free(plain_state);
+    }
     /* Observing a context the observer is not attached to. */
     expect(snapkv_observe(plain, obs, &p), SNAPKV_OK, "observe(plain)", NULL);
     CHECK(decode(plain, S0, toks, 1, n_prompt) == 0, "decode plain");

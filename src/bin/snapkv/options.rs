@@ -128,6 +128,10 @@ pub struct SelectionOverrides {
     /// largest of them) [default: the preset's, sum].
     #[arg(long = "query-aggregation", value_name = "QUERY_AGGREGATION")]
     queries: Option<QueryAggregation>,
+    /// Draft N answer tokens greedily on the cache compressed once, then select again from the full prompt
+    /// with their queries voting beside the window's (0: no draft) [default: 0].
+    #[arg(long)]
+    draft: Option<usize>,
 }
 
 impl SelectionOverrides {
@@ -149,6 +153,9 @@ impl SelectionOverrides {
         }
         if let Some(q) = self.queries {
             cfg.queries = q;
+        }
+        if let Some(n) = self.draft {
+            cfg.draft = n;
         }
     }
 }
@@ -261,10 +268,12 @@ impl std::str::FromStr for MethodSpec {
                 "gqa" => o.gqa = Some(value.parse().map_err(|e| format!("{s:?}: gqa: {e}"))?),
                 "value" => o.value_weighting = Some(value.parse().map_err(|e| format!("{s:?}: value: {e}"))?),
                 "queries" => o.queries = Some(value.parse().map_err(|e| format!("{s:?}: queries: {e}"))?),
+                "draft" => o.draft = Some(value.parse().map_err(|e| format!("{s:?}: draft: {e}"))?),
                 "lookahead" => spec.lookahead = value.parse().map_err(|e| format!("{s:?}: lookahead: {e}"))?,
                 _ => {
                     return Err(format!(
-                        "{s:?}: unknown option {key:?} (preset, kernel, pool, align, gqa, value, queries, lookahead)"
+                        "{s:?}: unknown option {key:?} (preset, kernel, pool, align, gqa, value, queries, draft, \
+                         lookahead)"
                     ))
                 }
             }
@@ -295,6 +304,9 @@ mod tests {
         let forward: MethodSpec = "snapkv:kernel=11:align=forward-7".parse().unwrap();
         assert_eq!(forward.overrides.align, Some(snapkv::PoolAlign::Forward(7)));
         assert_eq!(spec.overrides.gqa, Some(snapkv::GqaAggregation::Max));
+        let drafted: MethodSpec = "snapkv:preset=facts:draft=16".parse().unwrap();
+        assert_eq!(drafted.overrides.draft, Some(16));
+        assert!("snapkv:draft=many".parse::<MethodSpec>().is_err());
         let weighted: MethodSpec = "snapkv:value=norm:lookahead=8".parse().unwrap();
         assert_eq!(weighted.overrides.value_weighting, Some(snapkv::ValueWeighting::Norm));
         assert_eq!((weighted.lookahead(), plain.overrides.value_weighting), (8, None));
