@@ -767,6 +767,8 @@ fn cli_reports_compression_on_every_path() {
         &["--flash-attn", "off"][..],
         &["--lookahead", "4"][..],
         &["--lookahead", "4", "--hook"][..],
+        &["--draft", "4"][..],
+        &["--draft", "4", "--hook"][..],
     ] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
             .arg("generate")
@@ -782,7 +784,23 @@ fn cli_reports_compression_on_every_path() {
         assert!(out.status.success(), "{extra:?}: {stderr}");
         assert!(stderr.contains("-> 64 cells per KV head"), "{extra:?}: {stderr}");
         assert!(stderr.contains("compression cost"), "{extra:?}: {stderr}");
+        assert_eq!(
+            stderr.contains("draft: 4 answer tokens"),
+            extra.contains(&"--draft"),
+            "{extra:?}: {stderr}"
+        );
     }
+    // The observed-decode hook is not given the tokens a draft needs.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
+        .arg("generate")
+        .arg("-m")
+        .arg(&model)
+        .args(["-p", &prompt, "-n", "4", "--snapkv", "--budget", "64", "--window", "16"])
+        .args(["--observed", "--draft", "4"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("draft"));
     // The look-ahead's tokens are the full cache's own: with nothing
     // generated after them, the text is the uncompressed run's.
     let run = |extra: &[&str]| {

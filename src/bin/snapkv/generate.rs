@@ -217,6 +217,13 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
                 "          prefill {:.2} s, window {:.3} s (observe {:.3} s), score {:.3} s, select {:.4} s, compact {:.3} s",
                 s.prefill_seconds, s.window_seconds, s.observe_seconds, s.score_seconds, s.select_seconds, s.compact_seconds,
             );
+            if s.draft_tokens > 0 {
+                eprintln!(
+                    "          draft: {} answer tokens on the first compressed cache, then selected again ({:.3} s \
+                     decoding; the second selection is in score and compact)",
+                    s.draft_tokens, s.draft_seconds
+                );
+            }
             eprintln!(
                 "          compression cost ({} path): {:.3} s = {:.2}% of prefill",
                 if args.hook && args.lookahead > 0 {
