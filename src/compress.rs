@@ -24,9 +24,8 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::eval::argmax;
 use crate::llama::observer::{Capture, CaptureRequest};
-use crate::llama::{dequantize_row, CacheType, ContextRef, ModelRef, Pos, SeqId, Token, WindowObserver};
+use crate::llama::{dequantize_row, CacheType, ContextRef, ModelRef, Pos, Sampler, SeqId, Token, WindowObserver};
 use crate::snapkv::{
     gather_keys, hadamard, pool_and_aggregate, position_order, rewrite, selector_by_name, value_norms,
     weight_votes_by_value_norms, CellOrder, HeadScores, KeptPositions, ModelShape, QueryAggregation, QueryScorer,
@@ -658,13 +657,16 @@ impl Compressor {
             keep: self.config.draft,
         });
         let mut tokens = 0;
+        let mut greedy = Sampler::greedy();
         let decoded = (|| -> Result<()> {
             while tokens < self.config.draft {
-                let logits = ctx.logits_ith(-1).ok_or_else(|| Error::InvalidArgument {
-                    param: "logits",
-                    reason: "the prompt's last decode left no logits to draft from".into(),
-                })?;
-                let token = argmax(logits) as Token;
+                if ctx.logits_ith(-1).is_none() {
+                    return Err(Error::InvalidArgument {
+                        param: "logits",
+                        reason: "the prompt's last decode left no logits to draft from".into(),
+                    });
+                }
+                let token = greedy.sample(ctx, -1);
                 if ctx.model().is_eog(token) {
                     break;
                 }
