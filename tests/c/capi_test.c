@@ -487,6 +487,7 @@ int main(int argc, char ** argv) {
         expect(snapkv_compress_observed(ctx, obs, &drafting, S1, &st), SNAPKV_ERR_INVALID_ARGUMENT,
                "compress_observed(draft)", "draft");
         CHECK(same_state(ctx, S1, plain_state, plain_n), "a refused draft leaves the sequence");
+        CHECK(memcmp(&st, &sentinel, sizeof st) == 0, "stats untouched by a refused draft");
         free(plain_state);
     }
     /* Observing a context the observer is not attached to. */
