@@ -370,6 +370,49 @@ fn the_facts_preset_is_its_spelled_out_options() {
     );
 }
 
+/// A bench point's overhead is observe + score + select + compact + draft
+/// over the prefill.
+fn assert_overhead_is_its_parts(p: &Value) {
+    let parts = float(p, "observe_seconds")
+        + float(p, "score_seconds")
+        + float(p, "select_seconds")
+        + float(p, "compact_seconds")
+        + float(p, "draft_seconds");
+    let overhead = float(p, "overhead_fraction");
+    assert!(
+        (overhead - parts / float(p, "prefill_seconds")).abs() < 1e-9,
+        "overhead is the parts over the prefill: {p}"
+    );
+}
+
+/// A draft's decoding is part of what compression costs, on both paths.
+#[test]
+fn bench_counts_a_draft_in_the_overhead() {
+    let dir = out_dir("bench-draft");
+    let table = succeed(
+        "bench",
+        &[
+            "--lengths",
+            "300",
+            "--budget",
+            "64",
+            "-n",
+            "4",
+            "--draft",
+            "4",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
+    assert!(table.contains("draft at"), "{table}");
+    let report = json(&find(&dir, "bench-", ".json"));
+    let p = &report["points"].as_array().unwrap()[0];
+    assert_eq!(uint(p, "draft_tokens"), 4, "{p}");
+    assert!(float(p, "draft_seconds") > 0.0, "{p}");
+    assert_overhead_is_its_parts(p);
+    assert!(float(p, "hook_overhead_fraction") > 0.0, "{p}");
+}
+
 #[test]
 fn bench_reports_both_caches_and_the_fresh_prompt() {
     let dir = out_dir("bench");
@@ -411,15 +454,8 @@ fn bench_reports_both_caches_and_the_fresh_prompt() {
         ] {
             assert!(float(p, key) > 0.0, "{key}: {p}");
         }
-        let parts = float(p, "observe_seconds")
-            + float(p, "score_seconds")
-            + float(p, "select_seconds")
-            + float(p, "compact_seconds");
-        let overhead = float(p, "overhead_fraction");
-        assert!(
-            (overhead - parts / float(p, "prefill_seconds")).abs() < 1e-9,
-            "overhead is the parts over the prefill: {p}"
-        );
+        assert_overhead_is_its_parts(p);
+        assert_eq!(uint(p, "draft_tokens"), 0);
     }
     assert_plot(&find(&dir, "decode-", ".svg"));
     assert_plot(&find(&dir, "decode-", ".png"));
