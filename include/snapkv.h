@@ -259,7 +259,9 @@ typedef struct snapkv_stats {
     double observe_seconds; /* copying captured tensors (part of window_seconds) */
     double score_seconds;   /* scoring */
     double select_seconds;  /* selecting */
-    double compact_seconds; /* reading, rewriting and writing the sequence state */
+    double compact_seconds; /* reading, rewriting and writing the sequence state
+                             * (snapkv_compress_after_prefill: and its snapshot
+                             * for restoring on failure) */
     /* Appended after compact_seconds: a caller built against a header
      * without them passes size 96 and gets the fields above only. */
     uint64_t draft_tokens;  /* answer tokens drafted (0 without a draft) */

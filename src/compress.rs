@@ -77,7 +77,9 @@ pub struct CompressionStats {
     pub score_seconds: f64,
     /// Seconds selecting positions.
     pub select_seconds: f64,
-    /// Seconds reading, rewriting and writing the sequence state.
+    /// Seconds reading, rewriting and writing the sequence state; on the
+    /// re-evaluating hook ([`Compressor::compress_after_prefill`]) also the
+    /// snapshot it takes first, to restore the sequence on failure.
     pub compact_seconds: f64,
     /// Tokens of the answer drafted on the first compressed cache
     /// ([`SnapKvConfig::draft`]); 0 without a draft.
@@ -288,10 +290,17 @@ impl Compressor {
         }
         let window = &window_tokens[window_tokens.len() - w..];
         let last = ctx.seq_pos_max(seq).ok_or(Error::EmptySequence { seq })?;
+        // The snapshot restores the sequence on failure (the window is
+        // removed before it is evaluated again); the host pays for it, so it
+        // counts as compaction.
+        let t_snapshot = Instant::now();
         let snapshot = ctx.state_seq_get(seq)?;
         let cells = SeqState::parse(&snapshot, &model_shape(ctx.model()))?.n_cells();
+        let snapshot_seconds = t_snapshot.elapsed().as_secs_f64();
         let Some(budget) = self.config.cells_to_keep(cells)? else {
-            return Ok(self.noop_stats(cells, 0.0));
+            let mut stats = self.noop_stats(cells, 0.0);
+            stats.compact_seconds = snapshot_seconds;
+            return Ok(stats);
         };
         check_supported(ctx.model())?;
         check_window_fits(ctx, w)?;
@@ -316,6 +325,7 @@ impl Compressor {
             };
             let mut stats = self.compress_captured(ctx, seq, &capture, Some(budget), Some(draft))?;
             stats.window_seconds = window_seconds;
+            stats.compact_seconds += snapshot_seconds;
             Ok(stats)
         })();
         result.or_else(|err| {

@@ -315,7 +315,8 @@ pub struct SnapkvStats {
     pub score_seconds: f64,
     /// Seconds selecting.
     pub select_seconds: f64,
-    /// Seconds reading, rewriting and writing the sequence state.
+    /// Seconds reading, rewriting and writing the sequence state (the
+    /// re-evaluating hook: and its snapshot for restoring on failure).
     pub compact_seconds: f64,
     /// Answer tokens drafted (0 without a draft). Appended after the
     /// 96-byte layout, like `draft_seconds`: a caller compiled against that

@@ -77,7 +77,8 @@ struct Point {
     /// Observe + score + select + compact (+ draft), as a fraction of the prefill (one-call path).
     overhead_fraction: f64,
     /// The re-evaluating hook (`compress_after_prefill`) run on the full
-    /// state: (its re-evaluation + score + select + compact + draft) / prefill.
+    /// state: (its snapshot + re-evaluation + score + select + compact +
+    /// draft) / prefill.
     hook_overhead_fraction: f64,
     /// Seconds of the hook's re-evaluation of the window, observer armed.
     hook_window_seconds: f64,
@@ -318,9 +319,11 @@ fn print_report(m: &Measured<'_>) {
     }
     for p in m.points {
         println!(
-            "re-evaluating hook at {} tokens: window evaluated again in {:.3} s; cost {:.2}% of prefill",
+            "re-evaluating hook at {} tokens: window evaluated again in {:.3} s, snapshot + score + select + \
+             compact (+ draft) {:.3} s; cost {:.2}% of prefill",
             p.prompt_tokens,
             p.hook_window_seconds,
+            p.hook_overhead_fraction * p.prefill_seconds - p.hook_window_seconds,
             100.0 * p.hook_overhead_fraction
         );
     }
