@@ -336,7 +336,10 @@ snapkv_status snapkv_prefill(
  * `window` tokens (e.g. the whole prompt: extra leading tokens are
  * ignored). The logits of the last token are recomputed
  * (llama_get_logits_ith(ctx, -1)); decoding continues at the next
- * position as before. When the sequence fits the budget nothing is done
+ * position as before. The kept cells keep the K/V the caller's decodes
+ * computed (compaction starts from a snapshot taken before the window is
+ * evaluated again; with flash attention off the window's cells hold the
+ * re-evaluation's K/V). When the sequence fits the budget nothing is done
  * (stats->compressed == false).
  *
  * Ownership as snapkv_prefill. Errors: SNAPKV_ERR_INVALID_SEQUENCE,

@@ -243,7 +243,7 @@ impl Compressor {
             observer,
             last_token: tokens[tokens.len() - 1],
         };
-        let mut stats = self.compress_captured(ctx, seq, &capture, Some(budget), Some(draft))?;
+        let mut stats = self.compress_captured(ctx, seq, &capture, Some(budget), Some(draft), None)?;
         stats.prefill_seconds = prefill_seconds;
         stats.window_seconds = window_seconds;
         Ok(stats)
@@ -253,7 +253,11 @@ impl Compressor {
     /// only its last `window` tokens with the observer armed (pass at least
     /// the last `window` tokens of the sequence; extra leading tokens are
     /// ignored), then compresses. The logits of the last token are
-    /// recomputed.
+    /// recomputed. The compaction works from a snapshot of the state taken
+    /// before the re-evaluation, so the kept cells, the window's included,
+    /// hold the K/V the caller's own decodes computed (with the model's
+    /// softmax as the score source, flash attention off, the state is read
+    /// again after the re-evaluation and the window's cells hold its K/V).
     ///
     /// # Errors
     /// Invalid arguments, an empty sequence, unsupported models. On any
@@ -323,7 +327,13 @@ impl Compressor {
                 observer,
                 last_token: window[w - 1],
             };
-            let mut stats = self.compress_captured(ctx, seq, &capture, Some(budget), Some(draft))?;
+            // The snapshot holds the same positions and, outside the window,
+            // the same K/V as the sequence now; the window's cells keep the
+            // K/V the host computed. Softmax columns index the cache's
+            // cells as they are after the re-evaluation, which may differ
+            // from the snapshot's order: that source reads the state again.
+            let current = capture.softmax.iter().all(Option::is_none).then_some(&snapshot[..]);
+            let mut stats = self.compress_captured(ctx, seq, &capture, Some(budget), Some(draft), current)?;
             stats.window_seconds = window_seconds;
             stats.compact_seconds += snapshot_seconds;
             Ok(stats)
@@ -444,7 +454,7 @@ impl Compressor {
         }
         // The budget follows from the cells the state holds, which
         // compress_captured reads anyway.
-        self.compress_captured(ctx, seq, &capture, None, None)
+        self.compress_captured(ctx, seq, &capture, None, None, None)
     }
 
     fn noop_stats(&self, cells: usize, prefill_seconds: f64) -> CompressionStats {
@@ -506,7 +516,10 @@ impl Compressor {
     /// Scores, selects and compacts sequence `seq` from a window capture.
     /// `budget`: cells to keep, or `None` to derive it from the cells the
     /// sequence holds (then a sequence that fits is left alone and the model
-    /// is checked only when there is something to compress).
+    /// is checked only when there is something to compress). `snapshot`:
+    /// the sequence's state if the caller already read it (the positions
+    /// and, outside the window, the K/V it holds now), compacted instead of
+    /// reading the state again; on failure the sequence is restored from it.
     fn compress_captured(
         &self,
         ctx: &mut ContextRef,
@@ -514,6 +527,7 @@ impl Compressor {
         capture: &Capture,
         budget: Option<usize>,
         draft: Option<Drafting<'_>>,
+        snapshot: Option<&[u8]>,
     ) -> Result<CompressionStats> {
         if let Some(e) = &capture.error {
             return Err(Error::Capture(e.clone()));
@@ -522,8 +536,15 @@ impl Compressor {
         let shape = model_shape(model);
         let w = self.config.window;
         let t_compact = Instant::now();
-        let blob = ctx.state_seq_get(seq)?;
-        let state = SeqState::parse(&blob, &shape)?;
+        let read;
+        let blob = match snapshot {
+            Some(blob) => blob,
+            None => {
+                read = ctx.state_seq_get(seq)?;
+                &read[..]
+            }
+        };
+        let state = SeqState::parse(blob, &shape)?;
         let derived = budget.is_none();
         let budget = match budget {
             Some(b) => Some(b).filter(|&b| state.n_cells() > b),
@@ -565,7 +586,7 @@ impl Compressor {
         let t_rewrite = Instant::now();
         let mut new_blob = rewrite(&state, &order, &selection)?;
         if let Err(err) = ctx.state_seq_set(seq, &new_blob) {
-            restore(ctx, seq, &blob, &err)?;
+            restore(ctx, seq, blob, &err)?;
             return Err(err);
         }
         compact_seconds += t_rewrite.elapsed().as_secs_f64();
@@ -587,7 +608,7 @@ impl Compressor {
                 }
                 Ok(None) => {}
                 Err(err) => {
-                    restore(ctx, seq, &blob, &err)?;
+                    restore(ctx, seq, blob, &err)?;
                     return Err(err);
                 }
             }

@@ -274,6 +274,48 @@ fn hook_path_selects_what_the_prefill_path_selects() {
     }
 }
 
+/// The re-evaluating hook compacts the state the host's own prefill left
+/// (its snapshot, read before the window is evaluated again for its
+/// queries): the window's cells keep the K/V the host computed, which a
+/// re-evaluation in a batch of another size rounds differently.
+#[test]
+fn hook_keeps_the_hosts_window_kv() {
+    let tokens = tiny_prompt(300, 17);
+    let w = SnapKvConfig::default().window;
+    let mut ctx = observed(tiny(), 1024, FlashAttention::On);
+    ctx.decode_tokens(0, &tokens, 0, true).unwrap();
+    let before_blob = ctx.state_seq_get(0).unwrap();
+    let shape = model_shape(ctx.model());
+    let before = SeqState::parse(&before_blob, &shape).unwrap();
+    let stats = Compressor::new(config(96))
+        .unwrap()
+        .compress_after_prefill(&mut ctx, 0, &tokens)
+        .unwrap();
+    assert!(stats.compressed);
+    assert_eq!(stats.score_source, snapkv::ScoreSource::QueryKey);
+    let after_blob = ctx.state_seq_get(0).unwrap();
+    let after = SeqState::parse(&after_blob, &shape).unwrap();
+    let first = (tokens.len() - w) as i32;
+    let cell_of = |state: &SeqState<'_>, pos: i32| state.positions().iter().position(|&p| p == pos).unwrap();
+    // Flash attention on: V is stored row by row, so rows compare.
+    assert!(before.v_row(0, 0).is_some());
+    for pos in first..tokens.len() as i32 {
+        let (b, a) = (cell_of(&before, pos), cell_of(&after, pos));
+        for layer in 0..shape.n_layer {
+            assert_eq!(
+                before.k_row(layer, b),
+                after.k_row(layer, a),
+                "K, layer {layer}, position {pos}"
+            );
+            assert_eq!(
+                before.v_row(layer, b),
+                after.v_row(layer, a),
+                "V, layer {layer}, position {pos}"
+            );
+        }
+    }
+}
+
 /// The observed-decode hook: the caller decodes the prompt itself (in any
 /// micro-batch sizes, even smaller than the window) with the observer armed,
 /// then compresses without re-evaluating anything. It must choose what the
