@@ -95,7 +95,7 @@ fn run(args: &Args) -> snapkv::Result<()> {
         answer_tokens,
         true,
     )?;
-    println!("{}", model.detokenize(&out.tokens, false));
+    println!("{}", model.detokenize(&out.tokens, false)?);
     eprintln!(
         "answer: {} tokens at {:.1} tok/s",
         out.tokens.len(),

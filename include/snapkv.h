@@ -74,7 +74,7 @@ enum snapkv_status_code {
     SNAPKV_OK = 0,
     SNAPKV_ERR_NULL_POINTER = 1,           /* a required pointer argument is NULL */
     SNAPKV_ERR_INVALID_PARAMS = 2,         /* snapkv_params invalid (or window > n_ubatch) */
-    SNAPKV_ERR_INVALID_ARGUMENT = 3,       /* another argument out of range (e.g. too few tokens) */
+    SNAPKV_ERR_INVALID_ARGUMENT = 3,       /* another argument out of range (e.g. too few tokens, a token id outside the vocabulary) */
     SNAPKV_ERR_INVALID_SEQUENCE = 4,       /* seq_id outside 0 .. llama_n_seq_max(ctx)-1 */
     SNAPKV_ERR_EMPTY_SEQUENCE = 5,         /* the sequence holds no KV cells */
     SNAPKV_ERR_OBSERVER_NOT_ATTACHED = 6,  /* ctx was created without this observer */
@@ -90,7 +90,8 @@ enum snapkv_status_code {
     SNAPKV_ERR_TOKENIZE = 16,              /* (reserved for tokenization) */
     SNAPKV_ERR_IO = 17,                    /* I/O error */
     SNAPKV_ERR_INTERNAL = 18,              /* internal inconsistency (a bug) */
-    SNAPKV_ERR_PANIC = 19                  /* panic caught at the boundary (a bug) */
+    SNAPKV_ERR_PANIC = 19,                 /* panic caught at the boundary (a bug) */
+    SNAPKV_ERR_OUT_OF_MEMORY = 20          /* a buffer that grows with the prompt could not be allocated */
 };
 
 /* A static, human-readable description of `status`; never NULL, also for
@@ -278,19 +279,30 @@ typedef struct snapkv_stats {
 typedef struct snapkv_observer snapkv_observer;
 
 /* A new observer. Caller owns it: free with snapkv_observer_free after
- * every context it was attached to has been freed. NULL on failure (see
+ * the context it was attached to has been freed. NULL on failure (see
  * snapkv_last_error). */
 snapkv_observer * snapkv_observer_new(void);
 
 /* Installs `obs` as params->cb_eval / cb_eval_user_data, before
  * llama_init_from_model(model, *params). A callback the caller had already
  * set is chained: it still sees every tensor. Attaching the same observer
- * twice is a no-op. The context created from these params keeps a pointer
- * to `obs`: obs must stay valid until that context is freed
- * (llama_free). Caller owns params; obs is borrowed. */
+ * to the same params twice is a no-op. The context created from these
+ * params keeps a pointer to `obs`: obs must stay valid until that context
+ * is freed (llama_free). Caller owns params; obs is borrowed.
+ *
+ * Also reads LLAMA_ATTN_ROT_DISABLE as llama.cpp will when it creates the
+ * context (atoi), so that scoring undoes exactly the key rotation of a
+ * quantized K cache: do not change that variable between this call and
+ * llama_init_from_model.
+ *
+ * One observer serves one context: attaching it to other params is
+ * refused (SNAPKV_ERR_INVALID_ARGUMENT; the first params' chained callback
+ * is kept). Used with a context that was not created from these params,
+ * the compression functions answer SNAPKV_ERR_OBSERVER_NOT_ATTACHED (when
+ * the window is evaluated and no callback reaches the observer). */
 snapkv_status snapkv_observer_attach(snapkv_observer * obs, struct llama_context_params * params);
 
-/* Frees an observer; NULL is a no-op. Only after every context it was
+/* Frees an observer; NULL is a no-op. Only after the context it was
  * attached to has been freed. */
 void snapkv_observer_free(snapkv_observer * obs);
 
@@ -345,7 +357,10 @@ snapkv_status snapkv_prefill(
  * Ownership as snapkv_prefill. Errors: SNAPKV_ERR_INVALID_SEQUENCE,
  * SNAPKV_ERR_EMPTY_SEQUENCE, SNAPKV_ERR_OBSERVER_NOT_ATTACHED,
  * SNAPKV_ERR_INVALID_PARAMS, SNAPKV_ERR_INVALID_ARGUMENT (fewer than
- * `window` tokens), SNAPKV_ERR_UNSUPPORTED, ...; on any of them the
+ * `window` tokens, or tokens that are not the sequence's last ones: the
+ * keys their re-evaluation computes in the first layer must match the
+ * cached ones, up to rounding and an 8-bit K cache's quantization; a 4- or
+ * 5-bit K cache cannot tell), SNAPKV_ERR_UNSUPPORTED, ...; on any of them the
  * sequence's cells are exactly as before the call (except
  * SNAPKV_ERR_RESTORE_FAILED and SNAPKV_ERR_PANIC).
  *
@@ -371,7 +386,10 @@ snapkv_status snapkv_compress_after_prefill(
  * disarms. Nothing is re-evaluated; the logits of the last token stay as
  * the host's decode left them. Decode only this sequence between the two
  * calls: the last `window` tokens decoded must be the sequence's last
- * `window` tokens (their positions are checked).
+ * `window` tokens (their positions are checked, and their keys in the
+ * first layer must match the ones the sequence caches, so another
+ * sequence's rows at the same positions are refused; a 4- or 5-bit K cache
+ * cannot tell).
  *
  * snapkv_observe: ctx, obs, params borrowed for the call; ctx must carry
  * `obs` (else snapkv_compress_observed reports

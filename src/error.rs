@@ -45,6 +45,22 @@ pub enum Error {
         /// Why it is invalid.
         reason: String,
     },
+    /// A token id is not in the model's vocabulary.
+    #[error("token id {token} is outside the vocabulary (0..{n_vocab})")]
+    InvalidToken {
+        /// The id that was given.
+        token: i32,
+        /// The vocabulary size.
+        n_vocab: usize,
+    },
+    /// A sequence id does not exist in the context.
+    #[error("sequence id {seq} is invalid: {reason}")]
+    InvalidSequence {
+        /// The id that was given.
+        seq: i32,
+        /// Why it is refused.
+        reason: String,
+    },
     /// The sequence holds no cells.
     #[error("sequence {seq} is empty (holds no KV cells)")]
     EmptySequence {

@@ -34,7 +34,8 @@ impl Generation {
 /// `stop_at_eog`.
 ///
 /// # Errors
-/// Decode failures (e.g. the context is full).
+/// Decode failures (e.g. the context is full); [`crate::Error::InvalidArgument`]
+/// when the last decode left no logits to sample from.
 pub fn generate(
     ctx: &mut ContextRef,
     seq: SeqId,
@@ -48,7 +49,7 @@ pub fn generate(
     let mut decoded = 0;
     let t0 = Instant::now();
     for i in 0..max_tokens {
-        let token = sampler.sample(ctx, -1);
+        let token = sampler.sample(ctx, -1)?;
         out.push(token);
         if (stop_at_eog && ctx.model().is_eog(token)) || i + 1 == max_tokens {
             break;

@@ -283,7 +283,7 @@ fn rust_reference() -> &'static Reference {
                 ctx.decode(&batch).unwrap();
             }
         }
-        let text = model.detokenize(&answer, false);
+        let text = model.detokenize(&answer, false).unwrap();
         println!("rust api: {} prompt tokens, answer {text:?} {answer:?}", tokens.len());
         assert!(text.contains(PASSKEY), "the Rust API lost the pass key: {text:?}");
         Reference {

@@ -43,7 +43,7 @@ fn tokenize_detokenize_round_trip() {
     for m in [tiny(), qwen()] {
         let toks = m.tokenize(text, false, false).unwrap();
         assert!(!toks.is_empty());
-        assert_eq!(m.detokenize(&toks, false).trim_start(), text);
+        assert_eq!(m.detokenize(&toks, false).unwrap().trim_start(), text);
     }
     let with_bos = tiny().tokenize("abc", true, false).unwrap();
     assert_eq!(Some(with_bos[0]), tiny().bos());

@@ -193,7 +193,7 @@ pub unsafe extern "C" fn snapkv_observer_attach(obs: *mut SnapkvObserver, params
         let obs = ptr::observer_arc(obs)?;
         let params = ptr::context_params(params)?;
         check_llama()?;
-        obs.attach(params);
+        obs.attach(params)?;
         Ok(())
     })
 }
@@ -212,11 +212,6 @@ pub unsafe extern "C" fn snapkv_observer_free(obs: *mut SnapkvObserver) {
 
 fn compressor(params: &SnapkvParams) -> Result<Compressor, Failure> {
     Ok(Compressor::new(params.to_config()?)?)
-}
-
-fn check_seq(ctx: &crate::ContextRef, seq: SeqId) -> Result<(), Failure> {
-    ctx.check_seq(seq)
-        .map_err(|e| Failure::new(Status::InvalidSequence, e.to_string()))
 }
 
 /// Evaluates `tokens` into sequence `seq_id` and compresses it.
@@ -240,23 +235,9 @@ pub unsafe extern "C" fn snapkv_prefill(
         let tokens = ptr::slice(tokens, n_tokens, "tokens")?;
         let out = ptr::stats_out(stats)?;
         check_llama()?;
-        let compressor = compressor(&params)?;
-        check_seq(ctx, seq_id)?;
-        let last_before = ctx.seq_pos_max(seq_id);
-        let result = compressor.prefill_with(ctx, obs, seq_id, tokens);
-        let stats = result.map_err(|err| {
-            let mut failure = Failure::from(err);
-            // Leave the sequence as it was: remove what this call evaluated.
-            if ctx.seq_pos_max(seq_id) != last_before {
-                let start = last_before.map_or(0, |p| p + 1);
-                if !ctx.seq_rm(seq_id, start, -1) {
-                    failure
-                        .message
-                        .push_str("; removing the tokens this call evaluated failed too");
-                }
-            }
-            failure
-        })?;
+        // The engine leaves the sequence as it was on failure (it removes
+        // what this call evaluated): the same promise as for Rust callers.
+        let stats = compressor(&params)?.prefill_with(ctx, obs, seq_id, tokens)?;
         out.write(&SnapkvStats::from(&stats));
         Ok(())
     })
@@ -284,9 +265,7 @@ pub unsafe extern "C" fn snapkv_compress_after_prefill(
         let window = ptr::slice(window_tokens, n_window_tokens, "window_tokens")?;
         let out = ptr::stats_out(stats)?;
         check_llama()?;
-        let compressor = compressor(&params)?;
-        check_seq(ctx, seq_id)?;
-        let stats = compressor.compress_after_prefill_with(ctx, obs, seq_id, window)?;
+        let stats = compressor(&params)?.compress_after_prefill_with(ctx, obs, seq_id, window)?;
         out.write(&SnapkvStats::from(&stats));
         Ok(())
     })
@@ -332,9 +311,7 @@ pub unsafe extern "C" fn snapkv_compress_observed(
         let params = ptr::params(params)?;
         let out = ptr::stats_out(stats)?;
         check_llama()?;
-        let compressor = compressor(&params)?;
-        check_seq(ctx, seq_id)?;
-        let stats = compressor.compress_observed_with(ctx, obs, seq_id)?;
+        let stats = compressor(&params)?.compress_observed_with(ctx, obs, seq_id)?;
         out.write(&SnapkvStats::from(&stats));
         Ok(())
     })

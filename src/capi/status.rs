@@ -54,6 +54,8 @@ pub enum Status {
     Internal = 18,
     /// `SNAPKV_ERR_PANIC`: a panic was caught at the C boundary (a bug).
     Panic = 19,
+    /// `SNAPKV_ERR_OUT_OF_MEMORY`: a buffer that grows with the prompt could not be allocated.
+    OutOfMemory = 20,
 }
 
 impl Status {
@@ -79,6 +81,7 @@ impl Status {
         Status::Io,
         Status::Internal,
         Status::Panic,
+        Status::OutOfMemory,
     ];
 
     /// The code as C sees it.
@@ -114,6 +117,7 @@ impl Status {
             Status::Io => c"SNAPKV_ERR_IO",
             Status::Internal => c"SNAPKV_ERR_INTERNAL",
             Status::Panic => c"SNAPKV_ERR_PANIC",
+            Status::OutOfMemory => c"SNAPKV_ERR_OUT_OF_MEMORY",
         }
     }
 
@@ -142,20 +146,21 @@ impl Status {
             Status::Io => c"I/O error",
             Status::Internal => c"internal error",
             Status::Panic => c"internal error: panic caught at the C boundary",
+            Status::OutOfMemory => c"out of memory",
         }
     }
 }
 
-/// The one mapping from crate errors to C status codes.
+/// The one mapping from crate errors to C status codes: by variant only,
+/// never by the text a variant carries.
 pub fn status_of(err: &Error) -> Status {
     match err {
         Error::ModelLoad { .. } => Status::ModelLoad,
         Error::ContextCreate(_) => Status::ContextCreate,
         Error::Decode { .. } => Status::Decode,
         Error::Tokenize(_) | Error::ChatTemplate(_) => Status::Tokenize,
-        Error::InvalidArgument { param: "seq", .. } => Status::InvalidSequence,
-        Error::InvalidArgument { param: "window", .. } => Status::InvalidParams,
-        Error::InvalidArgument { .. } => Status::InvalidArgument,
+        Error::InvalidSequence { .. } => Status::InvalidSequence,
+        Error::InvalidArgument { .. } | Error::InvalidToken { .. } => Status::InvalidArgument,
         Error::EmptySequence { .. } => Status::EmptySequence,
         Error::Unsupported(_) => Status::Unsupported,
         Error::ObserverMissing => Status::ObserverNotAttached,
@@ -165,6 +170,7 @@ pub fn status_of(err: &Error) -> Status {
             AlgoError::InvalidConfig { .. } => Status::InvalidParams,
             AlgoError::UnsupportedStateFormat(_) => Status::StateFormat,
             AlgoError::UnsupportedCacheType { .. } => Status::Unsupported,
+            AlgoError::OutOfMemory { .. } => Status::OutOfMemory,
             AlgoError::ShapeMismatch(_) | AlgoError::InvalidSelection(_) => Status::Internal,
         },
         Error::RestoreFailed { .. } => Status::RestoreFailed,
@@ -259,6 +265,7 @@ mod tests {
         (Status::Io, 17, "SNAPKV_ERR_IO"),
         (Status::Internal, 18, "SNAPKV_ERR_INTERNAL"),
         (Status::Panic, 19, "SNAPKV_ERR_PANIC"),
+        (Status::OutOfMemory, 20, "SNAPKV_ERR_OUT_OF_MEMORY"),
     ];
 
     #[test]
@@ -296,9 +303,25 @@ mod tests {
             (Error::Decode { code: 1, meaning: "" }, Status::Decode),
             (Error::Tokenize(String::new()), Status::Tokenize),
             (Error::ChatTemplate(String::new()), Status::Tokenize),
-            (invalid("seq"), Status::InvalidSequence),
-            (invalid("window"), Status::InvalidParams),
+            // Issue 27.10: the variant decides, not the parameter's name.
+            (invalid("seq"), Status::InvalidArgument),
+            (invalid("window"), Status::InvalidArgument),
             (invalid("tokens"), Status::InvalidArgument),
+            (
+                Error::InvalidSequence {
+                    seq: 9,
+                    reason: String::new(),
+                },
+                Status::InvalidSequence,
+            ),
+            (Error::InvalidToken { token: -1, n_vocab: 5 }, Status::InvalidArgument),
+            (
+                Error::Algo(AlgoError::OutOfMemory {
+                    what: "votes",
+                    bytes: 1,
+                }),
+                Status::OutOfMemory,
+            ),
             (Error::EmptySequence { seq: 0 }, Status::EmptySequence),
             (Error::Unsupported(String::new()), Status::Unsupported),
             (Error::ObserverMissing, Status::ObserverNotAttached),

@@ -104,6 +104,17 @@ impl Batch {
         Ok(())
     }
 
+    /// The token ids added so far.
+    pub fn tokens(&self) -> &[Token] {
+        if self.is_empty() {
+            return &[];
+        }
+        // SAFETY: `token` was allocated for `capacity` ids by
+        // llama_batch_init, and the first `n_tokens <= capacity` were
+        // written by `add`.
+        unsafe { std::slice::from_raw_parts(self.raw.token, self.len()) }
+    }
+
     pub(crate) fn raw(&self) -> sys::llama_batch {
         self.raw
     }

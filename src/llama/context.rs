@@ -1,9 +1,12 @@
 //! Contexts: decoding, logits, per-sequence memory operations and state.
 
+use std::cell::Cell;
+use std::marker::PhantomData;
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
+use super::faults::{self, FaultPoint};
 use super::observer::WindowObserver;
 use super::{Batch, Model, ModelRef, Pos, SeqId, Token};
 use crate::error::{Error, Result};
@@ -152,7 +155,8 @@ impl<'m> Context<'m> {
     /// Creates a context for `model`.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] for out-of-range sizes;
+    /// [`Error::InvalidArgument`] for out-of-range sizes, or an observer
+    /// that already serves another context;
     /// [`Error::ContextCreate`] when llama.cpp refuses (out of memory, a
     /// quantized V cache without flash attention, ...).
     pub fn new(model: &'m Model, params: &ContextParams) -> Result<Self> {
@@ -186,17 +190,23 @@ impl<'m> Context<'m> {
         cp.type_v = params.type_v.id() as sys::ggml_type;
         cp.no_perf = false;
         if let Some(obs) = &params.observer {
-            obs.attach(&mut cp);
+            obs.attach(&mut cp)?;
         }
         // SAFETY: model is valid for 'm; cp is complete; `self.observer` keeps
         // the observer (the callback's user pointer) alive as long as the context.
         let raw = unsafe { sys::llama_init_from_model(model.as_ptr() as *mut _, cp) };
-        let raw = NonNull::new(raw).ok_or_else(|| {
-            Error::ContextCreate(
+        let Some(raw) = NonNull::new(raw) else {
+            if let Some(obs) = &params.observer {
+                obs.release();
+            }
+            return Err(Error::ContextCreate(
                 "llama_init_from_model returned NULL (out of memory, or an unsupported combination such as a quantized V cache without flash attention)"
                     .into(),
-            )
-        })?;
+            ));
+        };
+        if let Some(obs) = &params.observer {
+            obs.serve(raw.as_ptr());
+        }
         Ok(Self {
             raw,
             model,
@@ -219,6 +229,9 @@ impl Drop for Context<'_> {
     fn drop(&mut self) {
         // SAFETY: we own the context and free it once.
         unsafe { sys::llama_free(self.raw.as_ptr()) }
+        if let Some(obs) = &self.observer {
+            obs.release();
+        }
     }
 }
 
@@ -239,8 +252,18 @@ impl DerefMut for Context<'_> {
 
 /// A borrowed context: every operation, without ownership. Obtained from a
 /// [`Context`] by deref, or from a host program's `llama_context *` (C ABI).
+///
+/// `Send` but not `Sync`: llama.cpp contexts may move between threads but
+/// must not be used from two at once, and even the `&self` methods here
+/// (logits, state reads) make llama.cpp mutate the context internally
+/// (output reordering, synchronisation).
 #[repr(transparent)]
-pub struct ContextRef(sys::llama_context);
+pub struct ContextRef {
+    raw: sys::llama_context,
+    /// bindgen's opaque `llama_context` is a plain zero-sized struct and so
+    /// `Sync`; this marker takes `Sync` away and keeps `Send`.
+    _not_sync: PhantomData<Cell<()>>,
+}
 
 impl std::fmt::Debug for ContextRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -326,12 +349,21 @@ impl ContextRef {
     /// Evaluates a batch.
     ///
     /// # Errors
+    /// [`Error::InvalidArgument`] for an empty batch;
+    /// [`Error::InvalidToken`] for a token id outside the vocabulary;
     /// [`Error::Decode`] with llama.cpp's code.
     pub fn decode(&mut self, batch: &Batch) -> Result<()> {
         if batch.is_empty() {
             return Err(Error::InvalidArgument {
                 param: "batch",
                 reason: "empty".into(),
+            });
+        }
+        self.model().check_tokens(batch.tokens())?;
+        if faults::inject(FaultPoint::Decode) {
+            return Err(Error::Decode {
+                code: -3,
+                meaning: "failure injected by a test (snapkv::llama::faults)",
             });
         }
         // SAFETY: valid context; the batch's arrays are valid for its
@@ -348,7 +380,8 @@ impl ContextRef {
 
     /// Evaluates `tokens` of sequence `seq` at positions `start..`, in
     /// batches of at most `n_batch`, computing the logits of the last token
-    /// when `logits_last`.
+    /// when `logits_last`. Every token id is checked before anything is
+    /// evaluated.
     ///
     /// # Errors
     /// As [`decode`](Self::decode).
@@ -369,6 +402,8 @@ impl ContextRef {
         logits_last: bool,
         mut progress: impl FnMut(usize),
     ) -> Result<()> {
+        self.check_seq(seq)?;
+        self.model().check_tokens(tokens)?;
         let chunk = self.n_batch().max(1);
         let mut batch = Batch::new(chunk.min(tokens.len().max(1)), 1)?;
         let mut done = 0usize;
@@ -430,6 +465,31 @@ impl ContextRef {
         unsafe { sys::llama_memory_seq_cp(self.memory(), src, dst, p0, p1) }
     }
 
+    /// Adds `delta` to the positions of `seq`'s cells in `[p0, p1)`
+    /// (negative bounds mean open ends); llama.cpp re-rotates their keys
+    /// by `delta` before the next decode. On a compressed sequence this is
+    /// exact only over the whole sequence (see [`crate::compress`]).
+    pub fn seq_add(&mut self, seq: SeqId, p0: Pos, p1: Pos, delta: Pos) {
+        if self.check_seq(seq).is_err() {
+            return;
+        }
+        // SAFETY: valid memory handle and sequence id.
+        unsafe { sys::llama_memory_seq_add(self.memory(), seq, p0, p1, delta) }
+    }
+
+    /// Divides the positions of `seq`'s cells in `[p0, p1)` by `d`
+    /// (self-extend's grouping); llama.cpp re-rotates their keys to match.
+    /// **Wrong on a compressed sequence**, whose cells carry nominal
+    /// positions (see [`crate::compress`]). Does nothing for `d < 1`.
+    pub fn seq_div(&mut self, seq: SeqId, p0: Pos, p1: Pos, d: i32) {
+        if self.check_seq(seq).is_err() || d < 1 {
+            return;
+        }
+        // SAFETY: valid memory handle and sequence id; llama.cpp asserts
+        // d > 0, checked above.
+        unsafe { sys::llama_memory_seq_div(self.memory(), seq, p0, p1, d) }
+    }
+
     /// Smallest position of `seq`, or `None` when it is empty.
     pub fn seq_pos_min(&self, seq: SeqId) -> Option<Pos> {
         self.check_seq(seq).ok()?;
@@ -456,7 +516,9 @@ impl ContextRef {
     ///
     /// # Errors
     /// [`Error::EmptySequence`] when it holds no cell; [`Error::State`] when
-    /// llama.cpp fails.
+    /// llama.cpp fails; [`Error::Algo`] with
+    /// [`AlgoError::OutOfMemory`](crate::snapkv::AlgoError::OutOfMemory)
+    /// when the buffer cannot be allocated.
     pub fn state_seq_get(&self, seq: SeqId) -> Result<Vec<u8>> {
         self.check_seq(seq)?;
         if self.seq_pos_max(seq).is_none() {
@@ -470,7 +532,7 @@ impl ContextRef {
                 reason: "llama_state_seq_get_size returned 0".into(),
             });
         }
-        let mut buf = vec![0u8; size];
+        let mut buf = crate::snapkv::alloc::filled_vec(size, 0u8, "the sequence state")?;
         // SAFETY: buf is writable for `size` bytes.
         let n = unsafe { sys::llama_state_seq_get_data_ext(self.ptr(), buf.as_mut_ptr(), size, seq, 0) };
         if n != size {
@@ -480,6 +542,31 @@ impl ContextRef {
             });
         }
         Ok(buf)
+    }
+
+    /// Bytes of `seq`'s state without its K/V data (header and per-cell
+    /// metadata only), or of every sequence's with `seq = -1`: llama.cpp
+    /// counts them without copying any tensor.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSequence`] for an id out of range other than -1;
+    /// [`Error::State`] when llama.cpp reports no size.
+    pub(crate) fn state_seq_metadata_size(&self, seq: SeqId) -> Result<usize> {
+        if seq != -1 {
+            self.check_seq(seq)?;
+        }
+        // SAFETY: valid context; seq is -1 (every sequence) or a valid id.
+        // With the ON_DEVICE flag llama.cpp sizes the state with a writer
+        // that skips tensor data, and touches no device buffer.
+        let size =
+            unsafe { sys::llama_state_seq_get_size_ext(self.ptr(), seq, sys::LLAMA_STATE_SEQ_FLAGS_ON_DEVICE as _) };
+        if size == 0 {
+            return Err(Error::State {
+                op: "get",
+                reason: format!("llama_state_seq_get_size returned 0 for sequence {seq}"),
+            });
+        }
+        Ok(size)
     }
 
     /// Replaces sequence `seq` with the cells in `state` (from
@@ -492,6 +579,15 @@ impl ContextRef {
     /// empty (llama.cpp clears what it had placed).
     pub fn state_seq_set(&mut self, seq: SeqId, state: &[u8]) -> Result<()> {
         self.check_seq(seq)?;
+        if faults::inject(FaultPoint::StateSet) {
+            // As llama.cpp does when it refuses the data: the sequence is
+            // left empty.
+            self.seq_rm(seq, -1, -1);
+            return Err(Error::State {
+                op: "set",
+                reason: "failure injected by a test (snapkv::llama::faults)".into(),
+            });
+        }
         // SAFETY: valid context; state is readable for its length.
         let n = unsafe { sys::llama_state_seq_set_data_ext(self.ptr(), state.as_ptr(), state.len(), seq, 0) };
         if n != state.len() {
@@ -506,9 +602,9 @@ impl ContextRef {
     /// Checks that `seq` is a valid sequence id for this context.
     pub(crate) fn check_seq(&self, seq: SeqId) -> Result<()> {
         if seq < 0 || seq as usize >= self.n_seq_max() {
-            return Err(Error::InvalidArgument {
-                param: "seq",
-                reason: format!("sequence id {seq} outside 0..{}", self.n_seq_max()),
+            return Err(Error::InvalidSequence {
+                seq,
+                reason: format!("outside 0..{} (the context's n_seq_max)", self.n_seq_max()),
             });
         }
         Ok(())

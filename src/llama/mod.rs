@@ -8,6 +8,7 @@
 mod backend;
 mod batch;
 mod context;
+pub mod faults;
 mod ggml;
 mod model;
 pub(crate) mod observer;

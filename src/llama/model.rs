@@ -347,26 +347,63 @@ impl ModelRef {
         Err(Error::Tokenize("token count kept growing".into()))
     }
 
+    /// Checks that `token` is an id of this model's vocabulary. llama.cpp
+    /// indexes its vocabulary with `.at()`, which throws a C++ exception
+    /// through its C API for an id out of range; every wrapper that hands a
+    /// token to llama.cpp checks it here first.
+    ///
+    /// # Errors
+    /// [`Error::InvalidToken`] when `token` is negative or not below
+    /// [`n_vocab`](Self::n_vocab).
+    pub fn check_token(&self, token: Token) -> Result<()> {
+        let n_vocab = self.n_vocab();
+        if token < 0 || token as usize >= n_vocab {
+            return Err(Error::InvalidToken { token, n_vocab });
+        }
+        Ok(())
+    }
+
+    /// [`check_token`](Self::check_token) for every token of `tokens`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidToken`] for the first id out of range.
+    pub fn check_tokens(&self, tokens: &[Token]) -> Result<()> {
+        tokens.iter().try_for_each(|&t| self.check_token(t))
+    }
+
     /// The bytes of one token's text (special tokens rendered when `special`).
     /// A token may hold part of a UTF-8 character: join bytes before decoding.
-    pub fn token_bytes(&self, token: Token, special: bool) -> Vec<u8> {
+    ///
+    /// # Errors
+    /// [`Error::InvalidToken`] when `token` is not in the vocabulary.
+    pub fn token_bytes(&self, token: Token, special: bool) -> Result<Vec<u8>> {
+        self.check_token(token)?;
         let mut buf = vec![0u8; 64];
         loop {
-            let len = buf.len() as i32;
-            // SAFETY: buf is writable for len bytes.
+            let len = i32::try_from(buf.len()).map_err(|_| Error::Tokenize("token text longer than 2 GiB".into()))?;
+            // SAFETY: buf is writable for len bytes; the token is in the
+            // vocabulary (checked above), so llama.cpp's lookup cannot throw.
             let n = unsafe { sys::llama_token_to_piece(self.vocab(), token, buf.as_mut_ptr().cast(), len, 0, special) };
             if n >= 0 {
                 buf.truncate(n as usize);
-                return buf;
+                return Ok(buf);
             }
-            buf.resize((-n) as usize, 0);
+            buf.resize(n.unsigned_abs() as usize, 0);
         }
     }
 
     /// Detokenizes a sequence of tokens into text (lossy for invalid UTF-8).
-    pub fn detokenize(&self, tokens: &[Token], special: bool) -> String {
-        let bytes: Vec<u8> = tokens.iter().flat_map(|&t| self.token_bytes(t, special)).collect();
-        String::from_utf8_lossy(&bytes).into_owned()
+    ///
+    /// # Errors
+    /// [`Error::InvalidToken`] for the first id that is not in the
+    /// vocabulary.
+    pub fn detokenize(&self, tokens: &[Token], special: bool) -> Result<String> {
+        self.check_tokens(tokens)?;
+        let mut bytes = Vec::new();
+        for &t in tokens {
+            bytes.extend(self.token_bytes(t, special)?);
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// Whether `token` ends generation (EOS, EOT, ...).

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use crate::error::{Error, Result};
 use crate::sys;
 
 /// The callback signature of `llama_context_params::cb_eval`.
@@ -38,8 +39,10 @@ pub(crate) struct CaptureRequest {
     pub n_layer: usize,
     /// Query heads per layer.
     pub n_head: usize,
-    /// Query head size.
+    /// Query head size (also the K head size).
     pub head_dim: usize,
+    /// KV heads per layer (the rows of the captured keys).
+    pub n_head_kv: usize,
     /// `Some(n)`: one micro-batch of exactly `n` tokens is armed (a second
     /// one is an error). `None`: any number of micro-batches of any size;
     /// the capture holds the last `keep` rows seen over all of them.
@@ -47,6 +50,21 @@ pub(crate) struct CaptureRequest {
     /// The observation window: the last `keep` tokens evaluated while armed.
     /// Only their rows are captured.
     pub keep: usize,
+}
+
+impl CaptureRequest {
+    /// A request for `model`'s shape: `n_tokens` as in the field, keeping
+    /// the last `keep` rows.
+    pub(crate) fn for_model(model: &super::ModelRef, n_tokens: Option<usize>, keep: usize) -> Self {
+        Self {
+            n_layer: model.n_layer(),
+            n_head: model.n_head(),
+            head_dim: model.head_dim(),
+            n_head_kv: model.n_head_kv(),
+            n_tokens,
+            keep,
+        }
+    }
 }
 
 /// The model's attention probabilities of one layer for the window's
@@ -68,6 +86,11 @@ pub(crate) struct Capture {
     pub softmax: Vec<Option<SoftmaxRows>>,
     /// Positions of the captured window rows (from the first layer's RoPE).
     pub positions: Vec<i32>,
+    /// Post-RoPE keys of the window rows in layer 0 (`Kcur-0`),
+    /// `[token][kv head][dim]`: compared with the cached keys of the
+    /// sequence being compressed, they show that the window rows were
+    /// evaluated for that sequence's tokens.
+    pub keys: Option<Vec<f32>>,
     /// The first problem met (shape, type, duplicate layer).
     pub error: Option<String>,
     /// Time spent copying tensors in the callback.
@@ -83,6 +106,21 @@ struct State {
     calls_at_arm: u64,
     capture: Capture,
     chained_asked: bool,
+    /// The context parameters or context this observer serves (see
+    /// [`WindowObserver::attach`] and [`WindowObserver::bind`]).
+    binding: Binding,
+}
+
+/// Which context an observer serves.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Binding {
+    /// Not attached to any context parameters yet.
+    #[default]
+    Free,
+    /// Attached to context parameters; not yet used with a context.
+    Attached,
+    /// Used with the context at this address.
+    Context(usize),
 }
 
 /// Observes the observation window of a context. Create one with
@@ -92,6 +130,9 @@ struct State {
 /// context's life. One observer serves one context.
 pub struct WindowObserver {
     armed: AtomicBool,
+    /// `LLAMA_ATTN_ROT_DISABLE` as llama.cpp read it when the context was
+    /// created (read at [`attach`](Self::attach), with llama.cpp's `atoi`).
+    rotation_disabled: AtomicBool,
     state: Mutex<State>,
     chained: Mutex<Option<Chained>>,
     /// Windows armed so far, and callbacks received while armed: a window
@@ -135,6 +176,7 @@ impl WindowObserver {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             armed: AtomicBool::new(false),
+            rotation_disabled: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             chained: Mutex::new(None),
             arms: AtomicU64::new(0),
@@ -148,19 +190,79 @@ impl WindowObserver {
 
     /// Installs the observer into raw context params, chaining the callback
     /// already there. The params then point at `self`: the observer must
-    /// outlive the context created from them.
-    pub(crate) fn attach(self: &Arc<Self>, params: &mut sys::llama_context_params) {
+    /// outlive the context created from them. Attaching again to params
+    /// that already carry this observer does nothing.
+    ///
+    /// Also reads `LLAMA_ATTN_ROT_DISABLE` as llama.cpp will when the
+    /// context is created from these params (C `atoi`), so that scoring
+    /// undoes exactly the key rotation the cache applies.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the observer is already attached to
+    /// other params or serves a context: one observer serves one context,
+    /// and a second attach would replace the first context's chained
+    /// callback.
+    pub(crate) fn attach(self: &Arc<Self>, params: &mut sys::llama_context_params) -> Result<()> {
         let me = Arc::as_ptr(self) as *mut c_void;
         if self.is_attached_to(params) {
-            return; // already attached to these params
+            return Ok(()); // already attached to these params
+        }
+        let mut st = self.lock();
+        if st.binding != Binding::Free {
+            return Err(Error::InvalidArgument {
+                param: "observer",
+                reason: "already attached to another context's parameters: one observer serves one context \
+                         (create one observer per context)"
+                    .into(),
+            });
         }
         let previous = params.cb_eval.map(|callback| Chained {
             callback,
             user_data: params.cb_eval_user_data,
         });
         *self.chained.lock().unwrap_or_else(|e| e.into_inner()) = previous;
+        self.rotation_disabled
+            .store(rotation_disabled_by_env(), Ordering::SeqCst);
         params.cb_eval = Some(eval_trampoline);
         params.cb_eval_user_data = me;
+        st.binding = Binding::Attached;
+        Ok(())
+    }
+
+    /// Records the context created from the params this observer is
+    /// attached to (contexts the crate creates itself).
+    pub(crate) fn serve(&self, ctx: *const sys::llama_context) {
+        self.lock().binding = Binding::Context(ctx as usize);
+    }
+
+    /// Whether the observer may serve `ctx`: it must have been attached to
+    /// context params, and when the crate created the context from them,
+    /// `ctx` must be that context. (A host creates its contexts itself, so
+    /// which one carries the observer cannot be known up front; a window
+    /// pass that reaches no callback tells.)
+    ///
+    /// # Errors
+    /// [`Error::ObserverMissing`] when the observer was never attached to
+    /// context params, or serves another context: either way it is not
+    /// `ctx`'s callback.
+    pub(crate) fn check_serves(&self, ctx: *const sys::llama_context) -> Result<()> {
+        match self.lock().binding {
+            Binding::Attached => Ok(()),
+            Binding::Context(c) if c == ctx as usize => Ok(()),
+            Binding::Context(_) | Binding::Free => Err(Error::ObserverMissing),
+        }
+    }
+
+    /// Frees the observer for another context once the context it served
+    /// is gone.
+    pub(crate) fn release(&self) {
+        self.lock().binding = Binding::Free;
+    }
+
+    /// Whether llama.cpp's key rotation was disabled by the environment when
+    /// the observed context was created.
+    pub(crate) fn rotation_disabled(&self) -> bool {
+        self.rotation_disabled.load(Ordering::SeqCst)
     }
 
     /// Whether `params` carry this observer.
@@ -179,6 +281,7 @@ impl WindowObserver {
             queries: vec![None; request.n_layer],
             softmax: vec![None; request.n_layer],
             positions: Vec::new(),
+            keys: None,
             error: None,
             seconds: 0.0,
             callbacks: 0,
@@ -186,6 +289,15 @@ impl WindowObserver {
         st.calls_at_arm = self.armed_calls.load(Ordering::SeqCst);
         self.arms.fetch_add(1, Ordering::SeqCst);
         self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Arms the observer for a pass the engine runs itself; the returned
+    /// guard disarms it when finished or dropped (also when a panic
+    /// unwinds), so that an interrupted pass does not leave the host's
+    /// later decodes observed.
+    pub(crate) fn arm_scoped(&self, request: CaptureRequest) -> ArmedPass<'_> {
+        self.arm(request);
+        ArmedPass { observer: Some(self) }
     }
 
     /// The observer's [`Activity`] counters.
@@ -212,15 +324,64 @@ impl WindowObserver {
     }
 }
 
+/// `LLAMA_ATTN_ROT_DISABLE` read as llama.cpp reads it when it creates a
+/// KV cache: set and `atoi` of it non-zero.
+fn rotation_disabled_by_env() -> bool {
+    std::env::var_os("LLAMA_ATTN_ROT_DISABLE").is_some_and(|v| c_atoi(&v.to_string_lossy()) != 0)
+}
+
+/// C's `atoi`: leading whitespace, an optional sign, then decimal digits up
+/// to the first other character; 0 when there are none. (Overflow is
+/// undefined in C; here it saturates, which is non-zero as any glibc
+/// result for such input is in practice.)
+fn c_atoi(s: &str) -> i64 {
+    let s = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (negative, digits) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let value = digits.bytes().take_while(u8::is_ascii_digit).fold(0i64, |acc, d| {
+        acc.saturating_mul(10).saturating_add(i64::from(d - b'0'))
+    });
+    if negative {
+        -value
+    } else {
+        value
+    }
+}
+
+/// An armed observer that disarms when dropped ([`WindowObserver::arm_scoped`]).
+pub(crate) struct ArmedPass<'o> {
+    observer: Option<&'o WindowObserver>,
+}
+
+impl ArmedPass<'_> {
+    /// Disarms and hands over what was captured.
+    pub(crate) fn finish(mut self) -> Capture {
+        self.observer.take().map(WindowObserver::disarm).unwrap_or_default()
+    }
+}
+
+impl Drop for ArmedPass<'_> {
+    fn drop(&mut self) {
+        if let Some(observer) = self.observer.take() {
+            observer.disarm();
+        }
+    }
+}
+
 /// Which captured tensor a graph node is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Wanted {
     Query(usize),
+    /// Layer 0's post-RoPE keys.
+    Key0,
     Softmax(usize),
 }
 
-/// Classifies a node by name and op: `Qcur-<il>` with op ROPE, or
-/// `kq_soft_max-<il>`.
+/// Classifies a node by name and op: `Qcur-<il>` with op ROPE, `Kcur-0`
+/// with op ROPE, or `kq_soft_max-<il>`.
 ///
 /// # Safety
 /// `t` must be a valid tensor.
@@ -233,6 +394,10 @@ unsafe fn classify(t: *const sys::ggml_tensor) -> Option<Wanted> {
     if let Some(rest) = name.strip_prefix("Qcur-") {
         if op == sys::GGML_OP_ROPE {
             return layer(rest).map(Wanted::Query);
+        }
+    } else if name == "Kcur-0" {
+        if op == sys::GGML_OP_ROPE {
+            return Some(Wanted::Key0);
         }
     } else if let Some(rest) = name.strip_prefix("kq_soft_max-") {
         return layer(rest).map(Wanted::Softmax);
@@ -328,6 +493,7 @@ impl WindowObserver {
         let ne = unsafe { (*t).ne };
         let result = match wanted {
             Wanted::Query(il) => Self::on_queries(&mut st.capture, &req, t, il, ne),
+            Wanted::Key0 => Self::on_keys(&mut st.capture, &req, t, ne),
             Wanted::Softmax(il) => Self::on_softmax(&mut st.capture, &req, t, il, ne),
         };
         if let Err(e) = result {
@@ -379,6 +545,31 @@ impl WindowObserver {
             let pos = unsafe { read_rope_positions(t, n_tokens, take) }.map_err(|e| format!("Qcur-0: {e}"))?;
             roll(&mut capture.positions, pos, 1, req.keep);
         }
+        Ok(())
+    }
+
+    fn on_keys(
+        capture: &mut Capture,
+        req: &CaptureRequest,
+        t: *const sys::ggml_tensor,
+        ne: [i64; 4],
+    ) -> Result<(), String> {
+        let n_tokens = ne[2].max(0) as usize;
+        let want = [
+            req.head_dim as i64,
+            req.n_head_kv as i64,
+            req.n_tokens.unwrap_or(n_tokens) as i64,
+            1,
+        ];
+        if ne != want {
+            return Err(format!("Kcur-0: shape {ne:?}, expected {want:?}"));
+        }
+        let take = req.keep.min(n_tokens);
+        let row_len = req.head_dim * req.n_head_kv;
+        // SAFETY: valid computed tensor.
+        let rows =
+            unsafe { read_f32_rows(t, row_len, n_tokens, 1, n_tokens - take) }.map_err(|e| format!("Kcur-0: {e}"))?;
+        roll(capture.keys.get_or_insert_with(Vec::new), rows, row_len, req.keep);
         Ok(())
     }
 
@@ -471,11 +662,62 @@ mod tests {
         // SAFETY: default params have no preconditions.
         let mut cp = unsafe { sys::llama_context_default_params() };
         cp.cb_eval = Some(other);
-        obs.attach(&mut cp);
+        obs.attach(&mut cp).unwrap();
         assert!(obs.is_attached_to(&cp));
-        obs.attach(&mut cp);
+        obs.attach(&mut cp).unwrap();
         let chained = obs.chained.lock().unwrap().expect("previous callback chained");
         assert_eq!(chained.callback as usize, other as EvalCallback as usize);
+    }
+
+    /// Issue 27.13: a second context's params must not replace the first
+    /// one's chained callback.
+    #[test]
+    fn a_second_attach_to_other_params_is_refused_and_keeps_the_first_chain() {
+        unsafe extern "C" fn first(_: *mut sys::ggml_tensor, _: bool, _: *mut c_void) -> bool {
+            true
+        }
+        unsafe extern "C" fn second(_: *mut sys::ggml_tensor, _: bool, _: *mut c_void) -> bool {
+            false
+        }
+        let obs = WindowObserver::new();
+        // SAFETY: default params have no preconditions.
+        let (mut a, mut b) = unsafe { (sys::llama_context_default_params(), sys::llama_context_default_params()) };
+        a.cb_eval = Some(first);
+        b.cb_eval = Some(second);
+        obs.attach(&mut a).unwrap();
+        let err = obs.attach(&mut b).unwrap_err();
+        assert!(err.to_string().contains("one observer serves one context"), "{err}");
+        assert_eq!(b.cb_eval.map(|f| f as usize), Some(second as EvalCallback as usize));
+        let chained = obs.chained.lock().unwrap().expect("first callback still chained");
+        assert_eq!(chained.callback as usize, first as EvalCallback as usize);
+        // Attached: any context may be the one created from the params.
+        obs.check_serves(16 as *const sys::llama_context).unwrap();
+        // Serving one context, refused for another; free again after release.
+        obs.serve(8 as *const sys::llama_context);
+        obs.check_serves(8 as *const sys::llama_context).unwrap();
+        assert!(obs.check_serves(16 as *const sys::llama_context).is_err());
+        obs.release();
+        assert!(obs.check_serves(8 as *const sys::llama_context).is_err());
+        obs.attach(&mut b).unwrap();
+    }
+
+    #[test]
+    fn atoi_reads_like_c() {
+        for (s, want) in [
+            ("1", 1),
+            ("0", 0),
+            ("", 0),
+            ("  7x", 7),
+            ("1abc", 1),
+            ("abc", 0),
+            ("-3", -3),
+            ("+0", 0),
+            ("\t\n 12", 12),
+            ("0x10", 0),
+            ("99999999999999999999999", i64::MAX),
+        ] {
+            assert_eq!(c_atoi(s), want, "{s:?}");
+        }
     }
 
     #[test]
@@ -485,6 +727,7 @@ mod tests {
             n_layer: 3,
             n_head: 2,
             head_dim: 4,
+            n_head_kv: 1,
             n_tokens: Some(5),
             keep: 2,
         });

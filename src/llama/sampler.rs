@@ -3,6 +3,7 @@
 use std::ptr::NonNull;
 
 use super::{ContextRef, Token};
+use crate::error::{Error, Result};
 use crate::sys;
 
 /// A llama.cpp sampler chain, freed on drop.
@@ -50,10 +51,22 @@ impl Sampler {
 
     /// Samples from output `idx` of the last decode (-1 = last output) and
     /// records the choice in the chain's state.
-    pub fn sample(&mut self, ctx: &mut ContextRef, idx: i32) -> Token {
-        // SAFETY: valid sampler and context; llama_sampler_sample also
-        // accepts the token.
-        unsafe { sys::llama_sampler_sample(self.raw.as_ptr(), ctx.as_ptr(), idx) }
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the last decode computed no logits
+    /// for output `idx` (nothing decoded yet, or the token's logits were not
+    /// requested): llama.cpp would assert on it.
+    pub fn sample(&mut self, ctx: &mut ContextRef, idx: i32) -> Result<Token> {
+        if ctx.logits_ith(idx).is_none() {
+            return Err(Error::InvalidArgument {
+                param: "idx",
+                reason: format!("the last decode computed no logits for output {idx}"),
+            });
+        }
+        // SAFETY: valid sampler and context, and output `idx` has logits
+        // (checked above), so llama_sampler_sample's assertion holds; it
+        // also accepts the token.
+        Ok(unsafe { sys::llama_sampler_sample(self.raw.as_ptr(), ctx.as_ptr(), idx) })
     }
 
     /// Resets the chain's state (e.g. penalties, RNG position is kept).

@@ -128,7 +128,8 @@ pub fn rewrite(state: &SeqState<'_>, order: &CellOrder, selection: &Selection) -
         total = add(total, v_bytes, "V")?;
     }
 
-    let mut out = Vec::with_capacity(total);
+    let mut out = Vec::new();
+    super::alloc::reserve(&mut out, total, "the rewritten state")?;
     out.extend_from_slice(&raw[..head_len]);
     out.extend_from_slice(&n_out_u32.to_le_bytes());
     let seq_id = state.seq_id().to_le_bytes();

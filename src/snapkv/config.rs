@@ -211,6 +211,16 @@ impl Default for Budget {
 /// held in memory (tokens × layers × query heads × head size floats).
 pub const MAX_DRAFT: usize = 1024;
 
+/// The longest observation window [`SnapKvConfig::window`] takes. The
+/// window must also fit one micro-batch of the context (`n_ubatch`, 512 by
+/// default), which the engine checks against the context.
+pub const MAX_WINDOW: usize = 8192;
+
+/// The largest pooling kernel [`SnapKvConfig::kernel`] takes. The pooling
+/// scratch grows with the kernel; pooling windows beyond a few dozen
+/// positions are no longer "a token and its neighbours".
+pub const MAX_KERNEL: usize = 1023;
+
 /// SnapKV parameters. Build with [`SnapKvConfig::default`] (or
 /// [`Preset::config`]) and adjust the fields; call
 /// [`SnapKvConfig::validate`] before use.
@@ -280,9 +290,12 @@ impl SnapKvConfig {
     /// Checks every parameter.
     ///
     /// # Errors
-    /// [`AlgoError::InvalidConfig`] when `window` is 0, `kernel` is even or 0,
-    /// a [`PoolAlign::Forward`] reach is not below `kernel`, a `Cells` budget is not larger than the window, or a `Fraction` budget
-    /// is not a finite number in (0, 1], or `draft` exceeds [`MAX_DRAFT`].
+    /// [`AlgoError::InvalidConfig`] when `window` is 0 or above
+    /// [`MAX_WINDOW`], `kernel` is even, 0 or above [`MAX_KERNEL`], a
+    /// [`PoolAlign::Forward`] reach is not below `kernel`, a `Cells` budget
+    /// is not larger than the window, a `Fraction` budget is not a finite
+    /// number in (0, 1], or `draft` exceeds [`MAX_DRAFT`]. Every parameter
+    /// that sizes an allocation is bounded here.
     pub fn validate(&self) -> Result<(), AlgoError> {
         if self.draft > MAX_DRAFT {
             return Err(AlgoError::InvalidConfig {
@@ -290,16 +303,19 @@ impl SnapKvConfig {
                 reason: format!("at most {MAX_DRAFT} tokens, got {}", self.draft),
             });
         }
-        if self.window == 0 {
+        if self.window == 0 || self.window > MAX_WINDOW {
             return Err(AlgoError::InvalidConfig {
                 param: "window",
-                reason: "must be at least 1 cell".into(),
+                reason: format!("must be 1..={MAX_WINDOW} cells, got {}", self.window),
             });
         }
-        if self.kernel == 0 || self.kernel % 2 == 0 {
+        if self.kernel == 0 || self.kernel % 2 == 0 || self.kernel > MAX_KERNEL {
             return Err(AlgoError::InvalidConfig {
                 param: "kernel",
-                reason: format!("must be odd and >= 1 (1 disables pooling), got {}", self.kernel),
+                reason: format!(
+                    "must be odd and in 1..={MAX_KERNEL} (1 disables pooling), got {}",
+                    self.kernel
+                ),
             });
         }
         self.pool_align.extents(self.kernel)?;
@@ -516,6 +532,45 @@ mod tests {
         assert_eq!(c.gqa, GqaAggregation::Mean);
         assert_eq!(c.queries, QueryAggregation::Sum);
         c.validate().unwrap();
+    }
+
+    /// Issue 27.4: a kernel of u32::MAX with max pooling asked for ~34 GB
+    /// of pooling scratch; every allocation-sizing parameter is bounded.
+    #[test]
+    fn allocation_sizing_parameters_are_bounded() {
+        let max_kernel = SnapKvConfig {
+            kernel: u32::MAX as usize,
+            pooling: Pooling::Max,
+            pool_align: PoolAlign::Centered,
+            ..SnapKvConfig::default()
+        };
+        assert_eq!(refused_param(&max_kernel), "kernel");
+        let kernel = SnapKvConfig {
+            kernel: MAX_KERNEL,
+            pool_align: PoolAlign::Centered,
+            ..SnapKvConfig::default()
+        };
+        kernel.validate().unwrap();
+        assert_eq!(
+            refused_param(&SnapKvConfig {
+                kernel: MAX_KERNEL + 2,
+                ..kernel
+            }),
+            "kernel"
+        );
+        let window = SnapKvConfig {
+            window: MAX_WINDOW + 1,
+            budget: Budget::Cells(MAX_WINDOW + 100),
+            ..SnapKvConfig::default()
+        };
+        assert_eq!(refused_param(&window), "window");
+        assert_eq!(
+            refused_param(&SnapKvConfig {
+                draft: MAX_DRAFT + 1,
+                ..SnapKvConfig::default()
+            }),
+            "draft"
+        );
     }
 
     #[test]

@@ -31,6 +31,14 @@ pub enum AlgoError {
     /// Buffers or descriptors disagree about sizes or counts.
     #[error("shape mismatch: {0}")]
     ShapeMismatch(String),
+    /// A buffer that grows with the prompt could not be allocated.
+    #[error("out of memory: {what} needs {bytes} bytes")]
+    OutOfMemory {
+        /// What the buffer was for.
+        what: &'static str,
+        /// How many bytes were asked for.
+        bytes: usize,
+    },
     /// A selection of kept cells is malformed or does not fit the state.
     #[error("invalid selection: {0}")]
     InvalidSelection(String),

@@ -34,11 +34,89 @@ pub fn gather_keys(
     let n_embd = state.shape().n_embd_k_gqa();
     let ty = state.k_type(layer);
     out.clear();
-    out.resize(n * n_embd, 0.0);
+    let len = n
+        .checked_mul(n_embd)
+        .ok_or_else(|| AlgoError::ShapeMismatch("gathered keys overflow".into()))?;
+    super::alloc::reserve(out, len, "gathered keys")?;
+    out.resize(len, 0.0);
     for (dst, &cell) in out.chunks_exact_mut(n_embd).zip(&order.by_position) {
         decode_row(ty, state.k_row(layer, cell), decode_quantized, dst)?;
     }
     Ok(())
+}
+
+/// How far keys computed for the window lie from the keys the cache holds
+/// for the sequence's last cells, in layer `layer`: the largest distance
+/// `|cached - computed|` over those cells and their KV heads, relative to
+/// how much the computed keys of that head vary over the window (their
+/// RMS distance from their mean). Measured against the spread, not the
+/// keys' length: a large key bias (Qwen2's) makes every key long and the
+/// keys of different tokens close in relative terms, while their
+/// difference is what tells tokens apart. `computed` holds `w` rows
+/// `[window token][kv_head][d]` in position order, for the sequence's last
+/// `w` cells. Rows evaluated for the same tokens at the same positions
+/// differ by rounding (and the cache type's quantization); rows of other
+/// tokens by about the spread or more.
+///
+/// # Errors
+/// [`AlgoError::ShapeMismatch`] when `layer` is out of range, `order` does
+/// not cover the state's cells, or `computed` is not 2 or more whole rows
+/// and at most the state's cells; errors of `decode_quantized` are passed
+/// on.
+pub fn window_key_distance(
+    state: &SeqState<'_>,
+    order: &CellOrder,
+    layer: usize,
+    computed: &[f32],
+    decode_quantized: &mut QuantizedRowDecoder<'_>,
+) -> Result<f32, AlgoError> {
+    check_layer_and_order(state, order, layer)?;
+    let shape = state.shape();
+    let (n_embd, d, n_head_kv) = (shape.n_embd_k_gqa(), shape.head_dim_k, shape.n_head_kv);
+    let rows = computed.len() / n_embd;
+    if computed.len() % n_embd != 0 || rows < 2 || rows > state.n_cells() {
+        return Err(AlgoError::ShapeMismatch(format!(
+            "{} computed key values are not 2..={} rows of {n_embd}",
+            computed.len(),
+            state.n_cells()
+        )));
+    }
+    // Each head's spread over the window.
+    let mut spread = vec![0f32; n_head_kv];
+    for (g, s) in spread.iter_mut().enumerate() {
+        let mut mean = vec![0f32; d];
+        for row in computed.chunks_exact(n_embd) {
+            mean.iter_mut()
+                .zip(&row[g * d..(g + 1) * d])
+                .for_each(|(m, x)| *m += x / rows as f32);
+        }
+        let sum_sq: f32 = computed
+            .chunks_exact(n_embd)
+            .map(|row| {
+                row[g * d..(g + 1) * d]
+                    .iter()
+                    .zip(&mean)
+                    .map(|(x, m)| (x - m) * (x - m))
+                    .sum::<f32>()
+            })
+            .sum();
+        *s = (sum_sq / rows as f32).sqrt();
+    }
+    let cells = &order.by_position[order.by_position.len() - rows..];
+    let ty = state.k_type(layer);
+    let mut cached = vec![0f32; n_embd];
+    let mut worst = 0f32;
+    for (row, &cell) in computed.chunks_exact(n_embd).zip(cells) {
+        decode_row(ty, state.k_row(layer, cell), decode_quantized, &mut cached)?;
+        for ((c, k), &s) in cached.chunks_exact(d).zip(row.chunks_exact(d)).zip(&spread) {
+            let diff: f32 = c.iter().zip(k).map(|(a, b)| (a - b) * (a - b)).sum::<f32>().sqrt();
+            let distance = if s > 0.0 { diff / s } else { diff };
+            if distance.is_nan() || distance > worst {
+                worst = distance; // NaN counts as the worst
+            }
+        }
+    }
+    Ok(worst)
 }
 
 /// Decodes one cached row: float types in Rust, quantized ones through
@@ -159,6 +237,54 @@ mod tests {
     /// K element `e` of cell `cell` in layer `layer` is `layer*100 + cell*10 + e`.
     fn value(layer: usize, cell: usize, e: usize) -> f32 {
         (layer * 100 + cell * 10 + e) as f32
+    }
+
+    #[test]
+    fn window_key_distance_compares_the_last_cells_by_position() {
+        let positions = [2, 0, 1];
+        let raw = build_blob(
+            &shape(3),
+            &positions,
+            CacheType::F32,
+            CacheType::F16,
+            false,
+            1,
+            0,
+            |t, l, c, b| {
+                if t == Tensor::V {
+                    return 0;
+                }
+                value(l, c, b / 4).to_le_bytes()[b % 4]
+            },
+        );
+        let state = SeqState::parse(&raw, &shape(3)).unwrap();
+        let order = position_order(state.positions(), 1).unwrap();
+        let mut no_quant = |_: CacheType, _: &[u8], _: &mut [f32]| -> Result<(), AlgoError> { unreachable!() };
+        // The last two positions (1, 2) are cells 2 and 0; rows of 2 heads × 3.
+        let exact: Vec<f32> = [2usize, 0]
+            .iter()
+            .flat_map(|&c| (0..6).map(move |e| value(1, c, e)))
+            .collect();
+        assert_eq!(
+            window_key_distance(&state, &order, 1, &exact, &mut no_quant).unwrap(),
+            0.0
+        );
+        let mut off = exact.clone();
+        off[7] += 1.0;
+        let d = window_key_distance(&state, &order, 1, &off, &mut no_quant).unwrap();
+        assert!(d > 0.0 && d < 0.1, "{d}");
+        // Other cells' keys (positions 0 and 1) are far off.
+        let other: Vec<f32> = [1usize, 2]
+            .iter()
+            .flat_map(|&c| (0..6).map(move |e| value(1, c, e)))
+            .collect();
+        assert!(window_key_distance(&state, &order, 1, &other, &mut no_quant).unwrap() > 0.05);
+        assert!(window_key_distance(&state, &order, 1, &exact[..5], &mut no_quant).is_err());
+        assert!(
+            window_key_distance(&state, &order, 1, &exact[..6], &mut no_quant).is_err(),
+            "one row has no spread"
+        );
+        assert!(window_key_distance(&state, &order, 2, &exact, &mut no_quant).is_err());
     }
 
     #[test]

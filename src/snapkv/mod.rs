@@ -11,6 +11,7 @@
 //! [`select::Selector::select`] → [`compact::rewrite`].
 #![forbid(unsafe_code)]
 
+pub(crate) mod alloc;
 pub mod compact;
 pub mod config;
 pub mod error;
@@ -26,10 +27,11 @@ pub mod synthetic;
 pub use compact::rewrite;
 pub use config::{
     Budget, GqaAggregation, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting, MAX_DRAFT,
+    MAX_KERNEL, MAX_WINDOW,
 };
 pub use error::AlgoError;
 pub use ggml_type::{decode_f32_row, CacheType};
-pub use keys::{gather_keys, value_norms, QuantizedRowDecoder};
+pub use keys::{gather_keys, value_norms, window_key_distance, QuantizedRowDecoder};
 pub use scores::{
     add_votes_from_queries, add_votes_from_softmax, pool_and_aggregate, position_order, weight_votes_by_value_norms,
     CellOrder, HeadScores, QueryScorer, Votes,

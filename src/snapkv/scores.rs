@@ -89,7 +89,8 @@ impl Votes {
     /// All-zero votes that sum the window queries' probabilities.
     ///
     /// # Errors
-    /// [`AlgoError::ShapeMismatch`] when the size overflows.
+    /// [`AlgoError::ShapeMismatch`] when the size overflows;
+    /// [`AlgoError::OutOfMemory`] when the votes cannot be allocated.
     pub fn new(n_layer: usize, n_head: usize, prefix_len: usize) -> Result<Self, AlgoError> {
         let len = checked_volume(&[n_layer, n_head, prefix_len], "votes")?;
         Ok(Votes {
@@ -97,7 +98,7 @@ impl Votes {
             n_head,
             prefix_len,
             queries: QueryAggregation::Sum,
-            data: vec![0.0; len],
+            data: super::alloc::filled_vec(len, 0.0, "votes")?,
         })
     }
 
@@ -766,7 +767,7 @@ pub fn pool_and_aggregate(
     let extents = align.extents(kernel)?;
     let n = votes.prefix_len;
     let group = votes.n_head / n_head_kv;
-    let mut out = vec![0f32; votes.n_layer * n_head_kv * n];
+    let mut out = super::alloc::filled_vec(votes.n_layer * n_head_kv * n, 0f32, "pooled scores")?;
     if n == 0 {
         return HeadScores::from_vec(votes.n_layer, n_head_kv, n, out);
     }

@@ -95,6 +95,7 @@ static const abi_expect ABI_EXPECTED[] = {
     ABI_CONST(SNAPKV_ERR_IO),
     ABI_CONST(SNAPKV_ERR_INTERNAL),
     ABI_CONST(SNAPKV_ERR_PANIC),
+    ABI_CONST(SNAPKV_ERR_OUT_OF_MEMORY),
 };
 
 /* Returns the number of disagreements, printing each. */

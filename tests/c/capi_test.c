@@ -159,7 +159,7 @@ int main(int argc, char ** argv) {
     /* Version, layout and status strings: no model needed. */
     failures += abi_check();
     expect(snapkv_check_llama(), SNAPKV_OK, "snapkv_check_llama", NULL);
-    for (i = 0; i <= SNAPKV_ERR_PANIC; i++) {
+    for (i = 0; i <= SNAPKV_ERR_OUT_OF_MEMORY; i++) {
         CHECK(snapkv_status_str(i) != NULL && snapkv_status_str(i)[0] != '\0', "status string");
     }
     CHECK(strstr(snapkv_status_str(-7), "unknown") != NULL, "unknown status string");

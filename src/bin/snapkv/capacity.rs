@@ -121,7 +121,7 @@ pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
             match result {
                 Ok(()) => {
                     fitted += 1;
-                    first_tokens.push(sampler.sample(&mut ctx, -1));
+                    first_tokens.push(sampler.sample(&mut ctx, -1)?);
                     if usage.is_none() {
                         usage = Some(seq_usage(&ctx, seq)?);
                     }
@@ -241,7 +241,7 @@ fn answer_all(
             }
             ctx.seq_rm(seq, next, -1);
         }
-        if task.score(&model.detokenize(&tokens, false)) == 1.0 {
+        if task.score(&model.detokenize(&tokens, false)?) == 1.0 {
             right += 1;
         }
     }

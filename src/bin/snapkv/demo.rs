@@ -107,7 +107,7 @@ pub fn run(args: &DemoArgs) -> snapkv::Result<()> {
         let b = branch(&mut ctx, &snapshot, &method)?;
         let mut sampler = Sampler::greedy();
         let gen = generate(&mut ctx, 0, &mut sampler, n_prompt as i32, args.n_predict, true)?;
-        let text = model.detokenize(&gen.tokens, false);
+        let text = model.detokenize(&gen.tokens, false)?;
         let score = task.score(&text);
         let right = if score == 1.0 {
             "yes"

@@ -288,7 +288,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                     // The reference: the full cache's own greedy answer and the
                     // next-token distributions it was drawn from.
                     let reference = run_method(ctx, &snapshot, &Method::Full, n_gen, &[], None)?;
-                    let full_text = model.detokenize(&reference.answer.tokens, false);
+                    let full_text = model.detokenize(&reference.answer.tokens, false)?;
                     for spec in &args.methods {
                         let budgets: Vec<Option<usize>> = if spec.is_full() {
                             vec![None]
@@ -320,10 +320,10 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                             };
                             let run = run.as_ref().unwrap_or(&reference);
                             let fidelity = agreement(&reference.distributions, &run.distributions);
-                            let text = model.detokenize(&run.answer.tokens, false);
+                            let text = model.detokenize(&run.answer.tokens, false)?;
                             let score = task.score(&text);
                             let (score_beyond_lookahead, full_score_beyond_lookahead) = if lookahead > 0 {
-                                let start = model.detokenize(&run.answer.tokens[..lookahead], false);
+                                let start = model.detokenize(&run.answer.tokens[..lookahead], false)?;
                                 (task.score_beyond(&start, &text), task.score_beyond(&start, &full_text))
                             } else {
                                 (None, None)

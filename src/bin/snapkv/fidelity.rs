@@ -122,7 +122,7 @@ pub fn run(args: &FidelityArgs) -> snapkv::Result<()> {
     branch(&mut ctx, &snapshot, &Method::Full)?;
     let gen = generate(&mut ctx, 0, &mut Sampler::greedy(), p as i32, n, true)?;
     let cont = gen.tokens;
-    let continuation = model.detokenize(&cont, false);
+    let continuation = model.detokenize(&cont, false)?;
     eprintln!("continuation ({} tokens): {:?}", cont.len(), continuation);
     let full = branch(&mut ctx, &snapshot, &Method::Full)?;
     let reference = continuation_distributions(&mut ctx, 0, p as i32, &cont)?;

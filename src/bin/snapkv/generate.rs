@@ -169,7 +169,7 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
     };
     let mut answer = answer_start.clone();
     answer.extend(&gen.tokens);
-    println!("{}", model.detokenize(&answer, false));
+    println!("{}", model.detokenize(&answer, false)?);
 
     eprintln!();
     eprintln!("model:    {} ({})", args.model.model.display(), model.description());
@@ -257,7 +257,7 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
 fn start_answer(ctx: &mut Context, sampler: &mut Sampler, n_prompt: usize, n: usize) -> snapkv::Result<Vec<Token>> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
-        let token = sampler.sample(ctx, -1);
+        let token = sampler.sample(ctx, -1)?;
         out.push(token);
         if ctx.model().is_eog(token) {
             break;
