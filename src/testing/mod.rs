@@ -12,4 +12,4 @@ pub mod gguf_writer;
 pub mod tiny_model;
 
 pub use gguf_writer::GgufWriter;
-pub use tiny_model::{tiny_model_path, write_tiny_model, TinyModelSpec};
+pub use tiny_model::{tiny_model_path, write_tiny_model, TinyModelSpec, TinyVariant};

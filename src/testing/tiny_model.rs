@@ -22,6 +22,16 @@
 //!   SPM bigram merges can reach them. Longer tokens get higher scores.
 //!
 //! `add_bos_token` is true and the space prefix is added (SPM defaults).
+//!
+//! # Variants
+//!
+//! [`TinyModelSpec::variant`] asks for a model that snapkv must refuse to
+//! compress, one reason each (see [`TinyVariant`]): the llama model with
+//! ALiBi or attention logit soft-capping declared in its metadata, a model
+//! with sliding-window layers (`cohere2`), and an architecture snapkv has not
+//! verified (`mistral3`). Every variant loads in the pinned llama.cpp and
+//! decodes; the vocabulary and the weights of the tensors they share with the
+//! llama model are the same.
 
 use std::collections::HashMap;
 use std::io;
@@ -62,7 +72,86 @@ const WORDS: &[&str] = &[
     "I", "You", "you",
 ];
 
-/// Shape and seed of a tiny model.
+/// `{arch}.attention.max_alibi_bias` of [`TinyVariant::Alibi`].
+pub const ALIBI_MAX_BIAS: f32 = 8.0;
+/// `{arch}.attn_logit_softcapping` of [`TinyVariant::SoftCapping`].
+pub const ATTN_LOGIT_SOFTCAPPING: f32 = 30.0;
+/// Sliding-window size (`cohere2.attention.sliding_window`) of
+/// [`TinyVariant::SlidingWindow`].
+pub const SLIDING_WINDOW: u32 = 64;
+
+/// Which model a [`TinyModelSpec`] describes: the plain llama model, or a
+/// model that snapkv must refuse to compress, one reason each. All load in
+/// the pinned llama.cpp, create contexts and decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TinyVariant {
+    /// The plain llama model (`general.architecture = "llama"`).
+    #[default]
+    Llama,
+    /// The llama model with `llama.attention.max_alibi_bias` =
+    /// [`ALIBI_MAX_BIAS`]. llama.cpp does not read the key for llama (its
+    /// attention stays RoPE-only); snapkv reads the metadata and refuses.
+    Alibi,
+    /// The llama model with `llama.attn_logit_softcapping` =
+    /// [`ATTN_LOGIT_SOFTCAPPING`]. llama.cpp does not read the key for
+    /// llama; snapkv reads the metadata and refuses.
+    SoftCapping,
+    /// Architecture `cohere2`, which llama.cpp loads with sliding-window
+    /// layers: `cohere2.attention.sliding_window` = [`SLIDING_WINDOW`] and
+    /// `cohere2.attention.sliding_window_pattern` = 2, so layer 0 (of
+    /// every pair) attends through a window and layer 1 fully, and a context
+    /// keeps two caches (llama.cpp's iSWA cache); `llama_model_n_swa` is
+    /// [`SLIDING_WINDOW`]. Its tensors are the llama model's without
+    /// `output.weight` (cohere2 ties the output to the token embedding) and
+    /// `blk.*.ffn_norm.weight` (attention and feed-forward share the input
+    /// norm, a LayerNorm: the key is `cohere2.attention.layer_norm_epsilon`).
+    /// It also needs `cohere2.logit_scale` (0.125 here).
+    SlidingWindow,
+    /// Architecture `mistral3`, which llama.cpp loads with exactly the llama
+    /// model's tensors and keys (under the `mistral3.` prefix), and which is
+    /// not one of snapkv's verified architectures.
+    UnverifiedArch,
+}
+
+impl TinyVariant {
+    /// The model's `general.architecture`.
+    pub fn arch(self) -> &'static str {
+        match self {
+            TinyVariant::Llama | TinyVariant::Alibi | TinyVariant::SoftCapping => "llama",
+            TinyVariant::SlidingWindow => "cohere2",
+            TinyVariant::UnverifiedArch => "mistral3",
+        }
+    }
+
+    /// Every variant, the plain llama model first.
+    pub const ALL: [TinyVariant; 5] = [
+        TinyVariant::Llama,
+        TinyVariant::Alibi,
+        TinyVariant::SoftCapping,
+        TinyVariant::SlidingWindow,
+        TinyVariant::UnverifiedArch,
+    ];
+
+    /// Byte that stands for the variant in cache file names (the plain
+    /// llama model writes none, so that its names predate variants).
+    fn tag(self) -> u8 {
+        match self {
+            TinyVariant::Llama => 0,
+            TinyVariant::Alibi => 1,
+            TinyVariant::SoftCapping => 2,
+            TinyVariant::SlidingWindow => 3,
+            TinyVariant::UnverifiedArch => 4,
+        }
+    }
+
+    /// Whether the model is `cohere2`-shaped (no `output.weight`, no
+    /// `ffn_norm`, LayerNorm, SWA keys).
+    fn is_cohere2(self) -> bool {
+        self == TinyVariant::SlidingWindow
+    }
+}
+
+/// Shape, seed and variant of a tiny model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TinyModelSpec {
     /// Number of transformer blocks.
@@ -79,11 +168,15 @@ pub struct TinyModelSpec {
     pub n_ctx_train: u32,
     /// Seed of the weight generator.
     pub seed: u64,
+    /// Which model: [`TinyVariant::Llama`] (the default) or one that snapkv
+    /// refuses.
+    pub variant: TinyVariant,
 }
 
 impl Default for TinyModelSpec {
     /// Two layers, `n_embd` 256, 4 query heads sharing 2 KV heads (GQA ratio
-    /// 2), head dimension 64, `n_ff` 512, 4096 training context.
+    /// 2), head dimension 64, `n_ff` 512, 4096 training context, the plain
+    /// llama model.
     fn default() -> Self {
         Self {
             n_layer: 2,
@@ -93,6 +186,7 @@ impl Default for TinyModelSpec {
             n_ff: 512,
             n_ctx_train: 4096,
             seed: 0x5eed,
+            variant: TinyVariant::Llama,
         }
     }
 }
@@ -123,7 +217,9 @@ impl TinyModelSpec {
     }
 
     /// Stable 64-bit FNV-1a hash of the spec and generator version (used for
-    /// cache file names; independent of the Rust std hasher).
+    /// cache file names; independent of the Rust std hasher). The variant is
+    /// hashed only when it is not the plain llama model, so that the plain
+    /// model keeps the names it had before variants existed.
     fn stable_hash(&self) -> u64 {
         let mut h = Fnv::new();
         h.write(&GENERATOR_VERSION.to_le_bytes());
@@ -138,6 +234,10 @@ impl TinyModelSpec {
             h.write(&v.to_le_bytes());
         }
         h.write(&self.seed.to_le_bytes());
+        if self.variant != TinyVariant::Llama {
+            h.write(b"variant");
+            h.write(&[self.variant.tag()]);
+        }
         h.finish()
     }
 }
@@ -273,11 +373,17 @@ fn build_tensors(spec: &TinyModelSpec, n_vocab: usize) -> Vec<TensorSpec> {
     };
 
     let inv_sqrt = |n: usize| 1.0 / (n as f32).sqrt();
+    // cohere2 ties the output to the token embedding and has no separate
+    // feed-forward norm: llama.cpp refuses tensors a model does not use.
+    let cohere2 = spec.variant.is_cohere2();
     let mut out = vec![
         mat("token_embd.weight".into(), n_embd, n_vocab, 1.0),
         ones("output_norm.weight".into(), n_embd),
         mat("output.weight".into(), n_embd, n_vocab, inv_sqrt(n_embd)),
     ];
+    if cohere2 {
+        out.retain(|t| t.name != "output.weight");
+    }
     for il in 0..spec.n_layer {
         let p = |s: &str| format!("blk.{il}.{s}");
         out.push(ones(p("attn_norm.weight"), n_embd));
@@ -285,7 +391,9 @@ fn build_tensors(spec: &TinyModelSpec, n_vocab: usize) -> Vec<TensorSpec> {
         out.push(mat(p("attn_k.weight"), n_embd, n_kv, qk_std(spec)));
         out.push(mat(p("attn_v.weight"), n_embd, n_kv, inv_sqrt(n_embd)));
         out.push(mat(p("attn_output.weight"), n_q, n_embd, inv_sqrt(n_q)));
-        out.push(ones(p("ffn_norm.weight"), n_embd));
+        if !cohere2 {
+            out.push(ones(p("ffn_norm.weight"), n_embd));
+        }
         out.push(mat(p("ffn_gate.weight"), n_embd, n_ff, inv_sqrt(n_embd)));
         out.push(mat(p("ffn_up.weight"), n_embd, n_ff, inv_sqrt(n_embd)));
         out.push(mat(p("ffn_down.weight"), n_ff, n_embd, inv_sqrt(n_ff)));
@@ -299,20 +407,35 @@ fn build_writer(spec: &TinyModelSpec) -> io::Result<GgufWriter> {
     let (tokens, scores, types) = tiny_vocab();
     let n_vocab = tokens.len();
 
+    let variant = spec.variant;
+    let arch = variant.arch();
+    let key = |k: &str| format!("{arch}.{k}");
     let mut w = GgufWriter::new();
-    w.add_string("general.architecture", "llama");
+    w.add_string("general.architecture", arch);
     w.add_string("general.name", "snapkv-tiny-random");
     w.add_u32("general.file_type", 1); // LLAMA_FTYPE_MOSTLY_F16
-    w.add_u32("llama.vocab_size", n_vocab as u32);
-    w.add_u32("llama.context_length", spec.n_ctx_train);
-    w.add_u32("llama.embedding_length", spec.n_embd);
-    w.add_u32("llama.block_count", spec.n_layer);
-    w.add_u32("llama.feed_forward_length", spec.n_ff);
-    w.add_u32("llama.attention.head_count", spec.n_head);
-    w.add_u32("llama.attention.head_count_kv", spec.n_head_kv);
-    w.add_u32("llama.rope.dimension_count", spec.head_dim());
-    w.add_f32("llama.rope.freq_base", 10_000.0);
-    w.add_f32("llama.attention.layer_norm_rms_epsilon", 1e-5);
+    w.add_u32(&key("vocab_size"), n_vocab as u32);
+    w.add_u32(&key("context_length"), spec.n_ctx_train);
+    w.add_u32(&key("embedding_length"), spec.n_embd);
+    w.add_u32(&key("block_count"), spec.n_layer);
+    w.add_u32(&key("feed_forward_length"), spec.n_ff);
+    w.add_u32(&key("attention.head_count"), spec.n_head);
+    w.add_u32(&key("attention.head_count_kv"), spec.n_head_kv);
+    w.add_u32(&key("rope.dimension_count"), spec.head_dim());
+    w.add_f32(&key("rope.freq_base"), 10_000.0);
+    if variant.is_cohere2() {
+        w.add_f32(&key("attention.layer_norm_epsilon"), 1e-5);
+        w.add_f32(&key("logit_scale"), 0.125);
+        w.add_u32(&key("attention.sliding_window"), SLIDING_WINDOW);
+        w.add_u32(&key("attention.sliding_window_pattern"), 2);
+    } else {
+        w.add_f32(&key("attention.layer_norm_rms_epsilon"), 1e-5);
+    }
+    match variant {
+        TinyVariant::Alibi => w.add_f32(&key("attention.max_alibi_bias"), ALIBI_MAX_BIAS),
+        TinyVariant::SoftCapping => w.add_f32(&key("attn_logit_softcapping"), ATTN_LOGIT_SOFTCAPPING),
+        TinyVariant::Llama | TinyVariant::SlidingWindow | TinyVariant::UnverifiedArch => {}
+    }
 
     w.add_string("tokenizer.ggml.model", "llama");
     w.add_string_array("tokenizer.ggml.tokens", &tokens);
@@ -474,6 +597,57 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
         let other = tiny_model_path(&TinyModelSpec { seed: 43, ..spec }).unwrap();
         assert_ne!(p1, other);
+    }
+
+    #[test]
+    fn default_variant_keeps_its_cache_name() {
+        // The name (and bytes) of the plain model predate variants: cached
+        // files and other processes' paths stay valid.
+        assert_eq!(TinyModelSpec::default().variant, TinyVariant::Llama);
+        assert_eq!(TinyModelSpec::default().stable_hash(), 0x7a1d_5c7d_04a8_807a);
+        let names: std::collections::HashSet<u64> = TinyVariant::ALL
+            .iter()
+            .map(|&variant| {
+                TinyModelSpec {
+                    variant,
+                    ..TinyModelSpec::default()
+                }
+                .stable_hash()
+            })
+            .collect();
+        assert_eq!(names.len(), TinyVariant::ALL.len());
+    }
+
+    #[test]
+    fn variants_write_their_keys_and_tensors() {
+        let bytes = |variant| {
+            tiny_model_bytes(&TinyModelSpec {
+                n_layer: 1,
+                variant,
+                ..TinyModelSpec::default()
+            })
+            .unwrap()
+        };
+        // A GGUF string (key or tensor name) is its u64 length, then its bytes.
+        let has = |b: &[u8], s: &str| {
+            let mut needle = (s.len() as u64).to_le_bytes().to_vec();
+            needle.extend_from_slice(s.as_bytes());
+            b.windows(needle.len()).any(|w| w == needle)
+        };
+        let mentions = |b: &[u8], s: &str| b.windows(s.len()).any(|w| w == s.as_bytes());
+        let plain = bytes(TinyVariant::Llama);
+        for word in ["max_alibi_bias", "softcapping", "sliding_window", "cohere2", "mistral3"] {
+            assert!(!mentions(&plain, word), "{word}");
+        }
+        assert!(has(&plain, "output.weight") && has(&plain, "blk.0.ffn_norm.weight"));
+        assert!(has(&bytes(TinyVariant::Alibi), "llama.attention.max_alibi_bias"));
+        assert!(has(&bytes(TinyVariant::SoftCapping), "llama.attn_logit_softcapping"));
+        let swa = bytes(TinyVariant::SlidingWindow);
+        assert!(has(&swa, "cohere2.attention.sliding_window"));
+        assert!(has(&swa, "cohere2.attention.sliding_window_pattern"));
+        assert!(!has(&swa, "output.weight") && !mentions(&swa, "ffn_norm"));
+        let mistral = bytes(TinyVariant::UnverifiedArch);
+        assert!(has(&mistral, "mistral3.attention.head_count_kv") && !mentions(&mistral, "llama."));
     }
 
     #[test]
