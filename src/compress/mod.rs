@@ -38,7 +38,7 @@
 //! Every entry point checks the model, the context and its arguments before
 //! it evaluates or changes anything, and holds a rollback guard over the
 //! sequence from its first change on: on an error, and on a panic
-//! unwinding through it (a user's [`Selector`](crate::snapkv::Selector)),
+//! unwinding through it (a user's [`crate::snapkv::Selector`]),
 //! the sequence is put back exactly as it was — its state bytes, and every
 //! other sequence's, unchanged. [`Error::RestoreFailed`] is returned only
 //! when putting it back failed, so the sequence really is gone.
