@@ -13,7 +13,7 @@ use snapkv::snapkv::{
 };
 use snapkv::testing::{tiny_model_path, TinyModelSpec};
 use snapkv::{
-    generate, init_backend, Budget, CacheType, ChatMessage, Compressor, Context, FlashAttention, Model, ModelParams,
+    generate, init_backend, CacheType, ChatMessage, Compressor, Context, FlashAttention, Model, ModelParams,
     QueryAggregation, Sampler, SnapKvConfig, ValueWeighting, WindowObserver,
 };
 
@@ -55,31 +55,12 @@ fn recording<S: Selector + 'static>(cfg: SnapKvConfig, inner: S) -> (Compressor,
     (c, chosen)
 }
 
-fn config(budget: usize) -> SnapKvConfig {
-    let mut c = SnapKvConfig::default();
-    c.budget = Budget::Cells(budget);
-    c
-}
-
-/// A tiny-model prompt of exactly `n` tokens (BOS + filler text).
-fn tiny_prompt(n: usize, seed: u64) -> Vec<i32> {
-    let mut tokens = tiny().tokenize(&filler(n, seed), true, false).unwrap();
-    assert!(tokens.len() >= n);
-    tokens.truncate(n);
-    tokens
-}
-
 fn bits_equal(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn n_cells(ctx: &snapkv::ContextRef, seq: i32) -> usize {
-    let blob = ctx.state_seq_get(seq).unwrap();
-    SeqState::parse(&blob, &model_shape(ctx.model())).unwrap().n_cells()
 }
 
 #[test]
@@ -785,30 +766,6 @@ fn cache_layouts_that_cannot_be_split_per_head_are_refused() {
 }
 
 // ------------------------------------------------------------------ passkey
-
-const FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
-
-fn passkey_prompt(model: &Model, target: usize, depth: f64, key: u32) -> Vec<i32> {
-    let build = |n: usize| {
-        let at = (depth * n as f64).round() as usize;
-        let mut s = String::from(
-            "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n\n",
-        );
-        for i in 0..=n {
-            if i == at {
-                s.push_str(&format!("The pass key is {key}. Remember it. {key} is the pass key. "));
-            }
-            if i < n {
-                s.push_str(FILLER);
-            }
-        }
-        s.push_str("\n\nWhat is the pass key?");
-        let chat = model.apply_chat_template(&[ChatMessage::user(s)], true).unwrap();
-        model.tokenize(&chat, true, true).unwrap()
-    };
-    let per = (build(10).len() - build(0).len()) as f64 / 10.0;
-    build(((target - build(0).len()) as f64 / per) as usize)
-}
 
 fn answer(ctx: &mut snapkv::ContextRef, model: &Model, p: usize) -> String {
     let gen = generate(ctx, 0, &mut Sampler::greedy(), p as i32, 12, true).unwrap();

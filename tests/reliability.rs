@@ -9,34 +9,13 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use common::*;
 use snapkv::capi::{status_of, Status};
-use snapkv::compress::model_shape;
 use snapkv::llama::faults::{FaultPlan, FaultPoint};
-use snapkv::snapkv::{AlgoError, HeadScores, Selection, SelectionShape, Selector, SeqState, SnapKvSelector};
-use snapkv::{
-    Budget, Compressor, Context, ContextRef, Error, FlashAttention, Model, Sampler, SnapKvConfig, WindowObserver,
-};
-
-fn config(budget: usize) -> SnapKvConfig {
-    let mut c = SnapKvConfig::default();
-    c.budget = Budget::Cells(budget);
-    c
-}
-
-fn tiny_prompt(n: usize, seed: u64) -> Vec<i32> {
-    let mut tokens = tiny().tokenize(&filler(n, seed), true, false).unwrap();
-    assert!(tokens.len() >= n);
-    tokens.truncate(n);
-    tokens
-}
+use snapkv::snapkv::{AlgoError, HeadScores, Selection, SelectionShape, Selector, SnapKvSelector};
+use snapkv::{Compressor, Context, ContextRef, Error, FlashAttention, Model, Sampler, WindowObserver};
 
 /// The state bytes of a sequence, or `None` when it is empty.
 fn state(ctx: &ContextRef, seq: i32) -> Option<Vec<u8>> {
     ctx.seq_pos_max(seq).map(|_| ctx.state_seq_get(seq).unwrap())
-}
-
-fn n_cells(ctx: &ContextRef, seq: i32) -> usize {
-    let blob = ctx.state_seq_get(seq).unwrap();
-    SeqState::parse(&blob, &model_shape(ctx.model())).unwrap().n_cells()
 }
 
 // --------------------------------------------------------------- soundness

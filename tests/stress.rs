@@ -32,36 +32,16 @@ use std::sync::Barrier;
 use std::time::Instant;
 
 use common::*;
-use snapkv::compress::model_shape;
-use snapkv::snapkv::{KeptPositions, SeqState};
+use snapkv::snapkv::KeptPositions;
 use snapkv::{
-    generate, Batch, Budget, ChatMessage, CompressionStats, Compressor, Context, ContextParams, ContextRef,
-    FlashAttention, Model, Sampler, SnapKvConfig, WindowObserver,
+    generate, Batch, CompressionStats, Compressor, Context, ContextParams, ContextRef, FlashAttention, Model, Sampler,
+    WindowObserver,
 };
 
 // ------------------------------------------------------------------ helpers
 
-fn config(budget: usize) -> SnapKvConfig {
-    let mut c = SnapKvConfig::default();
-    c.budget = Budget::Cells(budget);
-    c
-}
-
-/// A tiny-model prompt of exactly `n` tokens (BOS + filler text).
-fn tiny_prompt(n: usize, seed: u64) -> Vec<i32> {
-    let mut tokens = tiny().tokenize(&filler(n, seed), true, false).unwrap();
-    assert!(tokens.len() >= n);
-    tokens.truncate(n);
-    tokens
-}
-
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
-}
-
-fn n_cells(ctx: &ContextRef, seq: i32) -> usize {
-    let blob = ctx.state_seq_get(seq).unwrap();
-    SeqState::parse(&blob, &model_shape(ctx.model())).unwrap().n_cells()
 }
 
 /// Test parameters for the tiny model with one thread: the tiny-model
@@ -297,32 +277,6 @@ fn eight_interleaved_sequences_compress_in_turn_without_disturbing_the_others() 
 }
 
 // ------------------------------------------- passkeys, default model, unified
-
-const FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
-
-/// A passkey prompt of about `target` tokens (chat template applied), the
-/// key at `depth` (0..1) of the filler. As in tests/compression.rs.
-fn passkey_prompt(model: &Model, target: usize, depth: f64, key: u32) -> Vec<i32> {
-    let build = |n: usize| {
-        let at = (depth * n as f64).round() as usize;
-        let mut s = String::from(
-            "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n\n",
-        );
-        for i in 0..=n {
-            if i == at {
-                s.push_str(&format!("The pass key is {key}. Remember it. {key} is the pass key. "));
-            }
-            if i < n {
-                s.push_str(FILLER);
-            }
-        }
-        s.push_str("\n\nWhat is the pass key?");
-        let chat = model.apply_chat_template(&[ChatMessage::user(s)], true).unwrap();
-        model.tokenize(&chat, true, true).unwrap()
-    };
-    let per = (build(10).len() - build(0).len()) as f64 / 10.0;
-    build(((target - build(0).len()) as f64 / per) as usize)
-}
 
 /// The greedy answer of sequence `seq`, whose prompt ends at `p`.
 fn answer(ctx: &mut ContextRef, model: &Model, seq: i32, p: usize) -> String {

@@ -4,8 +4,13 @@
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
+use snapkv::compress::model_shape;
+use snapkv::snapkv::SeqState;
 use snapkv::testing::{tiny_model_path, TinyModelSpec};
-use snapkv::{init_backend, Context, ContextParams, FlashAttention, Model, ModelParams, WindowObserver};
+use snapkv::{
+    init_backend, Budget, ChatMessage, Context, ContextParams, ContextRef, FlashAttention, Model, ModelParams,
+    SnapKvConfig, WindowObserver,
+};
 
 /// The default model (fetched by scripts/fetch-models.sh).
 pub const QWEN: &str = "models/qwen2.5-coder-0.5b-instruct.gguf";
@@ -91,4 +96,52 @@ pub fn argmax(v: &[f32]) -> usize {
         .max_by(|a, b| a.1.total_cmp(b.1))
         .map(|(i, _)| i)
         .unwrap()
+}
+
+/// The default configuration with a budget of `budget` cells.
+pub fn config(budget: usize) -> SnapKvConfig {
+    let mut c = SnapKvConfig::default();
+    c.budget = Budget::Cells(budget);
+    c
+}
+
+/// A tiny-model prompt of exactly `n` tokens (BOS + filler text).
+pub fn tiny_prompt(n: usize, seed: u64) -> Vec<i32> {
+    let mut tokens = tiny().tokenize(&filler(n, seed), true, false).unwrap();
+    assert!(tokens.len() >= n);
+    tokens.truncate(n);
+    tokens
+}
+
+/// The cells sequence `seq` holds.
+pub fn n_cells(ctx: &ContextRef, seq: i32) -> usize {
+    let blob = ctx.state_seq_get(seq).unwrap();
+    SeqState::parse(&blob, &model_shape(ctx.model())).unwrap().n_cells()
+}
+
+const PASSKEY_FILLER: &str =
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
+
+/// A passkey prompt of about `target` tokens (chat template applied), the
+/// key at `depth` (0..1) of the filler, ending with the question.
+pub fn passkey_prompt(model: &Model, target: usize, depth: f64, key: u32) -> Vec<i32> {
+    let build = |n: usize| {
+        let at = (depth * n as f64).round() as usize;
+        let mut s = String::from(
+            "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz you about the important information there.\n\n",
+        );
+        for i in 0..=n {
+            if i == at {
+                s.push_str(&format!("The pass key is {key}. Remember it. {key} is the pass key. "));
+            }
+            if i < n {
+                s.push_str(PASSKEY_FILLER);
+            }
+        }
+        s.push_str("\n\nWhat is the pass key?");
+        let chat = model.apply_chat_template(&[ChatMessage::user(s)], true).unwrap();
+        model.tokenize(&chat, true, true).unwrap()
+    };
+    let per = (build(10).len() - build(0).len()) as f64 / 10.0;
+    build(((target - build(0).len()) as f64 / per) as usize)
 }
