@@ -32,6 +32,10 @@
 //! - [`compress`]: the engine tying the two together.
 //! - `capi`: the C ABI.
 //!
+//! The `snapkv` command-line tool and its evaluation harness (`cli/`) and
+//! the tiny-model test support (`testing/`) are separate crates of the
+//! workspace: depending on this library pulls in neither.
+//!
 //! ## Features and environment
 //!
 //! - `dynamic-link`: build libllama/libggml as shared libraries (plugin mode).
@@ -54,11 +58,9 @@ pub(crate) mod sys;
 pub mod capi;
 pub mod compress;
 mod error;
-pub mod eval;
 mod generate;
 pub mod llama;
 pub mod snapkv;
-pub mod testing;
 
 pub use compress::{CompressionStats, Compressor, ScoreSource};
 pub use error::{Error, Result};

@@ -21,8 +21,8 @@ use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use common::*;
-use snapkv::testing::{tiny_model_path, TinyModelSpec};
 use snapkv::{Batch, Budget, ChatMessage, Compressor, FlashAttention, SnapKvConfig};
+use snapkv_testing::{tiny_model_path, TinyModelSpec};
 
 const PASSKEY: &str = "52714";
 const BUDGET: usize = 256;

@@ -11,11 +11,11 @@ use snapkv::compress::model_shape;
 use snapkv::snapkv::{
     AlgoError, HeadScores, Selection, SelectionShape, Selector, SeqState, SharedAllLayersSelector, SnapKvSelector,
 };
-use snapkv::testing::{tiny_model_path, TinyModelSpec};
 use snapkv::{
     generate, init_backend, CacheType, ChatMessage, Compressor, Context, FlashAttention, Model, ModelParams,
     QueryAggregation, Sampler, SnapKvConfig, ValueWeighting, WindowObserver,
 };
+use snapkv_testing::{tiny_model_path, TinyModelSpec};
 
 /// A selector that records what the wrapped one chose.
 struct Recording<S> {
@@ -833,99 +833,6 @@ fn a_compressed_sequence_can_grow_and_be_compressed_again() {
     assert_eq!(ctx.seq_pos_max(0), Some(p + more.len() as i32 - 1));
     let gen = generate(&mut ctx, 0, &mut Sampler::greedy(), p + more.len() as i32, 8, false).unwrap();
     assert_eq!(gen.tokens.len(), 8);
-}
-
-#[test]
-fn cli_reports_compression_on_every_path() {
-    let model = tiny_model_path(&TinyModelSpec::default()).unwrap();
-    let prompt = filler(300, 24);
-    for extra in [
-        &[][..],
-        &["--hook"][..],
-        &["--observed"][..],
-        &["--flash-attn", "off"][..],
-        &["--lookahead", "4"][..],
-        &["--lookahead", "4", "--hook"][..],
-        &["--draft", "4"][..],
-        &["--draft", "4", "--hook"][..],
-    ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
-            .arg("generate")
-            .arg("-m")
-            .arg(&model)
-            .args([
-                "-p", &prompt, "-n", "8", "-t", "2", "--snapkv", "--budget", "64", "--window", "16",
-            ])
-            .args(extra)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{extra:?}: {stderr}");
-        assert!(stderr.contains("-> 64 cells per KV head"), "{extra:?}: {stderr}");
-        assert!(stderr.contains("compression cost"), "{extra:?}: {stderr}");
-        assert_eq!(
-            stderr.contains("draft: 4 answer tokens"),
-            extra.contains(&"--draft"),
-            "{extra:?}: {stderr}"
-        );
-    }
-    // The observed-decode hook is not given the tokens a draft needs.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
-        .arg("generate")
-        .arg("-m")
-        .arg(&model)
-        .args(["-p", &prompt, "-n", "4", "--snapkv", "--budget", "64", "--window", "16"])
-        .args(["--observed", "--draft", "4"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("draft"));
-    // The look-ahead's tokens are the full cache's own: with nothing
-    // generated after them, the text is the uncompressed run's.
-    let run = |extra: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
-            .arg("generate")
-            .arg("-m")
-            .arg(&model)
-            .args(["-p", &prompt, "-n", "4", "-t", "2"])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{extra:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
-    let full = run(&[]);
-    for hook in [&[][..], &["--hook"][..]] {
-        let args = [
-            &["--snapkv", "--budget", "64", "--window", "16", "--lookahead", "4"][..],
-            hook,
-        ]
-        .concat();
-        assert_eq!(run(&args), full, "{args:?}");
-    }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
-        .arg("generate")
-        .arg("-m")
-        .arg(&model)
-        .args(["-p", "hello", "--snapkv", "--window", "16", "--lookahead", "16"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("lookahead"));
-    // Invalid settings are reported, not panicked on.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
-        .arg("generate")
-        .arg("-m")
-        .arg(&model)
-        .args(["-p", "hello", "--snapkv", "--kernel", "4"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("kernel"));
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Every model refusal, proven on tiny generated models that the pinned
-//! llama.cpp loads and decodes (see `snapkv::testing::tiny_model::TinyVariant`):
+//! llama.cpp loads and decodes (see `snapkv_testing::tiny_model::TinyVariant`):
 //! ALiBi and attention logit soft-capping declared in a llama model's
 //! metadata, sliding-window layers (a `cohere2` model, which llama.cpp gives
 //! an iSWA cache), and an architecture snapkv has not verified (`mistral3`).
@@ -14,11 +14,11 @@ mod common;
 
 use common::*;
 use snapkv::capi::{status_of, Status};
-use snapkv::testing::tiny_model::{TinyVariant, ALIBI_MAX_BIAS, ATTN_LOGIT_SOFTCAPPING, SLIDING_WINDOW};
-use snapkv::testing::{tiny_model_path, TinyModelSpec};
 use snapkv::{
     init_backend, Budget, CompressionStats, Compressor, Error, FlashAttention, Model, ModelParams, SnapKvConfig,
 };
+use snapkv_testing::tiny_model::{TinyVariant, ALIBI_MAX_BIAS, ATTN_LOGIT_SOFTCAPPING, SLIDING_WINDOW};
+use snapkv_testing::{tiny_model_path, TinyModelSpec};
 
 /// Cells of the context.
 const N_CTX: u32 = 1024;

@@ -1044,8 +1044,8 @@ fn the_allocation_counter_counts() {
 #[ignore = "regenerates the committed seed corpus; run on purpose"]
 fn write_seed_corpus() {
     use snapkv::compress::model_shape;
-    use snapkv::testing::{tiny_model_path, TinyModelSpec};
     use snapkv::{init_backend, Context, ContextParams, FlashAttention, Model, ModelParams};
+    use snapkv_testing::{tiny_model_path, TinyModelSpec};
 
     let path = tiny_model_path(&TinyModelSpec::default()).expect("tiny model written");
     let model = Model::load(init_backend(), &path, &ModelParams::default()).expect("tiny model loads");

@@ -149,7 +149,7 @@ mod tests {
         pool_and_aggregate, position_order, GqaAggregation, PoolAlign, Pooling, SelectionShape, Selector, SnapKvConfig,
         SnapKvSelector,
     };
-    use crate::testing::{tiny_model_path, TinyModelSpec};
+    use snapkv_testing::{tiny_model_path, TinyModelSpec};
 
     fn tiny() -> &'static Model {
         static M: OnceLock<Model> = OnceLock::new();

@@ -600,7 +600,11 @@ impl ContextRef {
     }
 
     /// Checks that `seq` is a valid sequence id for this context.
-    pub(crate) fn check_seq(&self, seq: SeqId) -> Result<()> {
+    ///
+    /// # Errors
+    /// [`Error::InvalidSequence`] when it is negative or not below
+    /// [`n_seq_max`](Self::n_seq_max).
+    pub fn check_seq(&self, seq: SeqId) -> Result<()> {
         if seq < 0 || seq as usize >= self.n_seq_max() {
             return Err(Error::InvalidSequence {
                 seq,

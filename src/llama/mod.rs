@@ -8,6 +8,7 @@
 mod backend;
 mod batch;
 mod context;
+#[doc(hidden)]
 pub mod faults;
 mod ggml;
 mod model;

@@ -318,6 +318,14 @@ impl WindowObserver {
         capture
     }
 
+    /// Stops an observation armed by
+    /// [`Compressor::observe_decodes`](crate::Compressor::observe_decodes)
+    /// without compressing (say, the host's decode failed), and drops what
+    /// was captured. Does nothing when not armed.
+    pub fn cancel(&self) {
+        self.disarm();
+    }
+
     /// Whether the observer is capturing.
     pub fn is_armed(&self) -> bool {
         self.armed.load(Ordering::Relaxed)

@@ -6,19 +6,26 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use snapkv::compress::model_shape;
 use snapkv::snapkv::SeqState;
-use snapkv::testing::{tiny_model_path, TinyModelSpec};
 use snapkv::{
     init_backend, Budget, ChatMessage, Context, ContextParams, ContextRef, FlashAttention, Model, ModelParams,
     SnapKvConfig, WindowObserver,
 };
+use snapkv_testing::{tiny_model_path, TinyModelSpec};
 
 /// The default model (fetched by scripts/fetch-models.sh).
 pub const QWEN: &str = "models/qwen2.5-coder-0.5b-instruct.gguf";
 /// The fast model.
 pub const SMOLLM2: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// A path in the workspace root (where `models/` is), also from the member
+/// crates that include this module.
 fn repo_path(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(rel)
+    let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest
+        .ancestors()
+        .find(|d| d.join("vendor").is_dir())
+        .unwrap_or(manifest);
+    root.join(rel)
 }
 
 fn load(path: PathBuf) -> Model {

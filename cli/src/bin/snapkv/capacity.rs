@@ -11,9 +11,9 @@ use std::time::Instant;
 
 use clap::Args;
 use serde::Serialize;
-use snapkv::eval::{generate_task, seq_usage, Haystack, Method, TaskKind, TaskSpec};
 use snapkv::llama::Token;
 use snapkv::{generate, init_backend, Batch, Context, Error, Model, ModelParams, Sampler, WindowObserver};
+use snapkv_cli::{generate_task, seq_usage, Haystack, Method, TaskKind, TaskSpec};
 
 use crate::common::{context_params, model_stem, task_prompt, token_counter, write_json, RunInfo};
 use crate::options::ModelOptions;
@@ -212,7 +212,7 @@ pub fn run(args: &CapacityArgs) -> snapkv::Result<()> {
 fn answer_all(
     ctx: &mut Context,
     model: &Model,
-    tasks: &[snapkv::eval::TaskInstance],
+    tasks: &[snapkv_cli::TaskInstance],
     first_tokens: &[Token],
     max_tokens: usize,
 ) -> snapkv::Result<(usize, usize)> {

@@ -229,9 +229,9 @@ impl MethodSpec {
     /// The method for a budget of `cells` cells per KV head.
     ///
     /// # Errors
-    /// As [`snapkv::eval::Method::by_name`] (an invalid configuration).
-    pub fn method(&self, opts: &MethodOptions, cells: usize) -> snapkv::Result<snapkv::eval::Method> {
-        snapkv::eval::Method::by_name(&self.name, self.config(opts, cells))
+    /// As [`snapkv_cli::Method::by_name`] (an invalid configuration).
+    pub fn method(&self, opts: &MethodOptions, cells: usize) -> snapkv::Result<snapkv_cli::Method> {
+        snapkv_cli::Method::by_name(&self.name, self.config(opts, cells))
     }
 }
 
@@ -241,7 +241,7 @@ impl std::str::FromStr for MethodSpec {
     fn from_str(s: &str) -> Result<Self, String> {
         let mut parts = s.split(':');
         let name = parts.next().unwrap_or_default().to_string();
-        let known = snapkv::eval::method_names();
+        let known = snapkv_cli::method_names();
         if !known.contains(&name.as_str()) {
             return Err(format!("unknown method {name:?} (known: {})", known.join(", ")));
         }

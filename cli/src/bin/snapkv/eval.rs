@@ -13,12 +13,12 @@ use std::time::Instant;
 
 use clap::Args;
 use serde::{Deserialize, Deserializer, Serialize};
-use snapkv::eval::{
+use snapkv::llama::{Pos, Token};
+use snapkv::{generate, init_backend, Generation, Model, ModelParams, Sampler};
+use snapkv_cli::{
     agreement, branch_after_answer_start, forced_distributions, generate_task, log_softmax, Branch, Haystack, Method,
     PromptLayout, Snapshot, TaskKind, TaskSpec,
 };
-use snapkv::llama::{Pos, Token};
-use snapkv::{generate, init_backend, Generation, Model, ModelParams, Sampler};
 
 use crate::common::{model_stem, ChatPrompt, RunInfo};
 use crate::common::{observed_context, short_answer, task_prompt, token_counter, write_json, write_text};

@@ -12,11 +12,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 use serde::Serialize;
-use snapkv::eval::{
+use snapkv::{generate, init_backend, CacheType, ChatMessage, Context, FlashAttention, Model, ModelParams, Sampler};
+use snapkv_cli::{
     agreement, branch, continuation_distributions, generate_task, seq_usage, Agreement, Haystack, Method, PromptLayout,
     SeqUsage, Snapshot, TaskKind, TaskSpec,
 };
-use snapkv::{generate, init_backend, CacheType, ChatMessage, Context, FlashAttention, Model, ModelParams, Sampler};
 
 use crate::common::{context_params, model_stem, observed_context, task_prompt, token_counter};
 use crate::common::{write_json, write_text, Progress, RunInfo};

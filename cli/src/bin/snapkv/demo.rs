@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use snapkv::eval::{branch, generate_task, Haystack, PromptLayout, Snapshot, TaskKind, TaskSpec};
 use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
+use snapkv_cli::{branch, generate_task, Haystack, PromptLayout, Snapshot, TaskKind, TaskSpec};
 
 use crate::common::Progress;
 use crate::common::{observed_context, short_answer, task_prompt, token_counter};

@@ -6,8 +6,8 @@ use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use snapkv::eval::TaskInstance;
 use snapkv::{ChatMessage, Context, ContextParams, Model, WindowObserver};
+use snapkv_cli::TaskInstance;
 
 use crate::options::ModelOptions;
 

@@ -12,11 +12,11 @@
 use std::time::Instant;
 
 use super::metrics::{log_softmax, Agreement};
-use crate::compress::model_shape;
-use crate::error::{Error, Result};
-use crate::llama::{Batch, ContextRef, Pos, SeqId, Token};
-use crate::snapkv::{SeqState, SnapKvConfig, SELECTOR_NAMES};
-use crate::{CompressionStats, Compressor, Context};
+use snapkv::compress::model_shape;
+use snapkv::llama::{Batch, ContextRef, Pos, SeqId, Token};
+use snapkv::snapkv::{SeqState, SnapKvConfig, SELECTOR_NAMES};
+use snapkv::{CompressionStats, Compressor, Context};
+use snapkv::{Error, Result};
 
 /// How a branch treats the prompt's cache.
 #[derive(Debug)]
@@ -293,7 +293,7 @@ pub fn branch_after_answer_start(
             if let Err(err) = decode_all(ctx) {
                 // Disarm: a capture cut short by a failed decode is of no use.
                 if let Some(observer) = ctx.observer() {
-                    observer.disarm();
+                    observer.cancel();
                 }
                 return Err(err);
             }
@@ -412,8 +412,8 @@ pub fn agreement(reference: &[Vec<f32>], candidate: &[Vec<f32>]) -> Agreement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{tiny_model_path, TinyModelSpec};
-    use crate::{init_backend, Budget, ContextParams, FlashAttention, Model, ModelParams, WindowObserver};
+    use snapkv::{init_backend, Budget, ContextParams, FlashAttention, Model, ModelParams, WindowObserver};
+    use snapkv_testing::{tiny_model_path, TinyModelSpec};
 
     fn run(fa: FlashAttention) {
         let path = tiny_model_path(&TinyModelSpec::default()).unwrap();
@@ -434,10 +434,8 @@ mod tests {
         assert_eq!(seen, vec![100, 200, 268]);
         assert_eq!((snap.n_prompt(), snap.window()), (p, &tokens[p - 32..]));
 
-        let config = SnapKvConfig {
-            budget: Budget::Cells(96),
-            ..SnapKvConfig::default()
-        };
+        let mut config = SnapKvConfig::default();
+        config.budget = Budget::Cells(96);
         let snapkv = Method::by_name("snapkv", config.clone()).unwrap();
         let streaming = Method::by_name("streaming", config).unwrap();
         assert!(Method::by_name("nonsense", SnapKvConfig::default()).is_err());
@@ -537,10 +535,8 @@ mod tests {
             .with_observer(WindowObserver::new());
         let mut ctx = Context::new(&model, &params).unwrap();
         let snap = Snapshot::capture(&mut ctx, 0, &tokens, 32, 128, |_| {}).unwrap();
-        let config = SnapKvConfig {
-            budget: Budget::Cells(80),
-            ..SnapKvConfig::default()
-        };
+        let mut config = SnapKvConfig::default();
+        config.budget = Budget::Cells(80);
         let snapkv = Method::by_name("snapkv", config).unwrap();
         let start = [tokens[3], tokens[4], tokens[5]];
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
-use snapkv::testing::{tiny_model_path, TinyModelSpec};
+use snapkv_testing::{tiny_model_path, TinyModelSpec};
 
 const BUDGET: u64 = 64;
 

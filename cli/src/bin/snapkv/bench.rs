@@ -10,8 +10,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use snapkv::eval::{branch, generate_task, seq_usage, Haystack, Method, Snapshot, TaskKind, TaskSpec};
 use snapkv::{generate, init_backend, Model, ModelParams, Sampler};
+use snapkv_cli::{branch, generate_task, seq_usage, Haystack, Method, Snapshot, TaskKind, TaskSpec};
 
 use crate::common::{model_stem, observed_context, task_prompt, token_counter, write_json};
 use crate::common::{Progress, RunInfo};
