@@ -72,3 +72,9 @@ pub use llama::{
 pub use snapkv::{
     Budget, CacheType, GqaAggregation, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting,
 };
+
+/// The README's Rust examples, compiled by `cargo test` (doc tests) so that
+/// they keep building against the API they show.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
