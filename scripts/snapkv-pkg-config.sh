@@ -11,19 +11,54 @@
 # `--features dynamic-link` (CARGO_TARGET_DIR=target/plugin by convention):
 # libsnapkv.so and the shared libllama it was built against.
 #
-# Usage: scripts/snapkv-pkg-config.sh [--plugin] [PROFILE_DIR]
+# Usage: scripts/snapkv-pkg-config.sh [--plugin] [--prefix DIR | --print VAR] [PROFILE_DIR]
 #   PROFILE_DIR: cargo's output directory for the profile (default
 #   target/release, or target/plugin/release with --plugin). The file is
 #   written to PROFILE_DIR/pkgconfig/snapkv.pc; its path is printed.
-# The paths point into the build tree (nothing is installed): rerun after
-# moving the tree or switching llama.cpp.
+#   --prefix DIR: the file for an installed tree instead (scripts/install.sh
+#   copies the files; default build only): written to
+#   ${DESTDIR}DIR/lib/pkgconfig/snapkv.pc, pointing at DIR/lib/libsnapkv.a,
+#   DIR/include/snapkv.h and llama.cpp's headers in DIR/include/snapkv/llama.cpp.
+#   --print VAR: print one variable of the build-tree file (libdir,
+#   includedir, llama_libdir, llama_includedir, system_libs, version) and
+#   write nothing.
+# Without --prefix the paths point into the build tree (nothing is
+# installed): rerun after moving the tree or switching llama.cpp.
+#
+# This script is the one place that knows what libsnapkv.a must be linked
+# with (`system_libs` below, also a variable of the .pc file): install.sh
+# derives the CMake package's link interface from the file it writes.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-plugin=0
-if [[ ${1:-} == --plugin ]]; then
-    plugin=1
+plugin=0 prefix="" print=""
+while (($#)); do
+    case $1 in
+    --plugin) plugin=1 ;;
+    --prefix)
+        [[ -n ${2:-} ]] || { echo "--prefix needs a directory" >&2; exit 2; }
+        prefix="$2"
+        shift
+        ;;
+    --print)
+        case ${2:-} in
+        libdir | includedir | llama_libdir | llama_includedir | system_libs | version) print="$2" ;;
+        *) echo "--print: no variable ${2:-}" >&2; exit 2 ;;
+        esac
+        shift
+        ;;
+    -*) echo "unknown option $1 (usage: $0 [--plugin] [--prefix DIR | --print VAR] [PROFILE_DIR])" >&2; exit 2 ;;
+    *) break ;;
+    esac
     shift
+done
+if [[ -n $prefix && -n $print ]]; then
+    echo "--prefix and --print exclude each other" >&2
+    exit 2
+fi
+if ((plugin)) && [[ -n $prefix ]]; then
+    echo "--prefix installs the default build only, not --plugin" >&2
+    exit 2
 fi
 if ((plugin)); then
     profile="${1:-$root/target/plugin/release}"
@@ -56,14 +91,37 @@ done
     exit 1
 }
 
+# What `rustc --print native-static-libs` lists on Linux, plus libstdc++ for
+# llama.cpp.
+system_libs="-lstdc++ -lgcc_s -lutil -lrt -lpthread -lm -ldl"
+
 version="$(sed -n 's/^version = "\([0-9.]*\).*/\1/p' "$root/Cargo.toml" | head -1)"
-mkdir -p "$profile/pkgconfig"
-pc="$profile/pkgconfig/snapkv.pc"
+if [[ -n $print ]]; then
+    libdir="$profile" includedir="$root/include" llama_libdir="$llama_lib" llama_includedir="$llama_inc"
+    echo "${!print}"
+    exit 0
+fi
+if [[ -n $prefix ]]; then
+    [[ $prefix == /* ]] || prefix="$PWD/$prefix"
+    pcdir="${DESTDIR:-}$prefix/lib/pkgconfig"
+else
+    pcdir="$profile/pkgconfig"
+fi
+mkdir -p "$pcdir"
+pc="$pcdir/snapkv.pc"
 {
-    echo "libdir=$profile"
-    echo "includedir=$root/include"
-    echo "llama_libdir=$llama_lib"
-    echo "llama_includedir=$llama_inc"
+    if [[ -n $prefix ]]; then
+        echo "prefix=$prefix"
+        echo "libdir=\${prefix}/lib"
+        echo "includedir=\${prefix}/include"
+        echo "llama_includedir=\${includedir}/snapkv/llama.cpp"
+    else
+        echo "libdir=$profile"
+        echo "includedir=$root/include"
+        echo "llama_libdir=$llama_lib"
+        echo "llama_includedir=$llama_inc"
+    fi
+    ((plugin)) || echo "system_libs=$system_libs"
     echo
     echo "Name: snapkv"
     echo "Version: $version"
@@ -73,8 +131,7 @@ pc="$profile/pkgconfig/snapkv.pc"
         echo "Libs: -L\${libdir} -lsnapkv -L\${llama_libdir} -lllama -Wl,-rpath,\${libdir} -Wl,-rpath,\${llama_libdir}"
     else
         echo "Description: SnapKV KV-cache compression for llama.cpp (static, llama.cpp included)"
-        # What `rustc --print native-static-libs` lists on Linux, plus libstdc++ for llama.cpp.
-        echo "Libs: \${libdir}/libsnapkv.a -lstdc++ -lgcc_s -lutil -lrt -lpthread -lm -ldl"
+        echo "Libs: \${libdir}/libsnapkv.a \${system_libs}"
     fi
 } >"$pc"
 echo "$pc"
