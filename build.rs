@@ -4,7 +4,9 @@
 //! Source discovery, in order:
 //! 1. `LLAMA_CPP_DIR`: a llama.cpp tree of the user's own (the llama.cpp they
 //!    ship; plugin builds use this);
-//! 2. `vendor/llama.cpp`, materialised by `vendor/fetch-llama-cpp.sh`;
+//! 2. `vendor/llama.cpp`, materialised by `vendor/fetch-llama-cpp.sh` in a
+//!    checkout, and carried (trimmed to what the build reads) by the
+//!    packaged crate;
 //! 3. otherwise a clear error naming that script. This script never downloads.
 //!
 //! Environment variables (each read through [`env`], which prints its rerun line):
@@ -12,6 +14,8 @@
 //! - `SNAPKV_CMAKE_ARGS`: extra `-DNAME=VALUE` options for llama.cpp's cmake,
 //!   separated by whitespace (e.g. `-DGGML_AVX512=ON`).
 //! - `SNAPKV_CMAKE_JOBS`: parallel compile jobs (defaults to cargo's `NUM_JOBS`).
+//! - `DOCS_RS`: set by docs.rs; the bindings are generated but llama.cpp is
+//!   neither built nor linked.
 
 use std::env as stdenv;
 use std::fs;
@@ -36,8 +40,12 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let src = locate_llama_cpp();
     watch_tree(&src);
-    let prefix = build_llama_cpp(&src);
-    link_llama_cpp(&prefix);
+    // docs.rs (and anyone documenting the crate with DOCS_RS set) needs the
+    // bindings to type-check, but no native code: nothing is linked.
+    if env("DOCS_RS").is_none() {
+        let prefix = build_llama_cpp(&src);
+        link_llama_cpp(&prefix);
+    }
     generate_bindings(&src);
     export_pin(&src);
 }
