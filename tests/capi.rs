@@ -33,16 +33,6 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// cargo's profile directory (`target/release`): this test runs from its
-/// `deps` folder.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_path_buf()
-}
-
 /// Scratch directory for compiled C programs and prompt files.
 fn scratch() -> PathBuf {
     let dir = profile_dir().join("capi-tests");

@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+mod common;
+
+use common::profile_dir;
 use snapkv_testing::{tiny_model_path, TinyModelSpec};
 
 /// Cells kept per KV head: well below the prompt's length.
@@ -24,16 +27,6 @@ const MAX_ANSWER: usize = 4;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// cargo's profile directory (`target/release`): this test runs from its
-/// `deps` folder.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_path_buf()
 }
 
 /// `cargo test` does not build the static library and cannot run `cargo

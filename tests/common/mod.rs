@@ -105,6 +105,16 @@ pub fn argmax(v: &[f32]) -> usize {
         .unwrap()
 }
 
+/// cargo's profile directory (`target/release`): integration tests run
+/// from its `deps` folder.
+pub fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(std::path::Path::parent)
+        .expect("target/<profile>/deps")
+        .to_path_buf()
+}
+
 /// The default configuration with a budget of `budget` cells.
 pub fn config(budget: usize) -> SnapKvConfig {
     let mut c = SnapKvConfig::default();
