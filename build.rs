@@ -16,6 +16,10 @@
 //! - `SNAPKV_CMAKE_JOBS`: parallel compile jobs (defaults to cargo's `NUM_JOBS`).
 //! - `DOCS_RS`: set by docs.rs; the bindings are generated but llama.cpp is
 //!   neither built nor linked.
+//!
+//! With the `preload` feature llama.cpp is not built or linked either: the
+//! interposition library resolves llama.cpp's functions in the host process
+//! that preloads it (see `src/preload`).
 
 use std::env as stdenv;
 use std::fs;
@@ -42,7 +46,7 @@ fn main() {
     watch_tree(&src);
     // docs.rs (and anyone documenting the crate with DOCS_RS set) needs the
     // bindings to type-check, but no native code: nothing is linked.
-    if env("DOCS_RS").is_none() {
+    if env("DOCS_RS").is_none() && !feature("preload") {
         let prefix = build_llama_cpp(&src);
         link_llama_cpp(&prefix);
     }
@@ -246,6 +250,45 @@ fn export_pin(src: &Path) {
     let header = fs::read(src.join("include/llama.h")).expect("read llama.h");
     println!("cargo:rustc-env=SNAPKV_LLAMA_H_FINGERPRINT={:016x}", fnv1a64(&header));
     println!("cargo:rustc-env=SNAPKV_LLAMA_CPP_DIR={}", src.display());
+    let out = PathBuf::from(stdenv::var("OUT_DIR").unwrap());
+    let functions = llama_api_functions(&String::from_utf8_lossy(&header)).join("\n");
+    fs::write(out.join("llama_api_functions.txt"), functions).expect("write the llama.h function list");
+}
+
+/// The functions llama.h declares with `LLAMA_API`, comments skipped: the
+/// preload's version guard checks that the host defines every one.
+fn llama_api_functions(header: &str) -> Vec<String> {
+    let code: String = header
+        .lines()
+        .map(|l| l.split("//").next().unwrap_or(""))
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut names = Vec::new();
+    let mut rest = code.as_str();
+    while let Some(at) = rest.find("LLAMA_API") {
+        rest = &rest[at + "LLAMA_API".len()..];
+        // The name is the identifier before the first `(` that is not a
+        // DEPRECATED( wrapper.
+        let mut scan = rest;
+        while let Some(open) = scan.find('(') {
+            let before = scan[..open].trim_end();
+            let start = before
+                .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .map_or(0, |i| i + 1);
+            let name = &before[start..];
+            if name == "DEPRECATED" {
+                scan = &scan[open + 1..];
+                continue;
+            }
+            if name.starts_with("llama_") && !names.iter().any(|n| n == name) {
+                names.push(name.to_string());
+            }
+            break;
+        }
+    }
+    names.sort();
+    names
 }
 
 /// FNV-1a: a dependency-free fingerprint of llama.h.

@@ -60,6 +60,8 @@ pub mod compress;
 mod error;
 mod generate;
 pub mod llama;
+#[cfg(target_os = "linux")]
+mod preload;
 pub mod snapkv;
 
 pub use compress::{CompressionStats, Compressor, ScoreSource};

@@ -52,7 +52,7 @@ mod votes;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::llama::observer::CaptureRequest;
+use crate::llama::observer::{Capture, CaptureRequest};
 use crate::llama::{ContextRef, Pos, SeqId, Token, WindowObserver};
 use crate::snapkv::{
     position_order, selector_by_name, KeptPositions, Selector, SeqState, SnapKvConfig, SnapKvSelector,
@@ -486,6 +486,19 @@ impl Compressor {
                 reason: "not armed: call observe_decodes before decoding the prompt".into(),
             });
         }
+        self.compress_from_capture(ctx, observer, seq, capture)
+    }
+
+    /// [`compress_observed_with`](Self::compress_observed_with) from a
+    /// capture taken off the observer earlier (the preload holds it until
+    /// it knows the prompt has ended).
+    pub(crate) fn compress_from_capture(
+        &self,
+        ctx: &mut ContextRef,
+        observer: &WindowObserver,
+        seq: SeqId,
+        capture: Capture,
+    ) -> Result<CompressionStats> {
         ctx.check_seq(seq)?;
         check_supported(ctx.model())?;
         observer.check_serves(ctx.as_ptr())?;

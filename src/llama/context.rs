@@ -307,7 +307,7 @@ impl ContextRef {
         self as *const ContextRef as *mut sys::llama_context
     }
 
-    fn memory(&self) -> sys::llama_memory_t {
+    pub(crate) fn memory(&self) -> sys::llama_memory_t {
         // SAFETY: valid context; the memory lives as long as it.
         unsafe { sys::llama_get_memory(self.ptr()) }
     }

@@ -1,0 +1,157 @@
+//! The interposer's settings, read once from the environment.
+//!
+//! | variable | meaning | default |
+//! |---|---|---|
+//! | `SNAPKV_BUDGET` | cells kept per KV head (`1024`), or a fraction of the prompt (`0.1`, `10%`); unset: pass-through | unset |
+//! | `SNAPKV_WINDOW` | observation window (tokens) | 32 |
+//! | `SNAPKV_PRESET` | `default` or `facts` ([`Preset`]) | `default` |
+//! | `SNAPKV_MIN_PROMPT` | prompts shorter than this many tokens are left alone | 0 |
+//! | `SNAPKV_LOG` | `0` silences the compression lines, `debug` adds why a prompt was not compressed | `1` |
+
+use crate::snapkv::config::{Budget, Preset, SnapKvConfig};
+
+/// How much the interposer logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum LogLevel {
+    Off,
+    Compressions,
+    Debug,
+}
+
+/// The interposer's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Settings {
+    pub config: SnapKvConfig,
+    pub min_prompt: usize,
+    pub log: LogLevel,
+}
+
+/// Reads the settings through `var`. `Ok(None)`: `SNAPKV_BUDGET` is unset,
+/// and the library is a pure pass-through. `Err`: the one line to print
+/// before passing through.
+pub(crate) fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Settings>, String> {
+    let get = |name: &str| var(name).map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+    let Some(budget) = get("SNAPKV_BUDGET") else {
+        return Ok(None);
+    };
+    let mut config = SnapKvConfig::default();
+    if let Some(preset) = get("SNAPKV_PRESET") {
+        let preset = match preset.to_ascii_lowercase().as_str() {
+            "default" => Preset::Default,
+            "facts" => Preset::Facts,
+            _ => return Err(format!("SNAPKV_PRESET={preset:?}: expected `default` or `facts`")),
+        };
+        preset.apply(&mut config);
+    }
+    config.budget = parse_budget(&budget).map_err(|why| format!("SNAPKV_BUDGET={budget:?}: {why}"))?;
+    if let Some(window) = get("SNAPKV_WINDOW") {
+        config.window = parse_count(&window).map_err(|why| format!("SNAPKV_WINDOW={window:?}: {why}"))?;
+    }
+    config
+        .validate()
+        .map_err(|e| format!("SNAPKV_BUDGET/SNAPKV_WINDOW: {e}"))?;
+    let min_prompt = match get("SNAPKV_MIN_PROMPT") {
+        Some(v) => parse_count(&v).map_err(|why| format!("SNAPKV_MIN_PROMPT={v:?}: {why}"))?,
+        None => 0,
+    };
+    let log = match get("SNAPKV_LOG").as_deref() {
+        None | Some("1") => LogLevel::Compressions,
+        Some("0") => LogLevel::Off,
+        Some("debug") => LogLevel::Debug,
+        Some(other) => return Err(format!("SNAPKV_LOG={other:?}: expected 0, 1 or debug")),
+    };
+    Ok(Some(Settings {
+        config,
+        min_prompt,
+        log,
+    }))
+}
+
+fn parse_count(v: &str) -> Result<usize, String> {
+    v.parse::<usize>().map_err(|_| "expected a whole number".to_string())
+}
+
+fn parse_budget(v: &str) -> Result<Budget, String> {
+    if let Some(percent) = v.strip_suffix('%') {
+        let p: f64 = percent
+            .trim()
+            .parse()
+            .map_err(|_| "expected cells (1024), a fraction (0.1) or a percentage (10%)".to_string())?;
+        return Ok(Budget::Fraction(p / 100.0));
+    }
+    if let Ok(cells) = v.parse::<usize>() {
+        return Ok(Budget::Cells(cells));
+    }
+    match v.parse::<f64>() {
+        Ok(f) => Ok(Budget::Fraction(f)),
+        Err(_) => Err("expected cells (1024), a fraction (0.1) or a percentage (10%)".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn read(pairs: &[(&str, &str)]) -> Result<Option<Settings>, String> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        from_env(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn no_budget_is_a_pass_through() {
+        assert_eq!(read(&[]), Ok(None));
+        assert_eq!(read(&[("SNAPKV_WINDOW", "16"), ("SNAPKV_BUDGET", " ")]), Ok(None));
+    }
+
+    #[test]
+    fn budgets_read_as_cells_fractions_and_percentages() {
+        let cells = read(&[("SNAPKV_BUDGET", "256")]).unwrap().unwrap();
+        assert_eq!(cells.config.budget, Budget::Cells(256));
+        assert_eq!((cells.min_prompt, cells.log), (0, LogLevel::Compressions));
+        let fraction = read(&[("SNAPKV_BUDGET", "0.25")]).unwrap().unwrap();
+        assert_eq!(fraction.config.budget, Budget::Fraction(0.25));
+        let percent = read(&[("SNAPKV_BUDGET", "10%")]).unwrap().unwrap();
+        assert_eq!(percent.config.budget, Budget::Fraction(0.1));
+    }
+
+    #[test]
+    fn every_variable_is_applied() {
+        let s = read(&[
+            ("SNAPKV_BUDGET", "512"),
+            ("SNAPKV_WINDOW", "16"),
+            ("SNAPKV_PRESET", "facts"),
+            ("SNAPKV_MIN_PROMPT", "2000"),
+            ("SNAPKV_LOG", "debug"),
+        ])
+        .unwrap()
+        .unwrap();
+        let mut facts = Preset::Facts.config();
+        facts.window = 16;
+        facts.budget = Budget::Cells(512);
+        assert_eq!(s.config, facts);
+        assert_eq!((s.min_prompt, s.log), (2000, LogLevel::Debug));
+    }
+
+    #[test]
+    fn invalid_values_are_one_line_naming_the_variable() {
+        for (pairs, name) in [
+            (vec![("SNAPKV_BUDGET", "lots")], "SNAPKV_BUDGET"),
+            (vec![("SNAPKV_BUDGET", "1.5")], "SNAPKV_BUDGET"),
+            (vec![("SNAPKV_BUDGET", "16"), ("SNAPKV_WINDOW", "32")], "SNAPKV_BUDGET"),
+            (vec![("SNAPKV_BUDGET", "256"), ("SNAPKV_WINDOW", "-3")], "SNAPKV_WINDOW"),
+            (
+                vec![("SNAPKV_BUDGET", "256"), ("SNAPKV_PRESET", "fast")],
+                "SNAPKV_PRESET",
+            ),
+            (
+                vec![("SNAPKV_BUDGET", "256"), ("SNAPKV_MIN_PROMPT", "x")],
+                "SNAPKV_MIN_PROMPT",
+            ),
+            (vec![("SNAPKV_BUDGET", "256"), ("SNAPKV_LOG", "loud")], "SNAPKV_LOG"),
+        ] {
+            let err = read(&pairs).unwrap_err();
+            assert!(err.contains(name) && !err.contains('\n'), "{pairs:?}: {err}");
+        }
+    }
+}

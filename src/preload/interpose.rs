@@ -1,0 +1,535 @@
+//! The exported wrappers: functions named like llama.cpp's, found by the
+//! host before its `libllama.so` because this library is preloaded.
+//!
+//! Every wrapper forwards to the host's function ([`super::real`]) exactly
+//! once and returns what it returned (except `llama_memory_seq_pos_min`
+//! of a compressed sequence, see [`super::track`]). Our work runs before
+//! and after the forward inside [`guarded`]: a panic there is logged and
+//! dropped, never unwound into the host. Calls the library makes while
+//! compressing ([`super::host::inside`]) and calls made while no engine is
+//! active are forwarded and nothing else.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::host::{inside, Engine};
+use super::log::{log, Level};
+use super::track::Removal;
+use super::{engine, real};
+use crate::llama::{ContextRef, ModelRef};
+use crate::sys;
+
+/// Runs our part of a call; a panic becomes one log line (once).
+fn guarded<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    static REPORTED: AtomicBool = AtomicBool::new(false);
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|_| {
+        if !REPORTED.swap(true, Ordering::SeqCst) {
+            log(
+                Level::Warn,
+                "snapkv: internal error (a bug, please report it); the call was forwarded unchanged",
+            );
+        }
+        fallback
+    })
+}
+
+/// The engine, when this call should do more than forward.
+fn active() -> Option<&'static Engine> {
+    if inside() {
+        return None;
+    }
+    guarded(None, engine)
+}
+
+/// The host's function `$name`, or `$missing` returned from the wrapper
+/// when the host lacks it (it called a function its own llama.cpp does
+/// not define: nothing can be forwarded).
+macro_rules! host_or {
+    ($name:ident, $missing:expr) => {
+        match real::$name() {
+            Some(f) => f,
+            None => {
+                log(
+                    Level::Warn,
+                    concat!("snapkv: the host has no ", stringify!($name), " to forward to"),
+                );
+                return $missing;
+            }
+        }
+    };
+}
+
+// Runs at load time: reads the environment and checks the host, so that
+// an invalid variable or a refused host is reported at start-up.
+#[used]
+#[link_section = ".init_array"]
+static AT_LOAD: extern "C" fn() = {
+    extern "C" fn at_load() {
+        let _ = guarded(None, engine);
+    }
+    at_load
+};
+
+/// Wraps `llama_init_from_model`: attaches an observer to the context's
+/// params when the model can be compressed.
+///
+/// # Safety
+/// As llama.h's `llama_init_from_model`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_init_from_model(
+    model: *mut sys::llama_model,
+    params: sys::llama_context_params,
+) -> *mut sys::llama_context {
+    let forward = host_or!(llama_init_from_model, std::ptr::null_mut());
+    let Some(engine) = active().filter(|_| !model.is_null()) else {
+        // SAFETY: forwarding the host's own arguments to its own function.
+        return unsafe { forward(model, params) };
+    };
+    let mut ours = params;
+    let observer = guarded(None, || {
+        // SAFETY: the host passes a valid model, which outlives its contexts.
+        let model = unsafe { ModelRef::from_ptr(model) };
+        engine.prepare_context(model, &mut ours)
+    });
+    let params = if observer.is_some() { ours } else { params };
+    // SAFETY: the host's arguments; `params` differ only in the callback
+    // fields, which point at an observer kept alive until llama_free.
+    let ctx = unsafe { forward(model, params) };
+    if let (false, Some(observer)) = (ctx.is_null(), observer) {
+        // SAFETY: llama.cpp just created `ctx`; it lives until llama_free.
+        let view = unsafe { ContextRef::from_ptr(ctx) };
+        guarded((), || engine.context_created(view, observer));
+    }
+    ctx
+}
+
+/// Wraps `llama_free`: forgets the context, and drops its observer after
+/// llama.cpp freed it.
+///
+/// # Safety
+/// As llama.h's `llama_free`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_free(ctx: *mut sys::llama_context) {
+    let forward = host_or!(llama_free, ());
+    let observer = active().and_then(|e| guarded(None, || e.context_freed(ctx as usize)));
+    // SAFETY: the host's argument to its own function.
+    unsafe { forward(ctx) };
+    drop(observer);
+}
+
+/// Wraps `llama_process`: around a decode, the compressions of
+/// [`super::host`].
+///
+/// # Safety
+/// As llama.h's `llama_process`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_process(
+    ctx: *mut sys::llama_context,
+    kind: sys::llama_process_type,
+    batch: *mut sys::llama_batch_ext,
+) -> i32 {
+    let forward = host_or!(llama_process, -1);
+    let engine = active().filter(|_| kind == sys::LLAMA_PROCESS_TYPE_DECODE && !ctx.is_null());
+    let Some(engine) = engine else {
+        // SAFETY: the host's arguments to its own function.
+        return unsafe { forward(ctx, kind, batch) };
+    };
+    // SAFETY: the host passes a valid context and holds no reference into
+    // it while llama_process runs; the view ends before we return.
+    let view = unsafe { ContextRef::from_mut_ptr(ctx) };
+    let armed = guarded(None, || engine.before_decode(view, batch as usize));
+    // SAFETY: the host's arguments to its own function.
+    let ret = unsafe { forward(ctx, kind, batch) };
+    if let Some(armed) = armed {
+        guarded((), || engine.after_decode(view, armed, ret));
+    }
+    ret
+}
+
+/// Mirrors a batch setter into the shadow batch after forwarding it.
+macro_rules! mirror {
+    ($batch:expr, |$shadow:ident| $body:expr) => {
+        if let Some(engine) = active() {
+            guarded((), || engine.with_batch($batch as usize, |$shadow| $body));
+        }
+    };
+}
+
+/// Wraps `llama_batch_ext_clear`.
+///
+/// # Safety
+/// As llama.h's `llama_batch_ext_clear`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_batch_ext_clear(batch: *mut sys::llama_batch_ext) {
+    let forward = host_or!(llama_batch_ext_clear, ());
+    // SAFETY: the host's argument to its own function.
+    unsafe { forward(batch) };
+    mirror!(batch, |s| s.clear());
+}
+
+/// Wraps `llama_batch_ext_free`.
+///
+/// # Safety
+/// As llama.h's `llama_batch_ext_free`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_batch_ext_free(batch: *mut sys::llama_batch_ext) {
+    let forward = host_or!(llama_batch_ext_free, ());
+    if let Some(engine) = active() {
+        guarded((), || engine.batch_freed(batch as usize));
+    }
+    // SAFETY: the host's argument to its own function.
+    unsafe { forward(batch) };
+}
+
+/// Wraps `llama_batch_ext_add`.
+///
+/// # Safety
+/// As llama.h's `llama_batch_ext_add`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_batch_ext_add(batch: *mut sys::llama_batch_ext, seq: sys::llama_seq_id) -> i32 {
+    let forward = host_or!(llama_batch_ext_add, -1);
+    // SAFETY: the host's arguments to its own function.
+    let idx = unsafe { forward(batch, seq) };
+    mirror!(batch, |s| s.add(idx, seq, None));
+    idx
+}
+
+/// Wraps `llama_batch_ext_add_token`.
+///
+/// # Safety
+/// As llama.h's `llama_batch_ext_add_token`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_batch_ext_add_token(
+    batch: *mut sys::llama_batch_ext,
+    seq: sys::llama_seq_id,
+    token: sys::llama_token,
+) -> i32 {
+    let forward = host_or!(llama_batch_ext_add_token, -1);
+    // SAFETY: the host's arguments to its own function.
+    let idx = unsafe { forward(batch, seq, token) };
+    mirror!(batch, |s| s.add(idx, seq, Some(token)));
+    idx
+}
+
+/// Wraps `llama_batch_ext_add_embd`.
+///
+/// # Safety
+/// As llama.h's `llama_batch_ext_add_embd`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_batch_ext_add_embd(
+    batch: *mut sys::llama_batch_ext,
+    seq: sys::llama_seq_id,
+    embd: sys::llama_embd,
+) -> i32 {
+    let forward = host_or!(llama_batch_ext_add_embd, -1);
+    // SAFETY: the host's arguments to its own function.
+    let idx = unsafe { forward(batch, seq, embd) };
+    mirror!(batch, |s| s.add(idx, seq, None));
+    idx
+}
+
+/// Wraps `llama_batch_ext_add_seq`.
+///
+/// # Safety
+/// As llama.h's `llama_batch_ext_add_seq`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_batch_ext_add_seq(
+    batch: *mut sys::llama_batch_ext,
+    idx: i32,
+    seq: sys::llama_seq_id,
+) -> bool {
+    let forward = host_or!(llama_batch_ext_add_seq, false);
+    // SAFETY: the host's arguments to its own function.
+    let ok = unsafe { forward(batch, idx, seq) };
+    if ok {
+        mirror!(batch, |s| s.add_seq(idx));
+    }
+    ok
+}
+
+/// Wraps `llama_batch_ext_set_pos`.
+///
+/// # Safety
+/// As llama.h's `llama_batch_ext_set_pos`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_batch_ext_set_pos(
+    batch: *mut sys::llama_batch_ext,
+    idx: i32,
+    pos: *const sys::llama_pos,
+) -> bool {
+    let forward = host_or!(llama_batch_ext_set_pos, false);
+    // SAFETY: the host's arguments to its own function.
+    let ok = unsafe { forward(batch, idx, pos) };
+    if ok && !pos.is_null() {
+        // SAFETY: llama.cpp just read at least one position from `pos`.
+        let first = unsafe { *pos };
+        mirror!(batch, |s| s.set_pos(idx, first));
+    }
+    ok
+}
+
+/// Wraps `llama_batch_ext_set_output_logits`.
+///
+/// # Safety
+/// As llama.h's `llama_batch_ext_set_output_logits`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_batch_ext_set_output_logits(
+    batch: *mut sys::llama_batch_ext,
+    idx: i32,
+    value: bool,
+) -> bool {
+    let forward = host_or!(llama_batch_ext_set_output_logits, false);
+    // SAFETY: the host's arguments to its own function.
+    let ok = unsafe { forward(batch, idx, value) };
+    if ok {
+        mirror!(batch, |s| s.set_output(idx, value));
+    }
+    ok
+}
+
+/// Wraps `llama_batch_ext_set_output_embd`.
+///
+/// # Safety
+/// As llama.h's `llama_batch_ext_set_output_embd`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_batch_ext_set_output_embd(
+    batch: *mut sys::llama_batch_ext,
+    idx: i32,
+    value: bool,
+) -> bool {
+    let forward = host_or!(llama_batch_ext_set_output_embd, false);
+    // SAFETY: the host's arguments to its own function.
+    let ok = unsafe { forward(batch, idx, value) };
+    if ok {
+        mirror!(batch, |s| s.set_output(idx, value));
+    }
+    ok
+}
+
+/// Wraps `llama_memory_seq_pos_min`: a compressed sequence reports at
+/// least its compressed prompt's last position (see [`super::track`]).
+///
+/// # Safety
+/// As llama.h's `llama_memory_seq_pos_min`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_memory_seq_pos_min(mem: sys::llama_memory_t, seq: sys::llama_seq_id) -> sys::llama_pos {
+    let forward = host_or!(llama_memory_seq_pos_min, -1);
+    // SAFETY: the host's arguments to its own function.
+    let actual = unsafe { forward(mem, seq) };
+    match active() {
+        Some(engine) => guarded(actual, || engine.reported_pos_min(mem as usize, seq, actual)),
+        None => actual,
+    }
+}
+
+/// Wraps `llama_memory_seq_rm`: a suffix starting inside a compressed
+/// prompt removes the whole sequence (see [`super::track`]). Never answers
+/// false where llama.cpp would answer true.
+///
+/// # Safety
+/// As llama.h's `llama_memory_seq_rm`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_memory_seq_rm(
+    mem: sys::llama_memory_t,
+    seq: sys::llama_seq_id,
+    p0: sys::llama_pos,
+    p1: sys::llama_pos,
+) -> bool {
+    let forward = host_or!(llama_memory_seq_rm, false);
+    let Some(engine) = active() else {
+        // SAFETY: the host's arguments to its own function.
+        return unsafe { forward(mem, seq, p0, p1) };
+    };
+    let (q0, q1) = guarded((p0, p1), || {
+        let pos_min = match real::llama_memory_seq_pos_min() {
+            // SAFETY: the host's memory, asked through its own function.
+            Some(f) if seq >= 0 => unsafe { f(mem, seq) },
+            _ => -1,
+        };
+        match engine.removal(mem as usize, seq, p0, p1, pos_min) {
+            Removal::AsAsked => (p0, p1),
+            Removal::WholeSequence => (-1, -1),
+        }
+    });
+    // SAFETY: the host's memory and sequence; the range is the host's or
+    // the whole sequence.
+    let ok = unsafe { forward(mem, seq, q0, q1) };
+    if ok {
+        guarded((), || engine.with_tracks(mem as usize, |t| t.removed(seq, q0, q1)));
+    }
+    ok
+}
+
+/// Wraps `llama_memory_seq_cp`.
+///
+/// # Safety
+/// As llama.h's `llama_memory_seq_cp`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_memory_seq_cp(
+    mem: sys::llama_memory_t,
+    src: sys::llama_seq_id,
+    dst: sys::llama_seq_id,
+    p0: sys::llama_pos,
+    p1: sys::llama_pos,
+) {
+    let forward = host_or!(llama_memory_seq_cp, ());
+    // SAFETY: the host's arguments to its own function.
+    unsafe { forward(mem, src, dst, p0, p1) };
+    if let Some(engine) = active() {
+        guarded((), || engine.with_tracks(mem as usize, |t| t.copied(src, dst, p0, p1)));
+    }
+}
+
+/// Wraps `llama_memory_seq_keep`.
+///
+/// # Safety
+/// As llama.h's `llama_memory_seq_keep`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_memory_seq_keep(mem: sys::llama_memory_t, seq: sys::llama_seq_id) {
+    let forward = host_or!(llama_memory_seq_keep, ());
+    // SAFETY: the host's arguments to its own function.
+    unsafe { forward(mem, seq) };
+    if let Some(engine) = active() {
+        guarded((), || engine.with_tracks(mem as usize, |t| t.kept_only(seq)));
+    }
+}
+
+/// Wraps `llama_memory_seq_add` (context shift).
+///
+/// # Safety
+/// As llama.h's `llama_memory_seq_add`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_memory_seq_add(
+    mem: sys::llama_memory_t,
+    seq: sys::llama_seq_id,
+    p0: sys::llama_pos,
+    p1: sys::llama_pos,
+    delta: sys::llama_pos,
+) {
+    let forward = host_or!(llama_memory_seq_add, ());
+    // SAFETY: the host's arguments to its own function.
+    unsafe { forward(mem, seq, p0, p1, delta) };
+    if let Some(engine) = active() {
+        guarded((), || {
+            engine.with_tracks(mem as usize, |t| t.shifted(seq, p0, p1, delta))
+        });
+    }
+}
+
+/// Wraps `llama_memory_clear`.
+///
+/// # Safety
+/// As llama.h's `llama_memory_clear`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_memory_clear(mem: sys::llama_memory_t, data: bool) {
+    let forward = host_or!(llama_memory_clear, ());
+    // SAFETY: the host's arguments to its own function.
+    unsafe { forward(mem, data) };
+    if let Some(engine) = active() {
+        guarded((), || engine.with_tracks(mem as usize, |t| t.forget(None)));
+    }
+}
+
+/// The bytes a state call read or wrote.
+///
+/// # Safety
+/// `ptr` must point at `n` readable bytes (llama.cpp just read or wrote
+/// them) when `n > 0`.
+unsafe fn state_bytes<'a>(ptr: *const u8, n: usize) -> &'a [u8] {
+    if ptr.is_null() || n == 0 {
+        return &[];
+    }
+    // SAFETY: the caller's promise.
+    unsafe { std::slice::from_raw_parts(ptr, n) }
+}
+
+/// Wraps `llama_state_seq_get_data_ext` (llama-server's `--cache-ram`
+/// saves slots with it).
+///
+/// # Safety
+/// As llama.h's `llama_state_seq_get_data_ext`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_state_seq_get_data_ext(
+    ctx: *mut sys::llama_context,
+    dst: *mut u8,
+    size: usize,
+    seq: sys::llama_seq_id,
+    flags: sys::llama_state_seq_flags,
+) -> usize {
+    let forward = host_or!(llama_state_seq_get_data_ext, 0);
+    // SAFETY: the host's arguments to its own function.
+    let n = unsafe { forward(ctx, dst, size, seq, flags) };
+    if let Some(engine) = active() {
+        // SAFETY: llama.cpp wrote `n` bytes at `dst`.
+        let bytes = unsafe { state_bytes(dst, n) };
+        guarded((), || engine.state_saved(ctx as usize, seq, bytes));
+    }
+    n
+}
+
+/// Wraps `llama_state_seq_set_data_ext`.
+///
+/// # Safety
+/// As llama.h's `llama_state_seq_set_data_ext`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_state_seq_set_data_ext(
+    ctx: *mut sys::llama_context,
+    src: *const u8,
+    size: usize,
+    seq: sys::llama_seq_id,
+    flags: sys::llama_state_seq_flags,
+) -> usize {
+    let forward = host_or!(llama_state_seq_set_data_ext, 0);
+    // SAFETY: the host's arguments to its own function.
+    let n = unsafe { forward(ctx, src, size, seq, flags) };
+    if let Some(engine) = active() {
+        // SAFETY: llama.cpp read `n` bytes at `src`.
+        let bytes = unsafe { state_bytes(src, n) };
+        guarded((), || engine.state_restored(ctx as usize, seq, bytes));
+    }
+    n
+}
+
+/// Wraps `llama_state_seq_get_data`.
+///
+/// # Safety
+/// As llama.h's `llama_state_seq_get_data`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_state_seq_get_data(
+    ctx: *mut sys::llama_context,
+    dst: *mut u8,
+    size: usize,
+    seq: sys::llama_seq_id,
+) -> usize {
+    let forward = host_or!(llama_state_seq_get_data, 0);
+    // SAFETY: the host's arguments to its own function.
+    let n = unsafe { forward(ctx, dst, size, seq) };
+    if let Some(engine) = active() {
+        // SAFETY: llama.cpp wrote `n` bytes at `dst`.
+        let bytes = unsafe { state_bytes(dst, n) };
+        guarded((), || engine.state_saved(ctx as usize, seq, bytes));
+    }
+    n
+}
+
+/// Wraps `llama_state_seq_set_data`.
+///
+/// # Safety
+/// As llama.h's `llama_state_seq_set_data`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_state_seq_set_data(
+    ctx: *mut sys::llama_context,
+    src: *const u8,
+    size: usize,
+    seq: sys::llama_seq_id,
+) -> usize {
+    let forward = host_or!(llama_state_seq_set_data, 0);
+    // SAFETY: the host's arguments to its own function.
+    let n = unsafe { forward(ctx, src, size, seq) };
+    if let Some(engine) = active() {
+        // SAFETY: llama.cpp read `n` bytes at `src`.
+        let bytes = unsafe { state_bytes(src, n) };
+        guarded((), || engine.state_restored(ctx as usize, seq, bytes));
+    }
+    n
+}
