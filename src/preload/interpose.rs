@@ -45,6 +45,18 @@ fn active() -> Option<&'static Engine> {
 /// when the host lacks it (it called a function its own llama.cpp does
 /// not define: nothing can be forwarded).
 macro_rules! host_or {
+    ($name:ident) => {
+        match real::$name() {
+            Some(f) => f,
+            None => {
+                log(
+                    Level::Warn,
+                    concat!("snapkv: the host has no ", stringify!($name), " to forward to"),
+                );
+                return;
+            }
+        }
+    };
     ($name:ident, $missing:expr) => {
         match real::$name() {
             Some(f) => f,
@@ -110,7 +122,7 @@ pub unsafe extern "C" fn llama_init_from_model(
 /// As llama.h's `llama_free`.
 #[no_mangle]
 pub unsafe extern "C" fn llama_free(ctx: *mut sys::llama_context) {
-    let forward = host_or!(llama_free, ());
+    let forward = host_or!(llama_free);
     let observer = active().and_then(|e| guarded(None, || e.context_freed(ctx as usize)));
     // SAFETY: the host's argument to its own function.
     unsafe { forward(ctx) };
@@ -161,7 +173,7 @@ macro_rules! mirror {
 /// As llama.h's `llama_batch_ext_clear`.
 #[no_mangle]
 pub unsafe extern "C" fn llama_batch_ext_clear(batch: *mut sys::llama_batch_ext) {
-    let forward = host_or!(llama_batch_ext_clear, ());
+    let forward = host_or!(llama_batch_ext_clear);
     // SAFETY: the host's argument to its own function.
     unsafe { forward(batch) };
     mirror!(batch, |s| s.clear());
@@ -173,7 +185,7 @@ pub unsafe extern "C" fn llama_batch_ext_clear(batch: *mut sys::llama_batch_ext)
 /// As llama.h's `llama_batch_ext_free`.
 #[no_mangle]
 pub unsafe extern "C" fn llama_batch_ext_free(batch: *mut sys::llama_batch_ext) {
-    let forward = host_or!(llama_batch_ext_free, ());
+    let forward = host_or!(llama_batch_ext_free);
     if let Some(engine) = active() {
         guarded((), || engine.batch_freed(batch as usize));
     }
@@ -372,7 +384,7 @@ pub unsafe extern "C" fn llama_memory_seq_cp(
     p0: sys::llama_pos,
     p1: sys::llama_pos,
 ) {
-    let forward = host_or!(llama_memory_seq_cp, ());
+    let forward = host_or!(llama_memory_seq_cp);
     // SAFETY: the host's arguments to its own function.
     unsafe { forward(mem, src, dst, p0, p1) };
     if let Some(engine) = active() {
@@ -386,7 +398,7 @@ pub unsafe extern "C" fn llama_memory_seq_cp(
 /// As llama.h's `llama_memory_seq_keep`.
 #[no_mangle]
 pub unsafe extern "C" fn llama_memory_seq_keep(mem: sys::llama_memory_t, seq: sys::llama_seq_id) {
-    let forward = host_or!(llama_memory_seq_keep, ());
+    let forward = host_or!(llama_memory_seq_keep);
     // SAFETY: the host's arguments to its own function.
     unsafe { forward(mem, seq) };
     if let Some(engine) = active() {
@@ -406,7 +418,7 @@ pub unsafe extern "C" fn llama_memory_seq_add(
     p1: sys::llama_pos,
     delta: sys::llama_pos,
 ) {
-    let forward = host_or!(llama_memory_seq_add, ());
+    let forward = host_or!(llama_memory_seq_add);
     // SAFETY: the host's arguments to its own function.
     unsafe { forward(mem, seq, p0, p1, delta) };
     if let Some(engine) = active() {
@@ -422,7 +434,7 @@ pub unsafe extern "C" fn llama_memory_seq_add(
 /// As llama.h's `llama_memory_clear`.
 #[no_mangle]
 pub unsafe extern "C" fn llama_memory_clear(mem: sys::llama_memory_t, data: bool) {
-    let forward = host_or!(llama_memory_clear, ());
+    let forward = host_or!(llama_memory_clear);
     // SAFETY: the host's arguments to its own function.
     unsafe { forward(mem, data) };
     if let Some(engine) = active() {

@@ -182,13 +182,13 @@ impl Tracks {
         };
         for s in seqs {
             let Some(t) = self.seqs.get_mut(&s) else { continue };
-            if p0 <= t.next_pos - 1 && t.next_pos - 1 < p1 {
+            if p0 < t.next_pos && t.next_pos <= p1 {
                 t.next_pos += delta;
             } else {
                 t.tail.clear();
             }
             if let Some(end) = t.compressed_end {
-                if p0 <= end - 1 && end - 1 < p1 {
+                if p0 < end && end <= p1 {
                     t.compressed_end = Some(end + delta);
                 }
             }
