@@ -19,7 +19,7 @@ pub const SMOLLM2: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// A path in the workspace root (where `models/` is), also from the member
 /// crates that include this module.
-fn repo_path(rel: &str) -> PathBuf {
+pub fn repo_path(rel: &str) -> PathBuf {
     let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let root = manifest
         .ancestors()
