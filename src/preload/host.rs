@@ -306,7 +306,11 @@ impl Engine {
                     s.cells_after,
                     s.bytes_before as f64 / (1 << 20) as f64,
                     s.bytes_after as f64 / (1 << 20) as f64,
-                    s.overhead_seconds() + s.window_seconds,
+                    // The compression's own time. The observation's copy
+                    // time is left out: on an asynchronous backend (GPU,
+                    // RPC) the callback's reads also wait for the prompt's
+                    // own computation.
+                    s.overhead_seconds() - s.observe_seconds + s.window_seconds,
                     s.compact_seconds,
                 ),
             );

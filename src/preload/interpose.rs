@@ -46,16 +46,7 @@ fn active() -> Option<&'static Engine> {
 /// not define: nothing can be forwarded).
 macro_rules! host_or {
     ($name:ident) => {
-        match real::$name() {
-            Some(f) => f,
-            None => {
-                log(
-                    Level::Warn,
-                    concat!("snapkv: the host has no ", stringify!($name), " to forward to"),
-                );
-                return;
-            }
-        }
+        host_or!($name, ())
     };
     ($name:ident, $missing:expr) => {
         match real::$name() {
@@ -193,52 +184,26 @@ pub unsafe extern "C" fn llama_batch_ext_free(batch: *mut sys::llama_batch_ext) 
     unsafe { forward(batch) };
 }
 
-/// Wraps `llama_batch_ext_add`.
-///
-/// # Safety
-/// As llama.h's `llama_batch_ext_add`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_batch_ext_add(batch: *mut sys::llama_batch_ext, seq: sys::llama_seq_id) -> i32 {
-    let forward = host_or!(llama_batch_ext_add, -1);
-    // SAFETY: the host's arguments to its own function.
-    let idx = unsafe { forward(batch, seq) };
-    mirror!(batch, |s| s.add(idx, seq, None));
-    idx
+/// The three ways of adding an entry to a batch: forwarded, then mirrored
+/// with the index llama.cpp returned (a token, or none for an embedding
+/// or an empty entry).
+macro_rules! adder {
+    ($name:ident($($arg:ident: $ty:ty),*) => $token:expr) => {
+        #[doc = concat!("Wraps `", stringify!($name), "`.\n\n# Safety\nAs llama.h's `", stringify!($name), "`.")]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(batch: *mut sys::llama_batch_ext, seq: sys::llama_seq_id, $($arg: $ty),*) -> i32 {
+            let forward = host_or!($name, -1);
+            // SAFETY: the host's arguments to its own function.
+            let idx = unsafe { forward(batch, seq, $($arg),*) };
+            mirror!(batch, |s| s.add(idx, seq, $token));
+            idx
+        }
+    };
 }
 
-/// Wraps `llama_batch_ext_add_token`.
-///
-/// # Safety
-/// As llama.h's `llama_batch_ext_add_token`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_batch_ext_add_token(
-    batch: *mut sys::llama_batch_ext,
-    seq: sys::llama_seq_id,
-    token: sys::llama_token,
-) -> i32 {
-    let forward = host_or!(llama_batch_ext_add_token, -1);
-    // SAFETY: the host's arguments to its own function.
-    let idx = unsafe { forward(batch, seq, token) };
-    mirror!(batch, |s| s.add(idx, seq, Some(token)));
-    idx
-}
-
-/// Wraps `llama_batch_ext_add_embd`.
-///
-/// # Safety
-/// As llama.h's `llama_batch_ext_add_embd`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_batch_ext_add_embd(
-    batch: *mut sys::llama_batch_ext,
-    seq: sys::llama_seq_id,
-    embd: sys::llama_embd,
-) -> i32 {
-    let forward = host_or!(llama_batch_ext_add_embd, -1);
-    // SAFETY: the host's arguments to its own function.
-    let idx = unsafe { forward(batch, seq, embd) };
-    mirror!(batch, |s| s.add(idx, seq, None));
-    idx
-}
+adder!(llama_batch_ext_add() => None);
+adder!(llama_batch_ext_add_token(token: sys::llama_token) => Some(token));
+adder!(llama_batch_ext_add_embd(embd: sys::llama_embd) => { let _ = &embd; None });
 
 /// Wraps `llama_batch_ext_add_seq`.
 ///
@@ -280,43 +245,25 @@ pub unsafe extern "C" fn llama_batch_ext_set_pos(
     ok
 }
 
-/// Wraps `llama_batch_ext_set_output_logits`.
-///
-/// # Safety
-/// As llama.h's `llama_batch_ext_set_output_logits`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_batch_ext_set_output_logits(
-    batch: *mut sys::llama_batch_ext,
-    idx: i32,
-    value: bool,
-) -> bool {
-    let forward = host_or!(llama_batch_ext_set_output_logits, false);
-    // SAFETY: the host's arguments to its own function.
-    let ok = unsafe { forward(batch, idx, value) };
-    if ok {
-        mirror!(batch, |s| s.set_output(idx, value));
-    }
-    ok
+/// The two output setters, which llama.cpp treats alike.
+macro_rules! output_setter {
+    ($name:ident) => {
+        #[doc = concat!("Wraps `", stringify!($name), "`.\n\n# Safety\nAs llama.h's `", stringify!($name), "`.")]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(batch: *mut sys::llama_batch_ext, idx: i32, value: bool) -> bool {
+            let forward = host_or!($name, false);
+            // SAFETY: the host's arguments to its own function.
+            let ok = unsafe { forward(batch, idx, value) };
+            if ok {
+                mirror!(batch, |s| s.set_output(idx, value));
+            }
+            ok
+        }
+    };
 }
 
-/// Wraps `llama_batch_ext_set_output_embd`.
-///
-/// # Safety
-/// As llama.h's `llama_batch_ext_set_output_embd`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_batch_ext_set_output_embd(
-    batch: *mut sys::llama_batch_ext,
-    idx: i32,
-    value: bool,
-) -> bool {
-    let forward = host_or!(llama_batch_ext_set_output_embd, false);
-    // SAFETY: the host's arguments to its own function.
-    let ok = unsafe { forward(batch, idx, value) };
-    if ok {
-        mirror!(batch, |s| s.set_output(idx, value));
-    }
-    ok
-}
+output_setter!(llama_batch_ext_set_output_logits);
+output_setter!(llama_batch_ext_set_output_embd);
 
 /// Wraps `llama_memory_seq_pos_min`: a compressed sequence reports at
 /// least its compressed prompt's last position (see [`super::track`]).
@@ -372,75 +319,30 @@ pub unsafe extern "C" fn llama_memory_seq_rm(
     ok
 }
 
-/// Wraps `llama_memory_seq_cp`.
-///
-/// # Safety
-/// As llama.h's `llama_memory_seq_cp`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_memory_seq_cp(
-    mem: sys::llama_memory_t,
-    src: sys::llama_seq_id,
-    dst: sys::llama_seq_id,
-    p0: sys::llama_pos,
-    p1: sys::llama_pos,
-) {
-    let forward = host_or!(llama_memory_seq_cp);
-    // SAFETY: the host's arguments to its own function.
-    unsafe { forward(mem, src, dst, p0, p1) };
-    if let Some(engine) = active() {
-        guarded((), || engine.with_tracks(mem as usize, |t| t.copied(src, dst, p0, p1)));
-    }
+/// The memory operations whose effect the tracks follow: forwarded, then
+/// recorded.
+macro_rules! memory_op {
+    ($name:ident($($arg:ident: $ty:ty),*) => |$tracks:ident| $update:expr) => {
+        #[doc = concat!("Wraps `", stringify!($name), "`.\n\n# Safety\nAs llama.h's `", stringify!($name), "`.")]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(mem: sys::llama_memory_t, $($arg: $ty),*) {
+            let forward = host_or!($name);
+            // SAFETY: the host's arguments to its own function.
+            unsafe { forward(mem, $($arg),*) };
+            if let Some(engine) = active() {
+                guarded((), || engine.with_tracks(mem as usize, |$tracks| $update));
+            }
+        }
+    };
 }
 
-/// Wraps `llama_memory_seq_keep`.
-///
-/// # Safety
-/// As llama.h's `llama_memory_seq_keep`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_memory_seq_keep(mem: sys::llama_memory_t, seq: sys::llama_seq_id) {
-    let forward = host_or!(llama_memory_seq_keep);
-    // SAFETY: the host's arguments to its own function.
-    unsafe { forward(mem, seq) };
-    if let Some(engine) = active() {
-        guarded((), || engine.with_tracks(mem as usize, |t| t.kept_only(seq)));
-    }
-}
-
-/// Wraps `llama_memory_seq_add` (context shift).
-///
-/// # Safety
-/// As llama.h's `llama_memory_seq_add`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_memory_seq_add(
-    mem: sys::llama_memory_t,
-    seq: sys::llama_seq_id,
-    p0: sys::llama_pos,
-    p1: sys::llama_pos,
-    delta: sys::llama_pos,
-) {
-    let forward = host_or!(llama_memory_seq_add);
-    // SAFETY: the host's arguments to its own function.
-    unsafe { forward(mem, seq, p0, p1, delta) };
-    if let Some(engine) = active() {
-        guarded((), || {
-            engine.with_tracks(mem as usize, |t| t.shifted(seq, p0, p1, delta))
-        });
-    }
-}
-
-/// Wraps `llama_memory_clear`.
-///
-/// # Safety
-/// As llama.h's `llama_memory_clear`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_memory_clear(mem: sys::llama_memory_t, data: bool) {
-    let forward = host_or!(llama_memory_clear);
-    // SAFETY: the host's arguments to its own function.
-    unsafe { forward(mem, data) };
-    if let Some(engine) = active() {
-        guarded((), || engine.with_tracks(mem as usize, |t| t.forget(None)));
-    }
-}
+memory_op!(llama_memory_seq_cp(src: sys::llama_seq_id, dst: sys::llama_seq_id, p0: sys::llama_pos, p1: sys::llama_pos)
+    => |t| t.copied(src, dst, p0, p1));
+memory_op!(llama_memory_seq_keep(seq: sys::llama_seq_id) => |t| t.kept_only(seq));
+// Context shift.
+memory_op!(llama_memory_seq_add(seq: sys::llama_seq_id, p0: sys::llama_pos, p1: sys::llama_pos, delta: sys::llama_pos)
+    => |t| t.shifted(seq, p0, p1, delta));
+memory_op!(llama_memory_clear(data: bool) => |t| t.forget(None));
 
 /// The bytes a state call read or wrote.
 ///
@@ -455,93 +357,34 @@ unsafe fn state_bytes<'a>(ptr: *const u8, n: usize) -> &'a [u8] {
     unsafe { std::slice::from_raw_parts(ptr, n) }
 }
 
-/// Wraps `llama_state_seq_get_data_ext` (llama-server's `--cache-ram`
-/// saves slots with it).
-///
-/// # Safety
-/// As llama.h's `llama_state_seq_get_data_ext`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_state_seq_get_data_ext(
-    ctx: *mut sys::llama_context,
-    dst: *mut u8,
-    size: usize,
-    seq: sys::llama_seq_id,
-    flags: sys::llama_state_seq_flags,
-) -> usize {
-    let forward = host_or!(llama_state_seq_get_data_ext, 0);
-    // SAFETY: the host's arguments to its own function.
-    let n = unsafe { forward(ctx, dst, size, seq, flags) };
-    if let Some(engine) = active() {
-        // SAFETY: llama.cpp wrote `n` bytes at `dst`.
-        let bytes = unsafe { state_bytes(dst, n) };
-        guarded((), || engine.state_saved(ctx as usize, seq, bytes));
-    }
-    n
+/// The sequence state calls (llama-server's `--cache-ram` saves and
+/// restores slots with the `_ext` pair): forwarded, then the bytes
+/// llama.cpp wrote or read are shown to the engine.
+macro_rules! state_call {
+    ($name:ident, $bytes:ident: $ptr:ty, $seen:ident $(, $flags:ident)?) => {
+        #[doc = concat!("Wraps `", stringify!($name), "`.\n\n# Safety\nAs llama.h's `", stringify!($name), "`.")]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name(
+            ctx: *mut sys::llama_context,
+            $bytes: $ptr,
+            size: usize,
+            seq: sys::llama_seq_id,
+            $($flags: sys::llama_state_seq_flags,)?
+        ) -> usize {
+            let forward = host_or!($name, 0);
+            // SAFETY: the host's arguments to its own function.
+            let n = unsafe { forward(ctx, $bytes, size, seq, $($flags)?) };
+            if let Some(engine) = active() {
+                // SAFETY: llama.cpp just wrote or read `n` bytes there.
+                let bytes = unsafe { state_bytes($bytes as *const u8, n) };
+                guarded((), || engine.$seen(ctx as usize, seq, bytes));
+            }
+            n
+        }
+    };
 }
 
-/// Wraps `llama_state_seq_set_data_ext`.
-///
-/// # Safety
-/// As llama.h's `llama_state_seq_set_data_ext`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_state_seq_set_data_ext(
-    ctx: *mut sys::llama_context,
-    src: *const u8,
-    size: usize,
-    seq: sys::llama_seq_id,
-    flags: sys::llama_state_seq_flags,
-) -> usize {
-    let forward = host_or!(llama_state_seq_set_data_ext, 0);
-    // SAFETY: the host's arguments to its own function.
-    let n = unsafe { forward(ctx, src, size, seq, flags) };
-    if let Some(engine) = active() {
-        // SAFETY: llama.cpp read `n` bytes at `src`.
-        let bytes = unsafe { state_bytes(src, n) };
-        guarded((), || engine.state_restored(ctx as usize, seq, bytes));
-    }
-    n
-}
-
-/// Wraps `llama_state_seq_get_data`.
-///
-/// # Safety
-/// As llama.h's `llama_state_seq_get_data`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_state_seq_get_data(
-    ctx: *mut sys::llama_context,
-    dst: *mut u8,
-    size: usize,
-    seq: sys::llama_seq_id,
-) -> usize {
-    let forward = host_or!(llama_state_seq_get_data, 0);
-    // SAFETY: the host's arguments to its own function.
-    let n = unsafe { forward(ctx, dst, size, seq) };
-    if let Some(engine) = active() {
-        // SAFETY: llama.cpp wrote `n` bytes at `dst`.
-        let bytes = unsafe { state_bytes(dst, n) };
-        guarded((), || engine.state_saved(ctx as usize, seq, bytes));
-    }
-    n
-}
-
-/// Wraps `llama_state_seq_set_data`.
-///
-/// # Safety
-/// As llama.h's `llama_state_seq_set_data`.
-#[no_mangle]
-pub unsafe extern "C" fn llama_state_seq_set_data(
-    ctx: *mut sys::llama_context,
-    src: *const u8,
-    size: usize,
-    seq: sys::llama_seq_id,
-) -> usize {
-    let forward = host_or!(llama_state_seq_set_data, 0);
-    // SAFETY: the host's arguments to its own function.
-    let n = unsafe { forward(ctx, src, size, seq) };
-    if let Some(engine) = active() {
-        // SAFETY: llama.cpp read `n` bytes at `src`.
-        let bytes = unsafe { state_bytes(src, n) };
-        guarded((), || engine.state_restored(ctx as usize, seq, bytes));
-    }
-    n
-}
+state_call!(llama_state_seq_get_data_ext, dst: *mut u8, state_saved, flags);
+state_call!(llama_state_seq_set_data_ext, src: *const u8, state_restored, flags);
+state_call!(llama_state_seq_get_data, dst: *mut u8, state_saved);
+state_call!(llama_state_seq_set_data, src: *const u8, state_restored);

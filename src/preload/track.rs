@@ -136,16 +136,21 @@ impl Tracks {
         }
     }
 
+    /// The sequences a position operation on `seq` touches (every one when
+    /// `seq < 0`).
+    fn targets(&self, seq: llama_seq_id) -> Vec<llama_seq_id> {
+        if seq < 0 {
+            self.seqs.keys().copied().collect()
+        } else {
+            vec![seq]
+        }
+    }
+
     /// Records that `[p0, p1)` of `seq` (every sequence when `seq < 0`) is
     /// gone.
     pub fn removed(&mut self, seq: llama_seq_id, p0: llama_pos, p1: llama_pos) {
         let (p0, p1) = (p0.max(0), end_of(p1));
-        let seqs: Vec<llama_seq_id> = if seq < 0 {
-            self.seqs.keys().copied().collect()
-        } else {
-            vec![seq]
-        };
-        for s in seqs {
+        for s in self.targets(seq) {
             let Some(t) = self.seqs.get_mut(&s) else { continue };
             if p0 == 0 && p1 == llama_pos::MAX {
                 self.seqs.remove(&s);
@@ -175,12 +180,7 @@ impl Tracks {
     /// Records `llama_memory_seq_add(seq, p0, p1, delta)`.
     pub fn shifted(&mut self, seq: llama_seq_id, p0: llama_pos, p1: llama_pos, delta: llama_pos) {
         let (p0, p1) = (p0.max(0), end_of(p1));
-        let seqs: Vec<llama_seq_id> = if seq < 0 {
-            self.seqs.keys().copied().collect()
-        } else {
-            vec![seq]
-        };
-        for s in seqs {
+        for s in self.targets(seq) {
             let Some(t) = self.seqs.get_mut(&s) else { continue };
             if p0 < t.next_pos && t.next_pos <= p1 {
                 t.next_pos += delta;
