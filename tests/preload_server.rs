@@ -294,26 +294,83 @@ fn llama_server_with_a_unified_cache() {
     serve_two_slots("unified", &["--kv-unified"]);
 }
 
-/// With the preload but no `SNAPKV_*` variable, the server answers byte
-/// for byte as without it.
+/// With the preload but no `SNAPKV_*` variable, or with an invalid one
+/// (one line at start-up), the server answers byte for byte as without it.
 #[test]
-fn without_variables_the_preload_changes_nothing() {
+fn without_variables_or_with_invalid_ones_the_preload_changes_nothing() {
     let messages = json!([user(format!("{}\n\nWhat is the pass key?", document(12, 4417)))]);
-    let texts: Vec<String> = [false, true]
+    let runs: [(&str, bool, &[(&str, &str)]); 3] = [
+        ("plain", false, &[]),
+        ("passthrough", true, &[]),
+        ("invalid", true, &[("SNAPKV_BUDGET", "lots")]),
+    ];
+    let texts: Vec<String> = runs
         .iter()
-        .map(|&preloaded| {
-            let server = Server::start(
-                if preloaded { "passthrough" } else { "plain" },
-                preloaded,
-                &[],
-                &["-c", "4096"],
-            );
+        .map(|&(name, preloaded, env)| {
+            let server = Server::start(name, preloaded, env, &["-c", "4096"]);
             let r = server.chat(&messages);
             assert!(server.compressions().is_empty());
+            let notes: Vec<String> = server
+                .log_text()
+                .lines()
+                .filter(|l| l.starts_with("snapkv:"))
+                .map(str::to_string)
+                .collect();
+            if env.is_empty() {
+                assert!(notes.is_empty(), "{notes:?}");
+            } else {
+                assert_eq!(notes.len(), 1, "{notes:?}");
+                assert!(
+                    notes[0].contains("SNAPKV_BUDGET=\"lots\"")
+                        && notes[0].ends_with("passing through (no compression)"),
+                    "{}",
+                    notes[0]
+                );
+            }
             serde_json::to_string(&r["choices"]).unwrap()
         })
         .collect();
     assert_eq!(texts[0], texts[1]);
+    assert_eq!(texts[0], texts[2]);
+}
+
+/// llama-server's host-memory prompt cache (`--cache-ram`, on by
+/// default): a compressed slot saved when another prompt takes the slot,
+/// and restored for a request on the same document with another question,
+/// is still known to be compressed, so the request is evaluated again
+/// rather than reusing the restored compressed cells as its prefix.
+#[test]
+fn a_compressed_prompt_restored_from_the_ram_cache_is_not_reused_as_a_prefix() {
+    let server = Server::start(
+        "cache-ram",
+        true,
+        &[("SNAPKV_BUDGET", "256")],
+        &["-c", "8192", "-np", "1", "--cache-ram", "1024", "-lv", "4"],
+    );
+    let (key_a, key_b) = (19283u32, 55410u32);
+    let doc_a = document(100, key_a);
+    let ra = server.chat(&json!([user(format!("{doc_a}\n\nWhat is the pass key?"))]));
+    assert!(answer(&ra).contains(&key_a.to_string()), "answered {:?}", answer(&ra));
+    let rb = server.chat(&json!([user(format!(
+        "{}\n\nWhat is the pass key?",
+        document(100, key_b)
+    ))]));
+    assert!(answer(&rb).contains(&key_b.to_string()), "answered {:?}", answer(&rb));
+    let r2 = server.chat(&json!([user(format!(
+        "{doc_a}\n\nRepeat the pass key from the text, digits only."
+    ))]));
+    let log = server.log_text();
+    assert!(
+        log.contains("found better prompt"),
+        "the server did not restore document A from its RAM cache, so this test tests nothing:\n{log}"
+    );
+    assert!(answer(&r2).contains(&key_a.to_string()), "answered {:?}", answer(&r2));
+    assert!(
+        cached_tokens(&r2) < 256,
+        "the restored compressed prompt was reused as a {}-token prefix",
+        cached_tokens(&r2)
+    );
+    assert_eq!(server.compressions().len(), 3, "{log}");
 }
 
 /// llama-completion with `-f long.txt`: the compressed answer and the
@@ -368,4 +425,188 @@ fn llama_completion_compresses_a_long_file() {
         1,
         "compressed once, after the last chunk, not after each chunk:\n{stderr}"
     );
+}
+
+/// A ggml-rpc-server on loopback; killed on drop.
+struct RpcServer {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for RpcServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The model and its KV cache on an `ggml-rpc-server` (llama.cpp's
+/// distributed backend) on loopback: the passkey answered, the cells
+/// reduced, the state transfer's cost in the line.
+#[test]
+fn llama_server_with_the_model_on_an_rpc_server() {
+    let port = free_port();
+    let child = Command::new(tools().join("ggml-rpc-server"))
+        .args(["-H", "127.0.0.1", "-p", &port.to_string(), "-t", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start ggml-rpc-server");
+    let rpc = RpcServer { child, port };
+    let start = Instant::now();
+    while TcpStream::connect(("127.0.0.1", rpc.port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "ggml-rpc-server did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let endpoint = format!("127.0.0.1:{}", rpc.port);
+    let server = Server::start(
+        "rpc",
+        true,
+        &[("SNAPKV_BUDGET", "256")],
+        &["-c", "4096", "--rpc", &endpoint, "-ngl", "99", "-lv", "4"],
+    );
+    let key = 71530u32;
+    let r = server.chat(&json!([user(format!(
+        "{}\n\nWhat is the pass key?",
+        document(40, key)
+    ))]));
+    assert!(answer(&r).contains(&key.to_string()), "answered {:?}", answer(&r));
+    let log = server.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("llama_kv_cache: RPC0[") && l.contains("KV buffer")),
+        "the KV cache is not on the RPC server:\n{log}"
+    );
+    let lines = server.compressions();
+    assert_eq!(lines.len(), 1, "{log}");
+    assert!(
+        lines[0].contains(" -> 256 cells per KV head") && lines[0].contains("state transfer"),
+        "{}",
+        lines[0]
+    );
+}
+
+/// The pinned tree with one field added at the end of
+/// `llama_context_params` in llama.h: a llama.cpp "built from other
+/// headers". Its libllama is built on first use (and reused).
+fn altered_llama() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = repo_path("target/guard-host");
+        let tree = dir.join("llama.cpp");
+        if !tree.join("include/llama.h").is_file() {
+            std::fs::create_dir_all(&tree).unwrap();
+            let vendor = repo_path("vendor/llama.cpp");
+            for part in ["CMakeLists.txt", "cmake", "include", "src", "ggml", "vendor", "licenses", "LICENSE"] {
+                let status = Command::new("cp").arg("-a").arg(vendor.join(part)).arg(&tree).status().unwrap();
+                assert!(status.success(), "copy {part}");
+            }
+            let header = tree.join("include/llama.h");
+            let text = std::fs::read_to_string(&header).unwrap();
+            let anchor = "        struct llama_context * ctx_other;\n    };";
+            assert!(text.contains(anchor), "llama.h changed: update the guard test");
+            let altered = text.replacen(
+                anchor,
+                "        struct llama_context * ctx_other;\n\n        // added by snapkv's guard test\n        void * snapkv_guard_test;\n    };",
+                1,
+            );
+            std::fs::write(&header, altered).unwrap();
+        }
+        let build = dir.join("build");
+        let mut configure = Command::new("cmake");
+        configure.arg("-S").arg(&tree).arg("-B").arg(&build);
+        configure.args([
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DBUILD_SHARED_LIBS=ON",
+            "-DLLAMA_BUILD_COMMON=OFF",
+            "-DLLAMA_BUILD_TOOLS=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_EXAMPLES=OFF",
+            "-DLLAMA_BUILD_SERVER=OFF",
+            "-DLLAMA_BUILD_APP=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            "-DGGML_OPENMP=OFF",
+            "-DGGML_NATIVE=OFF",
+        ]);
+        if cfg!(target_arch = "x86_64") {
+            configure.args(["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]);
+        }
+        assert!(configure.stdout(Stdio::null()).status().unwrap().success(), "configure the altered tree");
+        let built = Command::new("cmake")
+            .arg("--build")
+            .arg(&build)
+            .args(["--target", "llama", "-j", "2"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(built.success(), "build the altered libllama");
+        dir
+    })
+}
+
+/// Compiles tests/c/guard_host.c against `include` and links it to the
+/// libllama in `lib`.
+fn guard_host(name: &str, tree: &Path, lib: &Path) -> PathBuf {
+    let exe = repo_path(&format!("target/guard-host/{name}"));
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    let status = Command::new("cc")
+        .arg(repo_path("tests/c/guard_host.c"))
+        .arg(format!("-I{}", tree.join("include").display()))
+        .arg(format!("-I{}", tree.join("ggml/include").display()))
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .args(["-lllama", "-o"])
+        .arg(&exe)
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "compile guard_host.c ({name})");
+    exe
+}
+
+fn run_host(exe: &Path, preloaded: bool) -> (String, String) {
+    let mut cmd = Command::new(exe);
+    cmd.arg(repo_path(common::SMOLLM2)).arg("The capital of France is");
+    cmd.env_remove("LD_PRELOAD");
+    if preloaded {
+        cmd.env("LD_PRELOAD", preload()).env("SNAPKV_BUDGET", "64");
+    }
+    let out = cmd.output().expect("run guard_host");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{}: {stderr}", exe.display());
+    (String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+}
+
+/// The version guard: preloaded into a host built from the pinned llama.h
+/// it acts; into one built from a llama.h whose `llama_context_params`
+/// has one more field (same ggml version, same function names), it says so
+/// in one line and only forwards, and the host's output is unchanged.
+#[test]
+fn the_version_guard_refuses_a_host_built_from_other_headers() {
+    let refusal = |stderr: &str| {
+        stderr
+            .lines()
+            .filter(|l| l.starts_with("snapkv: ") && l.ends_with("passing through (no compression)"))
+            .count()
+    };
+    let pinned = guard_host("pinned", &repo_path("vendor/llama.cpp"), tools());
+    let (plain, _) = run_host(&pinned, false);
+    let (out, err) = run_host(&pinned, true);
+    assert_eq!(refusal(&err), 0, "{err}");
+    assert!(err.contains("snapkv: compressing prompts to 64 cells"), "{err}");
+    assert_eq!(out, plain);
+
+    let dir = altered_llama();
+    let altered = guard_host("altered", &dir.join("llama.cpp"), &dir.join("build/bin"));
+    let (plain, _) = run_host(&altered, false);
+    let (out, err) = run_host(&altered, true);
+    assert_eq!(refusal(&err), 1, "{err}");
+    assert!(
+        err.contains("llama_context_params") && err.contains("another llama.cpp"),
+        "{err}"
+    );
+    assert!(!err.contains("compressing prompts"), "{err}");
+    assert_eq!(out, plain, "the refused host's output changed");
 }
