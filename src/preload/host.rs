@@ -7,7 +7,8 @@
 //! that evaluate a long prompt in chunks ask for the logits of each chunk's
 //! last token (llama-completion does), so the batch alone cannot tell.
 //!
-//! Around `llama_process(ctx, DECODE, batch)`:
+//! Around `llama_process(ctx, DECODE, batch)` and `llama_decode(ctx,
+//! batch)`:
 //! 1. a batch that may end a prompt — the sequence's tokens are the
 //!    batch's last, at least a window of them — is forwarded with the
 //!    observer armed, and the rows it recorded are kept;
@@ -171,13 +172,12 @@ impl Engine {
         self.debug(|| format!("snapkv: observing context {:p}", ctx.as_ptr()));
     }
 
-    /// Before `llama_process(ctx, DECODE, batch)` is forwarded: step 2,
-    /// then step 1 of the module docs.
-    pub(crate) fn before_decode(&self, ctx: &mut ContextRef, batch: usize) -> Option<Armed> {
+    /// Before a decode of `batch` (as the host filled it; `None` when it
+    /// is not known) is forwarded: step 2, then step 1 of the module docs.
+    pub(crate) fn before_decode(&self, ctx: &mut ContextRef, batch: Option<&ShadowBatch>) -> Option<Armed> {
         let mut reg = registry();
-        let Registry { contexts, batches } = &mut *reg;
-        let hc = contexts.get_mut(&(ctx.as_ptr() as usize))?;
-        let runs = match batches.get(&batch) {
+        let hc = reg.contexts.get_mut(&(ctx.as_ptr() as usize))?;
+        let runs = match batch {
             Some(shadow) if !shadow.unknown => runs(shadow),
             _ => Vec::new(),
         };
@@ -394,6 +394,11 @@ impl Engine {
     /// Batch mirroring: runs `f` on the shadow of `batch`.
     pub(crate) fn with_batch(&self, batch: usize, f: impl FnOnce(&mut ShadowBatch)) {
         f(registry().batches.entry(batch).or_default());
+    }
+
+    /// A copy of what the host put in the `llama_batch_ext` at `batch`.
+    pub(crate) fn batch_shadow(&self, batch: usize) -> Option<ShadowBatch> {
+        registry().batches.get(&batch).cloned()
     }
 
     /// The host freed `batch`.

@@ -9,11 +9,13 @@
 //! compressing ([`super::host::inside`]) and calls made while no engine is
 //! active are forwarded and nothing else.
 
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::host::{inside, Engine};
 use super::log::{log, Level};
+use super::shadow::ShadowBatch;
 use super::track::Removal;
 use super::{engine, real};
 use crate::llama::{ContextRef, ModelRef};
@@ -140,13 +142,90 @@ pub unsafe extern "C" fn llama_process(
     // SAFETY: the host passes a valid context and holds no reference into
     // it while llama_process runs; the view ends before we return.
     let view = unsafe { ContextRef::from_mut_ptr(ctx) };
-    let armed = guarded(None, || engine.before_decode(view, batch as usize));
+    let shadow = guarded(None, || engine.batch_shadow(batch as usize));
+    let armed = guarded(None, || engine.before_decode(view, shadow.as_ref()));
     // SAFETY: the host's arguments to its own function.
     let ret = unsafe { forward(ctx, kind, batch) };
     if let Some(armed) = armed {
         guarded((), || engine.after_decode(view, armed, ret));
     }
     ret
+}
+
+/// Wraps `llama_decode`: as `llama_process`, for programs that fill a
+/// plain `llama_batch` (llama.cpp's examples, bindings such as
+/// llama-cpp-python). The library's own decodes, made while compressing,
+/// come here too and are forwarded untouched.
+///
+/// # Safety
+/// As llama.h's `llama_decode`.
+#[no_mangle]
+pub unsafe extern "C" fn llama_decode(ctx: *mut sys::llama_context, batch: sys::llama_batch) -> i32 {
+    let forward = host_or!(llama_decode, -1);
+    let Some(engine) = active().filter(|_| !ctx.is_null()) else {
+        // SAFETY: the host's arguments to its own function.
+        return unsafe { forward(ctx, batch) };
+    };
+    // SAFETY: the host passes a valid context and holds no reference into
+    // it while llama_decode runs; the view ends before we return.
+    let view = unsafe { ContextRef::from_mut_ptr(ctx) };
+    // SAFETY: llama.h requires the batch's arrays to hold n_tokens entries.
+    let shadow = guarded(None, || Some(unsafe { plain_batch_shadow(view, &batch) }));
+    let armed = guarded(None, || engine.before_decode(view, shadow.as_ref()));
+    // SAFETY: the host's arguments to its own function.
+    let ret = unsafe { forward(ctx, batch) };
+    if let Some(armed) = armed {
+        guarded((), || engine.after_decode(view, armed, ret));
+    }
+    ret
+}
+
+/// What a plain `llama_batch` holds, read as llama.cpp reads it: a null
+/// `seq_id` means sequence 0, a null `pos` the positions after the
+/// sequence's last, a null `logits` output for the last token only.
+///
+/// # Safety
+/// Each non-null array of `batch` holds `n_tokens` entries (and each
+/// `seq_id[i]` at least one), as llama.h requires of a decoded batch.
+unsafe fn plain_batch_shadow(ctx: &ContextRef, batch: &sys::llama_batch) -> ShadowBatch {
+    let n = usize::try_from(batch.n_tokens).unwrap_or(0);
+    let mut shadow = ShadowBatch::default();
+    let mut next_pos: HashMap<sys::llama_seq_id, sys::llama_pos> = HashMap::new();
+    for i in 0..n {
+        let idx = i as i32;
+        // SAFETY (this block's reads): in bounds by the function's contract.
+        let (seq, shared, token, pos, output) = unsafe {
+            let seq_ptr = if batch.seq_id.is_null() {
+                std::ptr::null_mut()
+            } else {
+                *batch.seq_id.add(i)
+            };
+            let seq = if seq_ptr.is_null() { 0 } else { *seq_ptr };
+            let shared = !batch.n_seq_id.is_null() && *batch.n_seq_id.add(i) > 1;
+            let token = (!batch.token.is_null()).then(|| *batch.token.add(i));
+            let pos = (!batch.pos.is_null()).then(|| *batch.pos.add(i));
+            let output = if batch.logits.is_null() {
+                i + 1 == n
+            } else {
+                *batch.logits.add(i) != 0
+            };
+            (seq, shared, token, pos, output)
+        };
+        let pos = pos.unwrap_or_else(|| {
+            let p = next_pos
+                .entry(seq)
+                .or_insert_with(|| ctx.seq_pos_max(seq).map_or(0, |m| m + 1));
+            *p += 1;
+            *p - 1
+        });
+        shadow.add(idx, seq, token);
+        if shared {
+            shadow.add_seq(idx);
+        }
+        shadow.set_pos(idx, pos);
+        shadow.set_output(idx, output);
+    }
+    shadow
 }
 
 /// Mirrors a batch setter into the shadow batch after forwarding it.

@@ -1,7 +1,8 @@
 //! SnapKV inside llama.cpp's own programs, by preloading: built as
 //! `libsnapkv_preload.so` (the `snapkv-preload` crate), named in
 //! `LD_PRELOAD` of a program dynamically linked to the pinned tree's
-//! `libllama.so` (llama-server, llama-cli, llama-completion), it wraps the
+//! `libllama.so` (llama-server, llama-cli, llama-completion, programs on
+//! `llama_decode` such as llama.cpp's examples), it wraps the
 //! few llama.cpp entry points it needs and compresses each sequence right
 //! after its prompt was evaluated.
 //!

@@ -60,6 +60,7 @@ macro_rules! host_functions {
 host_functions! {
     llama_init_from_model: fn(*mut sys::llama_model, sys::llama_context_params) -> *mut sys::llama_context;
     llama_free: fn(*mut sys::llama_context);
+    llama_decode: fn(*mut sys::llama_context, sys::llama_batch) -> i32;
     llama_process: fn(*mut sys::llama_context, sys::llama_process_type, *mut sys::llama_batch_ext) -> i32;
     llama_batch_ext_free: fn(*mut sys::llama_batch_ext);
     llama_batch_ext_clear: fn(*mut sys::llama_batch_ext);
