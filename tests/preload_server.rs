@@ -566,17 +566,54 @@ fn guard_host(name: &str, tree: &Path, lib: &Path) -> PathBuf {
     exe
 }
 
-fn run_host(exe: &Path, preloaded: bool) -> (String, String) {
+/// Runs a guard_host build on `prompt` with `model`, preloaded with
+/// `budget` when given.
+fn run_host_with(exe: &Path, model: &str, prompt: &str, n: usize, budget: Option<&str>) -> (String, String) {
+    let name = exe.file_name().unwrap().to_string_lossy();
+    let file = repo_path(&format!("target/guard-host/prompt-{name}-{}.txt", budget.is_some()));
+    std::fs::write(&file, prompt).unwrap();
     let mut cmd = Command::new(exe);
-    cmd.arg(repo_path(common::SMOLLM2)).arg("The capital of France is");
+    cmd.arg(repo_path(model)).arg(&file).arg(n.to_string());
     cmd.env_remove("LD_PRELOAD");
-    if preloaded {
-        cmd.env("LD_PRELOAD", preload()).env("SNAPKV_BUDGET", "64");
+    if let Some(budget) = budget {
+        cmd.env("LD_PRELOAD", preload()).env("SNAPKV_BUDGET", budget);
     }
     let out = cmd.output().expect("run guard_host");
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "{}: {stderr}", exe.display());
     (String::from_utf8_lossy(&out.stdout).to_string(), stderr)
+}
+
+fn run_host(exe: &Path, preloaded: bool) -> (String, String) {
+    run_host_with(
+        exe,
+        common::SMOLLM2,
+        "The capital of France is",
+        8,
+        preloaded.then_some("64"),
+    )
+}
+
+/// A program that decodes with the plain `llama_decode` API (as
+/// llama.cpp's examples and bindings do) is compressed too: its prompt,
+/// evaluated in one batch, from the observed window.
+#[test]
+fn a_program_that_calls_llama_decode_is_compressed() {
+    let host = guard_host("pinned-decode", &repo_path("vendor/llama.cpp"), tools());
+    let key = 40983u32;
+    let prompt = format!(
+        "<|im_start|>user\n{}\n\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\n",
+        document(40, key)
+    );
+    let (out, err) = run_host_with(&host, QWEN, &prompt, 16, Some("256"));
+    assert!(out.contains(&key.to_string()), "answered {out:?}\n{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("snapkv: seq 0: ")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains(" -> 256 cells per KV head") && lines[0].contains("window observed"),
+        "{}",
+        lines[0]
+    );
 }
 
 /// The version guard: preloaded into a host built from the pinned llama.h
@@ -609,4 +646,33 @@ fn the_version_guard_refuses_a_host_built_from_other_headers() {
     );
     assert!(!err.contains("compressing prompts"), "{err}");
     assert_eq!(out, plain, "the refused host's output changed");
+}
+
+/// Context shift (`--context-shift`) on a compressed slot: generation runs
+/// past the slot's context, the server shifts (removing and moving
+/// positions of the compressed sequence), and keeps serving to the end.
+#[test]
+fn context_shift_on_a_compressed_slot_keeps_serving() {
+    let server = Server::start(
+        "context-shift",
+        true,
+        &[("SNAPKV_BUDGET", "256")],
+        &["-c", "2048", "-np", "1", "--context-shift"],
+    );
+    let prompt = format!(
+        "<|im_start|>user\n{}\n\nWhat is the pass key? Then write a long story.<|im_end|>\n<|im_start|>assistant\n",
+        document(60, 8841)
+    );
+    let body = json!({"prompt": prompt, "n_predict": 700, "ignore_eos": true, "temperature": 0, "seed": 1});
+    let (status, text) = server.http("POST", "/completion", Some(&body)).expect("request");
+    assert_eq!(status, 200, "{text}\n{}", server.log_text());
+    let r: Value = serde_json::from_str(&text).unwrap();
+    assert!(r["tokens_evaluated"].as_i64().unwrap_or(0) > 1400, "{r}");
+    assert_eq!(r["timings"]["predicted_n"].as_i64(), Some(700), "{r}");
+    let log = server.log_text();
+    assert!(
+        log.contains("slot context shift"),
+        "the context never shifted, so this tests nothing:\n{log}"
+    );
+    assert_eq!(server.compressions().len(), 1, "{log}");
 }
