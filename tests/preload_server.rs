@@ -299,7 +299,9 @@ fn llama_server_with_a_unified_cache() {
 #[test]
 fn without_variables_or_with_invalid_ones_the_preload_changes_nothing() {
     let messages = json!([user(format!("{}\n\nWhat is the pass key?", document(12, 4417)))]);
-    let runs: [(&str, bool, &[(&str, &str)]); 3] = [
+    // (name, preloaded, environment)
+    type Run<'a> = (&'a str, bool, &'a [(&'a str, &'a str)]);
+    let runs: [Run; 3] = [
         ("plain", false, &[]),
         ("passthrough", true, &[]),
         ("invalid", true, &[("SNAPKV_BUDGET", "lots")]),
