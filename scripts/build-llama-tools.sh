@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the pinned llama.cpp tree's own programs -- llama-server,
-# llama-completion and rpc-server -- with llama.cpp's CMake, as its users
+# llama-completion, llama-cli and ggml-rpc-server -- with llama.cpp's CMake, as its users
 # build them: shared libraries (libllama.so, libggml*.so), so that a library
 # named in LD_PRELOAD interposes their llama.cpp calls.
 #
@@ -28,5 +28,5 @@ cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_ALL_WARNINGS=OFF "${isa[@]}" >/dev/null
 cmake --build "$build" --config Release -j "${SNAPKV_CMAKE_JOBS:-$(nproc)}" \
-    --target llama-server llama-completion ggml-rpc-server
+    --target llama-server llama-completion llama-cli ggml-rpc-server
 echo "$build/bin"

@@ -678,3 +678,31 @@ fn context_shift_on_a_compressed_slot_keeps_serving() {
     );
     assert_eq!(server.compressions().len(), 1, "{log}");
 }
+
+/// llama-cli (the pinned tree's chat program, built on the server's code)
+/// for one turn with `-f long.txt`: the compressed answer and the line.
+#[test]
+fn llama_cli_compresses_a_long_file() {
+    let key = 36158u32;
+    let file = repo_path("target/preload-test-cli.txt");
+    std::fs::write(&file, format!("{}\n\nWhat is the pass key?", document(120, key))).unwrap();
+    let out = Command::new(tools().join("llama-cli"))
+        .arg("-m")
+        .arg(repo_path(QWEN))
+        .arg("-f")
+        .arg(&file)
+        .args(["-n", "24", "--temp", "0", "-c", "8192", "-t", "2", "-st", "--simple-io"])
+        .env("LD_PRELOAD", preload())
+        .env("SNAPKV_BUDGET", "256")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run llama-cli");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let reply = stdout.rsplit("What is the pass key?").next().unwrap_or_default();
+    assert!(reply.contains(&key.to_string()), "answered {reply:?}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("snapkv: seq ")).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].contains(" -> 256 cells per KV head"), "{}", lines[0]);
+}
