@@ -50,10 +50,10 @@ fn check_layouts() -> Result<(), String> {
     use std::mem::size_of;
     let ours = size_of::<sys::llama_context_params>();
     let host = written_extent(|buf| {
-        // SAFETY: on x86-64 (System V and Windows x64 alike) a function
-        // returning a struct of this size (class MEMORY) takes the return
-        // buffer's address as a hidden first argument and returns it; the
-        // buffer is larger than any plausible llama_context_params.
+        // On x86-64 a function returning a struct of this size (class
+        // MEMORY) takes the return buffer's address as a hidden first
+        // argument and returns it.
+        // SAFETY: that ABI; the buffer exceeds any plausible struct size.
         unsafe { sret_probe(sys::llama_context_default_params as *const () as usize)(buf.as_mut_ptr()) };
     });
     check_size("llama_context_params", ours, host)?;

@@ -46,11 +46,9 @@ macro_rules! host_functions {
                 if address == 0 {
                     return None;
                 }
-                // SAFETY: `address` is the host's function of this name,
-                // which llama.h declares with this signature (the bindings
-                // come from the pinned llama.h; the version guard refuses
-                // to act on a host whose llama.cpp differs, leaving only
-                // this forwarding).
+                // The bindings come from the pinned llama.h; the version
+                // guard refuses to act on a host whose llama.cpp differs.
+                // SAFETY: the host's function of this name, with llama.h's signature.
                 Some(unsafe { std::mem::transmute::<usize, unsafe extern "C" fn($($ty),*) $(-> $ret)?>(address) })
             }
         )*
