@@ -4,7 +4,9 @@
 
 use crate::error::{Error, Result};
 use crate::llama::{dequantize_row, ContextRef, ModelRef, SeqId};
-use crate::snapkv::{hadamard, window_key_distance, AlgoError, CacheType, CellOrder, ModelShape, SeqState};
+use crate::snapkv::{
+    hadamard, window_key_distance, AlgoError, CacheType, CellOrder, ModelShape, SeqState, StateFormat,
+};
 
 /// Model architectures whose graph naming (`Qcur-<il>` and `Kcur-<il>`
 /// after RoPE, `kq_soft_max-<il>`) and attention scale snapkv has verified.
@@ -140,15 +142,21 @@ pub(super) fn check_shared_cells(ctx: &ContextRef, seq: SeqId, state: &SeqState<
     Ok(())
 }
 
-/// The Hadamard block llama.cpp rotates quantized keys with, if it does:
-/// quantized K, a head size with such a block, and rotation not disabled
-/// (`LLAMA_ATTN_ROT_DISABLE`, as llama.cpp read it when the context was
-/// created: `rotation_disabled`).
-pub(super) fn k_rotation(k_type: CacheType, head_dim: usize, rotation_disabled: bool) -> Option<usize> {
-    if rotation_disabled || !k_type.is_quantized() {
-        return None;
+/// The Hadamard block llama.cpp rotated `layer`'s cached keys with, if it
+/// did. A version 4 blob says so in its header. For version 3 it follows
+/// from the cache: quantized K, a head size with such a block, and rotation
+/// not disabled (`LLAMA_ATTN_ROT_DISABLE`, as llama.cpp read it when the
+/// context was created: `rotation_disabled`).
+pub(super) fn k_rotation(state: &SeqState<'_>, layer: usize, rotation_disabled: bool) -> Option<usize> {
+    match state.format() {
+        StateFormat::V4 { n_rot_k, .. } => (n_rot_k != 0).then_some(n_rot_k as usize),
+        StateFormat::V3 => {
+            if rotation_disabled || !state.k_type(layer).is_quantized() {
+                return None;
+            }
+            hadamard::rotation_block(state.shape().head_dim_k)
+        }
     }
-    hadamard::rotation_block(head_dim)
 }
 
 /// Largest distance (relative to the keys' spread over the window, see
@@ -182,7 +190,7 @@ pub(super) fn window_keys_mismatch(
     })?;
     let k_type = state.k_type(0);
     let rotated;
-    let keys = match k_rotation(k_type, state.shape().head_dim_k, rotation_disabled) {
+    let keys = match k_rotation(state, 0, rotation_disabled) {
         Some(n) => {
             let mut k = keys.to_vec();
             hadamard::rotate_blocks(&mut k, n);
@@ -198,4 +206,51 @@ pub(super) fn window_keys_mismatch(
     // A NaN distance (a non-finite key) is a mismatch too.
     let matches = distance.is_finite() && distance <= tolerance;
     Ok((!matches).then_some(distance))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapkv::synthetic::{build_blob_in, pattern_byte};
+
+    const SHAPE: ModelShape = ModelShape {
+        n_layer: 1,
+        n_head: 2,
+        n_head_kv: 1,
+        head_dim_k: 64,
+        head_dim_v: 64,
+    };
+
+    fn rotation_of(format: StateFormat, k_type: CacheType, rotation_disabled: bool) -> Option<usize> {
+        let raw = build_blob_in(
+            format,
+            &SHAPE,
+            &[0, 1],
+            k_type,
+            CacheType::F16,
+            false,
+            1,
+            0,
+            pattern_byte,
+        );
+        let state = SeqState::parse(&raw, &SHAPE).unwrap();
+        k_rotation(&state, 0, rotation_disabled)
+    }
+
+    #[test]
+    fn version_3_rotation_follows_the_cache() {
+        assert_eq!(rotation_of(StateFormat::V3, CacheType::Q8_0, false), Some(64));
+        assert_eq!(rotation_of(StateFormat::V3, CacheType::Q8_0, true), None);
+        assert_eq!(rotation_of(StateFormat::V3, CacheType::F16, false), None);
+    }
+
+    #[test]
+    fn version_4_rotation_is_what_the_header_says() {
+        let v4 = |n_rot_k| StateFormat::V4 { n_rot_k, n_rot_v: 0 };
+        assert_eq!(rotation_of(v4(64), CacheType::Q8_0, false), Some(64));
+        // The header wins over the version 3 rule in both directions.
+        assert_eq!(rotation_of(v4(0), CacheType::Q8_0, false), None);
+        assert_eq!(rotation_of(v4(64), CacheType::Q8_0, true), Some(64));
+        assert_eq!(rotation_of(v4(64), CacheType::F16, false), Some(64));
+    }
 }

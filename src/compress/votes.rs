@@ -120,7 +120,7 @@ pub(super) fn query_key_votes(
             ))
         })?;
         gather_keys(state, order, layer, &mut dequantize_row, &mut keys)?;
-        let queries = match k_rotation(state.k_type(layer), head_dim, rotation_disabled) {
+        let queries = match k_rotation(state, layer, rotation_disabled) {
             Some(n) => {
                 rotated.clone_from(queries);
                 hadamard::rotate_blocks(&mut rotated, n);

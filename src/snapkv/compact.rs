@@ -15,7 +15,7 @@
 use super::error::AlgoError;
 use super::scores::CellOrder;
 use super::select::Selection;
-use super::state_blob::{SeqState, VLayout, CELL_META_BYTES};
+use super::state_blob::{SeqState, StateFormat, VLayout, CELL_META_BYTES};
 
 fn size_error(what: &str) -> AlgoError {
     AlgoError::ShapeMismatch(format!("rewritten blob size overflows ({what})"))
@@ -116,7 +116,7 @@ pub fn rewrite(state: &SeqState<'_>, order: &CellOrder, selection: &Selection) -
     let head_len = state.stream_start();
     let tail = &raw[state.stream_end()..];
     let mut total = add(head_len, tail.len(), "header")?;
-    total = add(total, 4 + 8, "stream header")?;
+    total = add(total, 4 + 8 + state.format().rotation_header_bytes(), "stream header")?;
     total = add(total, mul(n_out, CELL_META_BYTES, "cell metadata")?, "cell metadata")?;
     for sec in state.layer_sections() {
         total = add(total, 12, "K header")?;
@@ -146,6 +146,10 @@ pub fn rewrite(state: &SeqState<'_>, order: &CellOrder, selection: &Selection) -
     }
     out.extend_from_slice(&u32::from(state.v_transposed()).to_le_bytes());
     out.extend_from_slice(&(shape.n_layer as u32).to_le_bytes());
+    if let StateFormat::V4 { n_rot_k, n_rot_v } = state.format() {
+        out.extend_from_slice(&n_rot_k.to_le_bytes());
+        out.extend_from_slice(&n_rot_v.to_le_bytes());
+    }
 
     // source[g * n_out + j] = blob cell whose head-g slice goes to output cell j.
     let g_count = shape.n_head_kv;
@@ -243,7 +247,7 @@ mod tests {
     use crate::snapkv::ggml_type::CacheType;
     use crate::snapkv::scores::position_order;
     use crate::snapkv::state_blob::ModelShape;
-    use crate::snapkv::synthetic::{build_blob, pattern_byte, Tensor};
+    use crate::snapkv::synthetic::{build_blob, build_blob_in, pattern_byte, Tensor};
     use proptest::prelude::*;
 
     /// splitmix64, for deriving test data from a proptest seed.
@@ -278,6 +282,20 @@ mod tests {
         window: usize,
         n_keep: usize,
         kept: Vec<u32>,
+        format: StateFormat,
+    }
+
+    /// Version 3, or version 4 with the rotation blocks llama.cpp would
+    /// write for the case's heads (0 where a head has none).
+    fn with_format(mut c: Case, v4: bool) -> Case {
+        if v4 {
+            let block = |d: usize| crate::snapkv::hadamard::rotation_block(d).unwrap_or(0) as u32;
+            c.format = StateFormat::V4 {
+                n_rot_k: block(c.shape.head_dim_k),
+                n_rot_v: block(c.shape.head_dim_v),
+            };
+        }
+        c
     }
 
     fn head_dim_for(ty: CacheType, small: usize, blocks: usize) -> usize {
@@ -347,11 +365,13 @@ mod tests {
             window,
             n_keep,
             kept,
+            format: StateFormat::V3,
         }
     }
 
     fn source_blob(c: &Case) -> Vec<u8> {
-        build_blob(
+        build_blob_in(
+            c.format,
             &c.shape,
             &c.positions,
             c.k_type,
@@ -389,7 +409,8 @@ mod tests {
                 cell_of_rank(&c.positions, prefix_len + j - c.n_keep)
             }
         };
-        build_blob(
+        build_blob_in(
+            c.format,
             &c.shape,
             &out_positions,
             c.k_type,
@@ -437,9 +458,10 @@ mod tests {
             prefix_len in 1usize..=8,
             n_stream in 1u32..=3,
             seed in any::<u64>(),
+            v4 in any::<bool>(),
         ) {
-            let c = make_case(n_layer, n_head_kv, k_idx, v_idx, v_trans, small_k, small_v,
-                blocks, window, prefix_len, n_stream, seed);
+            let c = with_format(make_case(n_layer, n_head_kv, k_idx, v_idx, v_trans, small_k, small_v,
+                blocks, window, prefix_len, n_stream, seed), v4);
             let raw = source_blob(&c);
             let out = run_rewrite(&c, &raw).unwrap();
             let expected = expected_blob(&c);
@@ -450,6 +472,7 @@ mod tests {
             // The output is itself a valid blob of the same format.
             let reparsed = SeqState::parse(&out, &c.shape).unwrap();
             prop_assert_eq!(reparsed.n_cells(), c.n_keep + c.window);
+            prop_assert_eq!(reparsed.format(), c.format);
         }
 
         #[test]
@@ -463,9 +486,10 @@ mod tests {
             window in 1usize..=4,
             prefix_len in 1usize..=8,
             n_stream in 1u32..=3,
+            v4 in any::<bool>(),
         ) {
-            let mut c = make_case(n_layer, n_head_kv, k_idx, v_idx, v_trans, small, small,
-                1, window, prefix_len, n_stream, 0);
+            let mut c = with_format(make_case(n_layer, n_head_kv, k_idx, v_idx, v_trans, small, small,
+                1, window, prefix_len, n_stream, 0), v4);
             c.positions = (0..(prefix_len + window) as i32).collect();
             c.n_keep = prefix_len;
             c.kept = (0..n_layer * n_head_kv)

@@ -40,4 +40,4 @@ pub use select::{
     selector_by_name, KeptPositions, RandomSelector, Selection, SelectionShape, Selector, SharedAllLayersSelector,
     SharedPerLayerSelector, SnapKvSelector, StreamingSelector, SELECTOR_NAMES,
 };
-pub use state_blob::{ModelShape, SeqState, VLayout, STATE_SEQ_MAGIC};
+pub use state_blob::{ModelShape, SeqState, StateFormat, VLayout, STATE_SEQ_MAGIC};

@@ -8,11 +8,21 @@
 //! per stream: u32 cell_count; if cell_count > 0:
 //!   cell_count × { i32 pos; u32 n_seq_id (= 1); i32 seq_id }
 //!   u32 v_trans; u32 n_layer
+//!   version 4 only: u32 n_rot_k; u32 n_rot_v
 //!   n_layer × { i32 k_type; u64 k_row_bytes; cell_count rows }
 //!   v_trans == 0: n_layer × { i32 v_type; u64 v_row_bytes; cell_count rows }
 //!   v_trans == 1: n_layer × { i32 v_type; u32 v_el_bytes; u32 n_embd_v_gqa;
 //!                             n_embd_v_gqa × cell_count elements }
 //! ```
+//!
+//! Two layouts are known, named by the `LLAMA_STATE_SEQ_VERSION` of the
+//! llama.h that writes them ([`StateFormat`]): version 3 (the pinned tree,
+//! ggml 0.25) and version 4 (ggml 0.26, the tree in `llama-cpp-sys-2`
+//! 0.1.160), which adds the Hadamard rotation block sizes of K and V to each
+//! stream's layer header. The blob itself carries no version, so the parser
+//! recognises the layout from that header: the two readings cannot both
+//! match a valid blob (see [`SeqState::parse`]), and a blob that matches
+//! neither is refused.
 //!
 //! The format is internal to llama.cpp, so the parser is strict: every count
 //! and size is checked against the model shape and the blob's length, and
@@ -27,6 +37,44 @@ pub const STATE_SEQ_MAGIC: u32 = 0xaf14_3cd8;
 
 /// Bytes of one cell's metadata in a single-sequence blob (pos, n_seq_id, seq_id).
 pub(crate) const CELL_META_BYTES: usize = 12;
+
+/// The layout of a sequence-state blob, named by the `LLAMA_STATE_SEQ_VERSION`
+/// of the llama.cpp that writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StateFormat {
+    /// Version 3 (the pinned llama.cpp, ggml 0.25): no rotation fields. Whether
+    /// a quantized K is rotated follows from its type, its head size and
+    /// `LLAMA_ATTN_ROT_DISABLE` as llama.cpp read it (see
+    /// [`hadamard::rotation_block`](super::hadamard::rotation_block)).
+    V3,
+    /// Version 4 (ggml 0.26, the llama.cpp of `llama-cpp-sys-2` 0.1.160):
+    /// the stream's layer header names the Hadamard block of K and of V
+    /// (0 when not rotated), so the blob says how its keys are stored.
+    V4 {
+        /// Block size of the rotation applied to K rows, 0 for none.
+        n_rot_k: u32,
+        /// Block size of the rotation applied to V rows, 0 for none.
+        n_rot_v: u32,
+    },
+}
+
+impl StateFormat {
+    /// llama.h's `LLAMA_STATE_SEQ_VERSION` for this layout.
+    pub fn version(&self) -> u32 {
+        match self {
+            StateFormat::V3 => 3,
+            StateFormat::V4 { .. } => 4,
+        }
+    }
+
+    /// Bytes the layout adds after `n_layer` in a stream's layer header.
+    pub(crate) fn rotation_header_bytes(&self) -> usize {
+        match self {
+            StateFormat::V3 => 0,
+            StateFormat::V4 { .. } => 8,
+        }
+    }
+}
 
 /// The attention geometry of the model whose cache the blob comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -125,6 +173,7 @@ pub struct SeqState<'a> {
     stream_index: u32,
     positions: Vec<i32>,
     v_trans: bool,
+    format: StateFormat,
     layers: Vec<LayerSection>,
     /// Offset of the non-empty stream's `cell_count`.
     stream_start: usize,
@@ -138,6 +187,7 @@ struct ActiveStream {
     start: usize,
     positions: Vec<i32>,
     v_trans: bool,
+    format: StateFormat,
     layers: Vec<LayerSection>,
     end: usize,
 }
@@ -223,6 +273,82 @@ fn expected_row_bytes(ty: CacheType, n_embd: usize, tensor: &str, layer: usize) 
     })
 }
 
+/// Whether `n` is a rotation block llama.cpp can write for heads of
+/// `head_dim` elements: 0 (no rotation) or a power of two of at least 64 that
+/// divides the head.
+fn plausible_rotation(n: u32, head_dim: usize) -> bool {
+    let n = n as usize;
+    n == 0 || (n >= 64 && n.is_power_of_two() && head_dim % n == 0)
+}
+
+/// Whether a layer-0 K header (`i32 k_type; u64 row_bytes`) for `shape`
+/// starts at `at`.
+fn k_header_at(raw: &[u8], at: usize, shape: &ModelShape) -> bool {
+    let Some(bytes) = at.checked_add(12).and_then(|end| raw.get(at..end)) else {
+        return false;
+    };
+    let ty = i32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    let mut row = [0u8; 8];
+    row.copy_from_slice(&bytes[4..12]);
+    let row = u64::from_le_bytes(row);
+    match CacheType::from_id(ty) {
+        Ok(ty) => ty.row_bytes(shape.n_embd_k_gqa()).is_some_and(|r| r as u64 == row),
+        Err(_) => false,
+    }
+}
+
+/// Recognises the layout from what follows `n_layer` (the reader stands
+/// there): version 3 continues with layer 0's K header, version 4 with two
+/// rotation block sizes and then that header. For both readings to match,
+/// the version 3 K type would have to read as a block size (only F32, id 0,
+/// does) and its row size, `4 × n_embd_k_gqa` bytes, as a block that divides
+/// the V head: a V head at least four times the whole K row. No model
+/// llama.cpp caches this way has one; such a blob is refused, not guessed.
+/// Nothing is consumed.
+fn detect_format(r: &Reader<'_>, shape: &ModelShape) -> Result<StateFormat, AlgoError> {
+    let at = r.offset;
+    let v3 = k_header_at(r.raw, at, shape);
+    let word = |offset: usize| {
+        r.raw
+            .get(offset..offset + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let v4 = match (word(at), word(at + 4)) {
+        (Some(n_rot_k), Some(n_rot_v))
+            if plausible_rotation(n_rot_k, shape.head_dim_k)
+                && plausible_rotation(n_rot_v, shape.head_dim_v)
+                && k_header_at(r.raw, at + 8, shape) =>
+        {
+            Some(StateFormat::V4 { n_rot_k, n_rot_v })
+        }
+        _ => None,
+    };
+    match (v3, v4) {
+        (true, None) => Ok(StateFormat::V3),
+        (false, Some(format)) => Ok(format),
+        (true, Some(_)) => Err(format_error(format!(
+            "the layer header at offset {at} reads both as state version 3 and as version 4; refusing to guess"
+        ))),
+        (false, None) => {
+            // Name what was found as version 3 reads it: the common case is
+            // a bad K type or row size, which the checks below explain.
+            let mut probe = Reader { raw: r.raw, offset: at };
+            let ty = CacheType::from_id(probe.i32("K type")?)?;
+            check_head_slicing(ty, shape.head_dim_k, "K", 0)?;
+            let expected = expected_row_bytes(ty, shape.n_embd_k_gqa(), "K", 0)?;
+            let row = probe.u64("K row size")?;
+            Err(AlgoError::ShapeMismatch(format!(
+                "K row size of layer 0 at offset {} is {row} bytes, expected {expected} ({} × {} {} elements); \
+                 nor is the header a state version 4 one (rotation block sizes and then a K header)",
+                at + 4,
+                shape.n_head_kv,
+                shape.head_dim_k,
+                ty.name()
+            )))
+        }
+    }
+}
+
 impl<'a> SeqState<'a> {
     /// Parses and validates a single-sequence state blob against `shape`.
     ///
@@ -230,7 +356,9 @@ impl<'a> SeqState<'a> {
     /// - [`AlgoError::UnsupportedStateFormat`] when the blob is truncated,
     ///   has trailing bytes, a wrong magic, no or several non-empty streams,
     ///   cells shared with other sequences or carrying extensions (M-RoPE),
-    ///   a `v_trans` flag other than 0/1, or duplicate positions;
+    ///   a `v_trans` flag other than 0/1, duplicate positions, or a layer
+    ///   header that is neither a version 3 nor a version 4 one
+    ///   ([`StateFormat`]);
     /// - [`AlgoError::ShapeMismatch`] when the layer count or a row size does
     ///   not match `shape` (or `shape` itself is invalid);
     /// - [`AlgoError::UnsupportedCacheType`] for unknown types, block sizes
@@ -266,12 +394,13 @@ impl<'a> SeqState<'a> {
                 )));
             }
             let positions = Self::parse_cells(&mut r, cell_count, seq_id)?;
-            let (v_trans, layers) = Self::parse_layers(&mut r, cell_count, shape)?;
+            let (v_trans, format, layers) = Self::parse_layers(&mut r, cell_count, shape)?;
             active = Some(ActiveStream {
                 index: s,
                 start: stream_start,
                 positions,
                 v_trans,
+                format,
                 layers,
                 end: r.offset,
             });
@@ -296,6 +425,7 @@ impl<'a> SeqState<'a> {
             stream_index: active.index,
             positions: active.positions,
             v_trans: active.v_trans,
+            format: active.format,
             layers: active.layers,
             stream_start: active.start,
             stream_end: active.end,
@@ -346,7 +476,7 @@ impl<'a> SeqState<'a> {
         r: &mut Reader<'_>,
         cell_count: usize,
         shape: &ModelShape,
-    ) -> Result<(bool, Vec<LayerSection>), AlgoError> {
+    ) -> Result<(bool, StateFormat, Vec<LayerSection>), AlgoError> {
         let at = r.offset;
         let v_trans = match r.u32("v_trans flag")? {
             0 => false,
@@ -365,6 +495,8 @@ impl<'a> SeqState<'a> {
                 shape.n_layer
             )));
         }
+        let format = detect_format(r, shape)?;
+        r.take(format.rotation_header_bytes(), "rotation block sizes")?;
         let mut k_parts = Vec::with_capacity(n_layer);
         for layer in 0..n_layer {
             let ty = CacheType::from_id(r.i32("K type")?)?;
@@ -443,7 +575,7 @@ impl<'a> SeqState<'a> {
                 v_offset,
             });
         }
-        Ok((v_trans, layers))
+        Ok((v_trans, format, layers))
     }
 
     /// Number of cells the sequence holds.
@@ -454,6 +586,11 @@ impl<'a> SeqState<'a> {
     /// Position of every cell, in blob (KV cell index) order.
     pub fn positions(&self) -> &[i32] {
         &self.positions
+    }
+
+    /// The layout the blob was written in, with its rotation fields.
+    pub fn format(&self) -> StateFormat {
+        self.format
     }
 
     /// Whether V is stored transposed (element-major).
@@ -616,7 +753,7 @@ impl<'a> SeqState<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::snapkv::synthetic::{build_blob, pattern_byte, Tensor};
+    use crate::snapkv::synthetic::{build_blob, build_blob_in, pattern_byte, Tensor};
 
     const SHAPE: ModelShape = ModelShape {
         n_layer: 2,
@@ -690,6 +827,99 @@ mod tests {
                     }
                     assert_eq!(st.k_row(layer, cell).len(), 16);
                 }
+            }
+        }
+    }
+
+    /// A shape whose heads (64 elements) admit a rotation block.
+    const ROTATABLE: ModelShape = ModelShape {
+        n_layer: 2,
+        n_head: 2,
+        n_head_kv: 1,
+        head_dim_k: 64,
+        head_dim_v: 64,
+    };
+
+    fn blob_v4(positions: &[i32], n_rot_k: u32, n_rot_v: u32, v_trans: bool) -> Vec<u8> {
+        build_blob_in(
+            StateFormat::V4 { n_rot_k, n_rot_v },
+            &ROTATABLE,
+            positions,
+            CacheType::Q8_0,
+            CacheType::F16,
+            v_trans,
+            2,
+            1,
+            pattern_byte,
+        )
+    }
+
+    #[test]
+    fn both_layouts_are_recognised() {
+        let v3 = build_blob(
+            &ROTATABLE,
+            &[1, 0, 2],
+            CacheType::Q8_0,
+            CacheType::F16,
+            false,
+            2,
+            1,
+            pattern_byte,
+        );
+        assert_eq!(SeqState::parse(&v3, &ROTATABLE).unwrap().format(), StateFormat::V3);
+        for (n_rot_k, n_rot_v) in [(0, 0), (64, 64), (64, 0), (0, 64)] {
+            for v_trans in [false, true] {
+                let v_type = CacheType::F16;
+                let raw = blob_v4(&[1, 0, 2], n_rot_k, n_rot_v, v_trans);
+                let st = SeqState::parse(&raw, &ROTATABLE).unwrap();
+                assert_eq!(st.format(), StateFormat::V4 { n_rot_k, n_rot_v });
+                assert_eq!(st.format().version(), 4);
+                assert_eq!(st.positions(), &[1, 0, 2]);
+                assert_eq!(st.v_type(1), v_type);
+                // The same cells in both layouts: the data is the same.
+                let same = build_blob(
+                    &ROTATABLE,
+                    &[1, 0, 2],
+                    CacheType::Q8_0,
+                    v_type,
+                    v_trans,
+                    2,
+                    1,
+                    pattern_byte,
+                );
+                let old = SeqState::parse(&same, &ROTATABLE).unwrap();
+                for layer in 0..2 {
+                    for cell in 0..3 {
+                        assert_eq!(st.k_row(layer, cell), old.k_row(layer, cell));
+                        assert_eq!(st.v_row(layer, cell), old.v_row(layer, cell));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_rotation_headers_are_refused() {
+        // Block sizes llama.cpp never writes: not a power of two, below 64,
+        // or not dividing the head.
+        for (n_rot_k, n_rot_v) in [(48, 0), (0, 32), (128, 0), (1, 1), (u32::MAX, 0)] {
+            let raw = blob_v4(&[0, 1], n_rot_k, n_rot_v, false);
+            assert!(
+                SeqState::parse(&raw, &ROTATABLE).is_err(),
+                "accepted rotation blocks ({n_rot_k}, {n_rot_v})"
+            );
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_a_version_4_blob_is_refused() {
+        for v_trans in [false, true] {
+            let raw = blob_v4(&[2, 0, 1], 64, 64, v_trans);
+            for len in 0..raw.len() {
+                assert!(
+                    SeqState::parse(&raw[..len], &ROTATABLE).is_err(),
+                    "accepted {len} bytes"
+                );
             }
         }
     }

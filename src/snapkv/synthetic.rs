@@ -2,7 +2,7 @@
 //! integration tests). Not part of the supported API.
 
 use super::ggml_type::CacheType;
-use super::state_blob::{ModelShape, STATE_SEQ_MAGIC};
+use super::state_blob::{ModelShape, StateFormat, STATE_SEQ_MAGIC};
 
 /// Which cache tensor a byte belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -28,6 +28,36 @@ pub enum Tensor {
 /// this is a test helper.
 #[allow(clippy::too_many_arguments)]
 pub fn build_blob(
+    shape: &ModelShape,
+    positions: &[i32],
+    k_type: CacheType,
+    v_type: CacheType,
+    v_trans: bool,
+    n_stream: u32,
+    stream_index: u32,
+    fill: impl FnMut(Tensor, usize, usize, usize) -> u8,
+) -> Vec<u8> {
+    build_blob_in(
+        StateFormat::V3,
+        shape,
+        positions,
+        k_type,
+        v_type,
+        v_trans,
+        n_stream,
+        stream_index,
+        fill,
+    )
+}
+
+/// [`build_blob`] in a chosen layout: [`StateFormat::V4`] writes its
+/// rotation block sizes after the layer count, as llama.cpp's version 4 does.
+///
+/// # Panics
+/// As [`build_blob`].
+#[allow(clippy::too_many_arguments)]
+pub fn build_blob_in(
+    format: StateFormat,
     shape: &ModelShape,
     positions: &[i32],
     k_type: CacheType,
@@ -61,6 +91,10 @@ pub fn build_blob(
         }
         out.extend_from_slice(&u32::from(v_trans).to_le_bytes());
         out.extend_from_slice(&(shape.n_layer as u32).to_le_bytes());
+        if let StateFormat::V4 { n_rot_k, n_rot_v } = format {
+            out.extend_from_slice(&n_rot_k.to_le_bytes());
+            out.extend_from_slice(&n_rot_v.to_le_bytes());
+        }
         for layer in 0..shape.n_layer {
             out.extend_from_slice(&k_type.id().to_le_bytes());
             out.extend_from_slice(&(k_row as u64).to_le_bytes());
