@@ -20,14 +20,17 @@
 //! With the `preload` feature llama.cpp is not built or linked either: the
 //! interposition library resolves llama.cpp's functions in the host process
 //! that preloads it (see `src/preload`).
+//!
+//! With the `llama-cpp-sys-2` feature the llama.cpp is llama-cpp-sys-2's:
+//! nothing is built or linked here, the bindings come from the headers that
+//! crate installed (in the prefix it publishes as `DEP_LLAMA_ROOT`),
+//! and the `--wrap` options a program's link needs for `snapkv::linked` are
+//! passed to this package's own binaries and tests and published to
+//! dependents as `DEP_SNAPKV_WRAP_LINK_ARG`.
 
 use std::env as stdenv;
 use std::fs;
 use std::path::{Path, PathBuf};
-
-/// Headers whose declarations we bind. llama.h pulls in ggml.h, ggml-cpu.h,
-/// ggml-backend.h and ggml-opt.h.
-const BOUND_HEADERS: &[&str] = &["include/llama.h", "ggml/include/gguf.h"];
 
 /// Directories of the llama.cpp tree whose changes require a rebuild.
 const WATCHED_DIRS: &[&str] = &[
@@ -40,18 +43,145 @@ const WATCHED_DIRS: &[&str] = &[
     "ggml/src",
 ];
 
+/// The llama.cpp functions `snapkv::linked` wraps (src/preload/real.rs
+/// lists the same ones; a unit test there checks that they agree).
+const WRAPPED: &[&str] = &[
+    "llama_new_context_with_model",
+    "llama_init_from_model",
+    "llama_free",
+    "llama_decode",
+    "llama_process",
+    "llama_batch_ext_free",
+    "llama_batch_ext_clear",
+    "llama_batch_ext_add",
+    "llama_batch_ext_add_token",
+    "llama_batch_ext_add_embd",
+    "llama_batch_ext_add_seq",
+    "llama_batch_ext_set_pos",
+    "llama_batch_ext_set_output_logits",
+    "llama_batch_ext_set_output_embd",
+    "llama_memory_clear",
+    "llama_memory_seq_rm",
+    "llama_memory_seq_cp",
+    "llama_memory_seq_keep",
+    "llama_memory_seq_add",
+    "llama_memory_seq_pos_min",
+    "llama_state_seq_get_data_ext",
+    "llama_state_seq_set_data_ext",
+    "llama_state_seq_get_data",
+    "llama_state_seq_set_data",
+];
+
+/// The llama.cpp whose headers we bind: a source tree, or the install
+/// prefix of llama-cpp-sys-2's build.
+struct Headers {
+    /// Where the tree or prefix is (reported by the library).
+    root: PathBuf,
+    llama_h: PathBuf,
+    gguf_h: PathBuf,
+    include_dirs: Vec<PathBuf>,
+    ggml_version: String,
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    let src = locate_llama_cpp();
-    watch_tree(&src);
-    // docs.rs (and anyone documenting the crate with DOCS_RS set) needs the
-    // bindings to type-check, but no native code: nothing is linked.
-    if env("DOCS_RS").is_none() && !feature("preload") {
-        let prefix = build_llama_cpp(&src);
-        link_llama_cpp(&prefix);
+    let shared = feature("llama-cpp-sys-2");
+    if shared && feature("preload") {
+        panic!(
+            "the features `preload` (a library preloaded into llama.cpp's programs) and `llama-cpp-sys-2` \
+             (linked into a program on llama-cpp-2) exclude each other"
+        );
     }
-    generate_bindings(&src);
-    export_pin(&src);
+    let headers = if shared {
+        shared_headers()
+    } else {
+        let src = locate_llama_cpp();
+        watch_tree(&src);
+        // docs.rs (and anyone documenting the crate with DOCS_RS set) needs
+        // the bindings to type-check, but no native code: nothing is linked.
+        if env("DOCS_RS").is_none() && !feature("preload") {
+            let prefix = build_llama_cpp(&src);
+            link_llama_cpp(&prefix);
+        }
+        source_headers(&src)
+    };
+    if shared {
+        publish_wrap_link_arg();
+    }
+    generate_bindings(&headers);
+    export_pin(&headers);
+}
+
+fn source_headers(src: &Path) -> Headers {
+    Headers {
+        root: src.to_path_buf(),
+        llama_h: src.join("include/llama.h"),
+        gguf_h: src.join("ggml/include/gguf.h"),
+        include_dirs: vec![src.join("include"), src.join("ggml/include")],
+        ggml_version: ggml_version_of_tree(src),
+    }
+}
+
+/// The headers llama-cpp-sys-2 installed with the llama.cpp it built.
+fn shared_headers() -> Headers {
+    // The cmake crate's install prefix (its `root`), which llama-cpp-sys-2's
+    // `links = "llama"` publishes to us as DEP_LLAMA_ROOT.
+    let Some(prefix) = env("DEP_LLAMA_ROOT") else {
+        panic!(
+            "feature `llama-cpp-sys-2`: llama-cpp-sys-2 published no DEP_LLAMA_ROOT \
+             (the prefix its CMake build installs llama.cpp into); is it the pinned version?"
+        );
+    };
+    let prefix = PathBuf::from(prefix);
+    let include = prefix.join("include");
+    for header in ["llama.h", "gguf.h"] {
+        if !include.join(header).is_file() {
+            panic!("feature `llama-cpp-sys-2`: {} has no {header}", include.display());
+        }
+    }
+    let version_file = ["lib", "lib64"]
+        .iter()
+        .map(|lib| prefix.join(lib).join("cmake/ggml/ggml-config.cmake"))
+        .find(|f| f.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "feature `llama-cpp-sys-2`: no ggml-config.cmake under {}",
+                prefix.display()
+            )
+        });
+    let ggml_version = fs::read_to_string(&version_file)
+        .ok()
+        .and_then(|text| {
+            text.lines().find_map(|l| {
+                l.trim()
+                    .strip_prefix("set(GGML_VERSION ")
+                    .map(|v| v.trim_end_matches(')').trim().trim_matches('"').to_string())
+            })
+        })
+        .unwrap_or_else(|| panic!("no GGML_VERSION in {}", version_file.display()));
+    Headers {
+        root: prefix,
+        llama_h: include.join("llama.h"),
+        gguf_h: include.join("gguf.h"),
+        include_dirs: vec![include],
+        ggml_version,
+    }
+}
+
+/// The linker options that send a program's calls of [`WRAPPED`] to our
+/// wrappers: for this package's own binaries, tests and cdylib, and, as
+/// metadata, for the program that depends on us.
+fn publish_wrap_link_arg() {
+    let arg = format!(
+        "-Wl,{}",
+        WRAPPED
+            .iter()
+            .map(|f| format!("--wrap={f}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    println!("cargo:rustc-link-arg={arg}");
+    println!("cargo:wrap_link_arg={arg}");
 }
 
 /// Reads an environment variable and tells cargo to rerun when it changes.
@@ -206,15 +336,16 @@ fn link_llama_cpp(prefix: &Path) {
     }
 }
 
-fn generate_bindings(src: &Path) {
-    let wrapper: String = BOUND_HEADERS
+fn generate_bindings(headers: &Headers) {
+    let wrapper: String = [&headers.llama_h, &headers.gguf_h]
         .iter()
-        .map(|h| format!("#include \"{}\"\n", src.join(h).display()))
+        .map(|h| format!("#include \"{}\"\n", h.display()))
         .collect();
-    let bindings = bindgen::Builder::default()
-        .header_contents("snapkv_wrapper.h", &wrapper)
-        .clang_arg(format!("-I{}", src.join("include").display()))
-        .clang_arg(format!("-I{}", src.join("ggml/include").display()))
+    let mut builder = bindgen::Builder::default().header_contents("snapkv_wrapper.h", &wrapper);
+    for dir in &headers.include_dirs {
+        builder = builder.clang_arg(format!("-I{}", dir.display()));
+    }
+    let bindings = builder
         .allowlist_function("(llama|ggml|gguf)_.*")
         .allowlist_type("(llama|ggml|gguf)_.*")
         .allowlist_var("(LLAMA|GGML|GGUF)_.*")
@@ -231,7 +362,18 @@ fn generate_bindings(src: &Path) {
 
 /// Exports what the bindings were made from, so that the library can report
 /// it and refuse a host llama.cpp that differs (plugin mode).
-fn export_pin(src: &Path) {
+fn export_pin(headers: &Headers) {
+    println!("cargo:rustc-env=SNAPKV_GGML_VERSION={}", headers.ggml_version);
+    let header = fs::read(&headers.llama_h).expect("read llama.h");
+    println!("cargo:rustc-env=SNAPKV_LLAMA_H_FINGERPRINT={:016x}", fnv1a64(&header));
+    println!("cargo:rustc-env=SNAPKV_LLAMA_CPP_DIR={}", headers.root.display());
+    let out = PathBuf::from(stdenv::var("OUT_DIR").unwrap());
+    let functions = llama_api_functions(&String::from_utf8_lossy(&header)).join("\n");
+    fs::write(out.join("llama_api_functions.txt"), functions).expect("write the llama.h function list");
+}
+
+/// ggml's version, from the tree's ggml/CMakeLists.txt.
+fn ggml_version_of_tree(src: &Path) -> String {
     let ggml_cmake = fs::read_to_string(src.join("ggml/CMakeLists.txt")).unwrap_or_default();
     let part = |key: &str| {
         ggml_cmake
@@ -240,19 +382,12 @@ fn export_pin(src: &Path) {
             .map(|v| v.trim_end_matches(')').trim().to_string())
             .unwrap_or_else(|| "0".into())
     };
-    let ggml_version = format!(
+    format!(
         "{}.{}.{}",
         part("GGML_VERSION_MAJOR"),
         part("GGML_VERSION_MINOR"),
         part("GGML_VERSION_PATCH")
-    );
-    println!("cargo:rustc-env=SNAPKV_GGML_VERSION={ggml_version}");
-    let header = fs::read(src.join("include/llama.h")).expect("read llama.h");
-    println!("cargo:rustc-env=SNAPKV_LLAMA_H_FINGERPRINT={:016x}", fnv1a64(&header));
-    println!("cargo:rustc-env=SNAPKV_LLAMA_CPP_DIR={}", src.display());
-    let out = PathBuf::from(stdenv::var("OUT_DIR").unwrap());
-    let functions = llama_api_functions(&String::from_utf8_lossy(&header)).join("\n");
-    fs::write(out.join("llama_api_functions.txt"), functions).expect("write the llama.h function list");
+    )
 }
 
 /// The functions llama.h declares with `LLAMA_API`, comments skipped: the

@@ -59,6 +59,8 @@ pub mod capi;
 pub mod compress;
 mod error;
 mod generate;
+#[cfg(all(target_os = "linux", feature = "llama-cpp-sys-2"))]
+pub mod linked;
 pub mod llama;
 #[cfg(target_os = "linux")]
 mod preload;

@@ -265,6 +265,13 @@ impl WindowObserver {
         self.rotation_disabled.load(Ordering::SeqCst)
     }
 
+    /// Whether `params` carry an observer (this one or another).
+    #[cfg(any(feature = "preload", feature = "llama-cpp-sys-2"))]
+    pub(crate) fn attached_to_any(params: &sys::llama_context_params) -> bool {
+        let ours = eval_trampoline as EvalCallback as usize;
+        params.cb_eval.map(|f| f as usize) == Some(ours)
+    }
+
     /// Whether `params` carry this observer.
     pub(crate) fn is_attached_to(self: &Arc<Self>, params: &sys::llama_context_params) -> bool {
         // Compared as addresses: the observer's user pointer is what makes

@@ -1,5 +1,9 @@
 //! The exported wrappers: functions named like llama.cpp's, found by the
-//! host before its `libllama.so` because this library is preloaded.
+//! host before its `libllama.so` because this library is preloaded. Linked
+//! into a program that shares llama-cpp-sys-2's llama.cpp (feature
+//! `llama-cpp-sys-2`), the same wrappers are named `__wrap_llama_…` and the
+//! program's link redirects its calls to them (`--wrap`, see
+//! [`crate::linked`]).
 //!
 //! Every wrapper forwards to the host's function ([`super::real`]) exactly
 //! once and returns what it returned (except `llama_memory_seq_pos_min`
@@ -18,7 +22,7 @@ use super::log::{log, Level};
 use super::shadow::ShadowBatch;
 use super::track::Removal;
 use super::{engine, real};
-use crate::llama::{ContextRef, ModelRef};
+use crate::llama::{ContextRef, ModelRef, WindowObserver};
 use crate::sys;
 
 /// Runs our part of a call; a panic becomes one log line (once).
@@ -65,7 +69,9 @@ macro_rules! host_or {
 }
 
 // Runs at load time: reads the environment and checks the host, so that
-// an invalid variable or a refused host is reported at start-up.
+// an invalid variable or a refused host is reported at start-up. (Linked
+// into a program instead, the program configures us first: `crate::linked`.)
+#[cfg(feature = "preload")]
 #[used]
 #[link_section = ".init_array"]
 static AT_LOAD: extern "C" fn() = {
@@ -80,13 +86,53 @@ static AT_LOAD: extern "C" fn() = {
 ///
 /// # Safety
 /// As llama.h's `llama_init_from_model`.
-#[no_mangle]
+#[cfg_attr(feature = "preload", no_mangle)]
+#[cfg_attr(not(feature = "preload"), export_name = "__wrap_llama_init_from_model")]
 pub unsafe extern "C" fn llama_init_from_model(
     model: *mut sys::llama_model,
     params: sys::llama_context_params,
 ) -> *mut sys::llama_context {
     let forward = host_or!(llama_init_from_model, std::ptr::null_mut());
-    let Some(engine) = active().filter(|_| !model.is_null()) else {
+    // SAFETY: the host's arguments and its own function.
+    unsafe { create_context(forward, model, params) }
+}
+
+/// Wraps `llama_new_context_with_model`, the deprecated name llama-cpp-2
+/// creates its contexts with: its body in llama.cpp calls
+/// `llama_init_from_model` where no link wraps it. (A preloaded library
+/// needs no such wrapper: that inner call reaches ours.)
+///
+/// # Safety
+/// As llama.h's `llama_new_context_with_model`.
+#[cfg(feature = "llama-cpp-sys-2")]
+#[export_name = "__wrap_llama_new_context_with_model"]
+pub unsafe extern "C" fn llama_new_context_with_model(
+    model: *mut sys::llama_model,
+    params: sys::llama_context_params,
+) -> *mut sys::llama_context {
+    let forward = host_or!(llama_new_context_with_model, std::ptr::null_mut());
+    // SAFETY: the host's arguments and its own function.
+    unsafe { create_context(forward, model, params) }
+}
+
+/// Creates a context through `forward`, with an observer attached to its
+/// params when the engine is active and the model can be compressed.
+///
+/// A constructor may reach another one that is wrapped too (in a linked
+/// program, `llama_new_context_with_model` calls `llama_init_from_model`
+/// through the wrap): params that already carry an observer come from the
+/// outer wrapper, which registers the context; the inner call forwards.
+///
+/// # Safety
+/// `forward` is llama.cpp's context constructor; `model` and `params` are
+/// the host's arguments to it.
+unsafe fn create_context(
+    forward: unsafe extern "C" fn(*mut sys::llama_model, sys::llama_context_params) -> *mut sys::llama_context,
+    model: *mut sys::llama_model,
+    params: sys::llama_context_params,
+) -> *mut sys::llama_context {
+    let engine = active().filter(|_| !model.is_null() && !WindowObserver::attached_to_any(&params));
+    let Some(engine) = engine else {
         // SAFETY: forwarding the host's own arguments to its own function.
         return unsafe { forward(model, params) };
     };
@@ -113,7 +159,8 @@ pub unsafe extern "C" fn llama_init_from_model(
 ///
 /// # Safety
 /// As llama.h's `llama_free`.
-#[no_mangle]
+#[cfg_attr(feature = "preload", no_mangle)]
+#[cfg_attr(not(feature = "preload"), export_name = "__wrap_llama_free")]
 pub unsafe extern "C" fn llama_free(ctx: *mut sys::llama_context) {
     let forward = host_or!(llama_free);
     let observer = active().and_then(|e| guarded(None, || e.context_freed(ctx as usize)));
@@ -127,7 +174,8 @@ pub unsafe extern "C" fn llama_free(ctx: *mut sys::llama_context) {
 ///
 /// # Safety
 /// As llama.h's `llama_process`.
-#[no_mangle]
+#[cfg_attr(feature = "preload", no_mangle)]
+#[cfg_attr(not(feature = "preload"), export_name = "__wrap_llama_process")]
 pub unsafe extern "C" fn llama_process(
     ctx: *mut sys::llama_context,
     kind: sys::llama_process_type,
@@ -159,7 +207,8 @@ pub unsafe extern "C" fn llama_process(
 ///
 /// # Safety
 /// As llama.h's `llama_decode`.
-#[no_mangle]
+#[cfg_attr(feature = "preload", no_mangle)]
+#[cfg_attr(not(feature = "preload"), export_name = "__wrap_llama_decode")]
 pub unsafe extern "C" fn llama_decode(ctx: *mut sys::llama_context, batch: sys::llama_batch) -> i32 {
     let forward = host_or!(llama_decode, -1);
     let Some(engine) = active().filter(|_| !ctx.is_null()) else {
@@ -241,7 +290,8 @@ macro_rules! mirror {
 ///
 /// # Safety
 /// As llama.h's `llama_batch_ext_clear`.
-#[no_mangle]
+#[cfg_attr(feature = "preload", no_mangle)]
+#[cfg_attr(not(feature = "preload"), export_name = "__wrap_llama_batch_ext_clear")]
 pub unsafe extern "C" fn llama_batch_ext_clear(batch: *mut sys::llama_batch_ext) {
     let forward = host_or!(llama_batch_ext_clear);
     // SAFETY: the host's argument to its own function.
@@ -253,7 +303,8 @@ pub unsafe extern "C" fn llama_batch_ext_clear(batch: *mut sys::llama_batch_ext)
 ///
 /// # Safety
 /// As llama.h's `llama_batch_ext_free`.
-#[no_mangle]
+#[cfg_attr(feature = "preload", no_mangle)]
+#[cfg_attr(not(feature = "preload"), export_name = "__wrap_llama_batch_ext_free")]
 pub unsafe extern "C" fn llama_batch_ext_free(batch: *mut sys::llama_batch_ext) {
     let forward = host_or!(llama_batch_ext_free);
     if let Some(engine) = active() {
@@ -269,7 +320,8 @@ pub unsafe extern "C" fn llama_batch_ext_free(batch: *mut sys::llama_batch_ext) 
 macro_rules! adder {
     ($name:ident($($arg:ident: $ty:ty),*) => $token:expr) => {
         #[doc = concat!("Wraps `", stringify!($name), "`.\n\n# Safety\nAs llama.h's `", stringify!($name), "`.")]
-        #[no_mangle]
+        #[cfg_attr(feature = "preload", no_mangle)]
+        #[cfg_attr(not(feature = "preload"), export_name = concat!("__wrap_", stringify!($name)))]
         pub unsafe extern "C" fn $name(batch: *mut sys::llama_batch_ext, seq: sys::llama_seq_id, $($arg: $ty),*) -> i32 {
             let forward = host_or!($name, -1);
             // SAFETY: the host's arguments to its own function.
@@ -288,7 +340,8 @@ adder!(llama_batch_ext_add_embd(embd: sys::llama_embd) => { let _ = &embd; None 
 ///
 /// # Safety
 /// As llama.h's `llama_batch_ext_add_seq`.
-#[no_mangle]
+#[cfg_attr(feature = "preload", no_mangle)]
+#[cfg_attr(not(feature = "preload"), export_name = "__wrap_llama_batch_ext_add_seq")]
 pub unsafe extern "C" fn llama_batch_ext_add_seq(
     batch: *mut sys::llama_batch_ext,
     idx: i32,
@@ -307,7 +360,8 @@ pub unsafe extern "C" fn llama_batch_ext_add_seq(
 ///
 /// # Safety
 /// As llama.h's `llama_batch_ext_set_pos`.
-#[no_mangle]
+#[cfg_attr(feature = "preload", no_mangle)]
+#[cfg_attr(not(feature = "preload"), export_name = "__wrap_llama_batch_ext_set_pos")]
 pub unsafe extern "C" fn llama_batch_ext_set_pos(
     batch: *mut sys::llama_batch_ext,
     idx: i32,
@@ -328,7 +382,8 @@ pub unsafe extern "C" fn llama_batch_ext_set_pos(
 macro_rules! output_setter {
     ($name:ident) => {
         #[doc = concat!("Wraps `", stringify!($name), "`.\n\n# Safety\nAs llama.h's `", stringify!($name), "`.")]
-        #[no_mangle]
+        #[cfg_attr(feature = "preload", no_mangle)]
+        #[cfg_attr(not(feature = "preload"), export_name = concat!("__wrap_", stringify!($name)))]
         pub unsafe extern "C" fn $name(batch: *mut sys::llama_batch_ext, idx: i32, value: bool) -> bool {
             let forward = host_or!($name, false);
             // SAFETY: the host's arguments to its own function.
@@ -349,7 +404,8 @@ output_setter!(llama_batch_ext_set_output_embd);
 ///
 /// # Safety
 /// As llama.h's `llama_memory_seq_pos_min`.
-#[no_mangle]
+#[cfg_attr(feature = "preload", no_mangle)]
+#[cfg_attr(not(feature = "preload"), export_name = "__wrap_llama_memory_seq_pos_min")]
 pub unsafe extern "C" fn llama_memory_seq_pos_min(mem: sys::llama_memory_t, seq: sys::llama_seq_id) -> sys::llama_pos {
     let forward = host_or!(llama_memory_seq_pos_min, -1);
     // SAFETY: the host's arguments to its own function.
@@ -366,7 +422,8 @@ pub unsafe extern "C" fn llama_memory_seq_pos_min(mem: sys::llama_memory_t, seq:
 ///
 /// # Safety
 /// As llama.h's `llama_memory_seq_rm`.
-#[no_mangle]
+#[cfg_attr(feature = "preload", no_mangle)]
+#[cfg_attr(not(feature = "preload"), export_name = "__wrap_llama_memory_seq_rm")]
 pub unsafe extern "C" fn llama_memory_seq_rm(
     mem: sys::llama_memory_t,
     seq: sys::llama_seq_id,
@@ -403,7 +460,8 @@ pub unsafe extern "C" fn llama_memory_seq_rm(
 macro_rules! memory_op {
     ($name:ident($($arg:ident: $ty:ty),*) => |$tracks:ident| $update:expr) => {
         #[doc = concat!("Wraps `", stringify!($name), "`.\n\n# Safety\nAs llama.h's `", stringify!($name), "`.")]
-        #[no_mangle]
+        #[cfg_attr(feature = "preload", no_mangle)]
+        #[cfg_attr(not(feature = "preload"), export_name = concat!("__wrap_", stringify!($name)))]
         pub unsafe extern "C" fn $name(mem: sys::llama_memory_t, $($arg: $ty),*) {
             let forward = host_or!($name);
             // SAFETY: the host's arguments to its own function.
@@ -442,7 +500,8 @@ unsafe fn state_bytes<'a>(ptr: *const u8, n: usize) -> &'a [u8] {
 macro_rules! state_call {
     ($name:ident, $bytes:ident: $ptr:ty, $seen:ident $(, $flags:ident)?) => {
         #[doc = concat!("Wraps `", stringify!($name), "`.\n\n# Safety\nAs llama.h's `", stringify!($name), "`.")]
-        #[no_mangle]
+        #[cfg_attr(feature = "preload", no_mangle)]
+        #[cfg_attr(not(feature = "preload"), export_name = concat!("__wrap_", stringify!($name)))]
         pub unsafe extern "C" fn $name(
             ctx: *mut sys::llama_context,
             $bytes: $ptr,

@@ -26,7 +26,7 @@
 pub(crate) mod config;
 pub(crate) mod guard;
 pub(crate) mod host;
-#[cfg(feature = "preload")]
+#[cfg(any(feature = "preload", feature = "llama-cpp-sys-2"))]
 mod interpose;
 pub(crate) mod log;
 pub(crate) mod real;
@@ -37,21 +37,41 @@ use std::sync::OnceLock;
 
 use host::Engine;
 
-/// The engine, when the environment asks for compression and the host
-/// passed the guard; read once, with one line on stderr when a variable is
-/// invalid or the host is refused.
+static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
+
+/// Settings a program linked to us gave [`crate::linked::enable`] before
+/// the engine started; they take the place of the environment.
+static PROGRAM_SETTINGS: OnceLock<config::Settings> = OnceLock::new();
+
+/// Records a program's settings. `Err(())` when the engine has already
+/// started (a context was created, or settings were given before).
+pub(crate) fn set_program_settings(settings: config::Settings) -> Result<(), ()> {
+    if ENGINE.get().is_some() {
+        return Err(());
+    }
+    PROGRAM_SETTINGS.set(settings).map_err(|_| ())
+}
+
+/// The engine, when the program's settings or the environment ask for
+/// compression and the host passed the guard; decided once, with one line
+/// on stderr when a variable is invalid or the host is refused.
 pub(crate) fn engine() -> Option<&'static Engine> {
-    static ENGINE: OnceLock<Option<Engine>> = OnceLock::new();
     ENGINE
         .get_or_init(|| {
-            let settings = match config::from_env(|k| std::env::var(k).ok()) {
-                Ok(Some(s)) => s,
-                Ok(None) => return None,
-                Err(why) => {
-                    eprintln!("snapkv: {why}; passing through (no compression)");
-                    return None;
-                }
+            let settings = match PROGRAM_SETTINGS.get() {
+                Some(s) => s.clone(),
+                None => match config::from_env(|k| std::env::var(k).ok()) {
+                    Ok(Some(s)) => s,
+                    Ok(None) => return None,
+                    Err(why) => {
+                        eprintln!("snapkv: {why}; passing through (no compression)");
+                        return None;
+                    }
+                },
             };
+            // A preloaded library meets whatever llama.cpp the host has; a
+            // linked one was compiled against the llama.cpp it links.
+            #[cfg(feature = "preload")]
             if let Err(why) = guard::check_host() {
                 eprintln!("snapkv: {why}; passing through (no compression)");
                 return None;

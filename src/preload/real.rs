@@ -7,7 +7,6 @@
 //! loaded.
 
 use std::ffi::{c_char, c_void, CStr};
-use std::sync::OnceLock;
 
 use crate::sys;
 
@@ -29,13 +28,14 @@ pub(super) fn defined_in_process(name: &CStr) -> bool {
     !unsafe { dlsym(RTLD_DEFAULT, name.as_ptr()) }.is_null()
 }
 
+#[cfg(feature = "preload")]
 macro_rules! host_functions {
     ($( $name:ident : fn($($ty:ty),*) $(-> $ret:ty)? ;)*) => {
         $(
             /// The host's definition of this function, resolved on first
             /// use; `None` when the host's libllama lacks it.
             pub(super) fn $name() -> Option<unsafe extern "C" fn($($ty),*) $(-> $ret)?> {
-                static ADDRESS: OnceLock<usize> = OnceLock::new();
+                static ADDRESS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
                 const NAME: &CStr = match CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes()) {
                     Ok(n) => n,
                     Err(_) => panic!("NUL in a symbol name"),
@@ -50,6 +50,26 @@ macro_rules! host_functions {
                 // guard refuses to act on a host whose llama.cpp differs.
                 // SAFETY: the host's function of this name, with llama.h's signature.
                 Some(unsafe { std::mem::transmute::<usize, unsafe extern "C" fn($($ty),*) $(-> $ret)?>(address) })
+            }
+        )*
+    };
+}
+
+/// Linked into a program (feature `llama-cpp-sys-2`): the linker's
+/// `--wrap=NAME` sends the program's calls of `NAME` to our `__wrap_NAME`
+/// and resolves `__real_NAME` to llama.cpp's own `NAME`.
+#[cfg(not(feature = "preload"))]
+macro_rules! host_functions {
+    ($( $name:ident : fn($($ty:ty),*) $(-> $ret:ty)? ;)*) => {
+        $(
+            /// llama.cpp's own definition of this function (always present
+            /// in a linked program).
+            pub(super) fn $name() -> Option<unsafe extern "C" fn($($ty),*) $(-> $ret)?> {
+                extern "C" {
+                    #[link_name = concat!("__real_", stringify!($name))]
+                    fn $name($(_: $ty),*) $(-> $ret)?;
+                }
+                Some($name)
             }
         )*
     };
@@ -79,4 +99,56 @@ host_functions! {
     llama_state_seq_set_data_ext: fn(*mut sys::llama_context, *const u8, usize, sys::llama_seq_id, sys::llama_state_seq_flags) -> usize;
     llama_state_seq_get_data: fn(*mut sys::llama_context, *mut u8, usize, sys::llama_seq_id) -> usize;
     llama_state_seq_set_data: fn(*mut sys::llama_context, *const u8, usize, sys::llama_seq_id) -> usize;
+}
+
+// llama-cpp-2 creates its contexts with this (deprecated) name, whose body
+// calls llama_init_from_model inside llama.cpp, where no link wraps it.
+#[cfg(feature = "llama-cpp-sys-2")]
+host_functions! {
+    llama_new_context_with_model: fn(*mut sys::llama_model, sys::llama_context_params) -> *mut sys::llama_context;
+}
+
+#[cfg(test)]
+mod tests {
+    /// Names listed in `host_functions!` invocations of `source`.
+    fn host_function_names(source: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut inside = false;
+        for line in source.lines() {
+            let line = line.trim();
+            if line == "host_functions! {" {
+                inside = true;
+            } else if inside && line == "}" {
+                inside = false;
+            } else if inside {
+                if let Some((name, _)) = line.split_once(": fn(") {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        names.sort();
+        names
+    }
+
+    /// The build script's `--wrap` list must name every function we
+    /// forward to llama.cpp's own definition (`__real_…`): a name it lacks
+    /// fails the program's link; a name too many leaves a call unwrapped.
+    #[test]
+    fn the_wrap_list_names_every_forwarded_function() {
+        let build = include_str!("../../build.rs");
+        let list = build
+            .split_once("const WRAPPED: &[&str] = &[")
+            .and_then(|(_, rest)| rest.split_once("];"))
+            .expect("build.rs has WRAPPED")
+            .0;
+        let mut wrapped: Vec<String> = list
+            .split(',')
+            .map(|n| n.trim().trim_matches('"').to_string())
+            .filter(|n| !n.is_empty())
+            .collect();
+        wrapped.sort();
+        let forwarded = host_function_names(include_str!("real.rs"));
+        assert_eq!(wrapped, forwarded);
+        assert!(forwarded.len() > 20, "parsed {forwarded:?}");
+    }
 }
