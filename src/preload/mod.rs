@@ -45,6 +45,7 @@ static PROGRAM_SETTINGS: OnceLock<config::Settings> = OnceLock::new();
 
 /// Records a program's settings. `Err(())` when the engine has already
 /// started (a context was created, or settings were given before).
+#[cfg(feature = "llama-cpp-sys-2")]
 pub(crate) fn set_program_settings(settings: config::Settings) -> Result<(), ()> {
     if ENGINE.get().is_some() {
         return Err(());
