@@ -12,7 +12,11 @@
 //! Environment variables (each read through [`env`], which prints its rerun line):
 //! - `LLAMA_CPP_DIR`: see above.
 //! - `SNAPKV_CMAKE_ARGS`: extra `-DNAME=VALUE` options for llama.cpp's cmake,
-//!   separated by whitespace (e.g. `-DGGML_AVX512=ON`).
+//!   separated by whitespace, applied last (e.g. `-DGGML_AVX512=ON`).
+//!
+//! The instruction set llama.cpp is compiled for follows the Rust target's
+//! features ([`X86_OPTIONS`]); the `native` feature asks for the build
+//! machine's instead.
 //! - `SNAPKV_CMAKE_JOBS`: parallel compile jobs (defaults to cargo's `NUM_JOBS`).
 //! - `DOCS_RS`: set by docs.rs; the bindings are generated but llama.cpp is
 //!   neither built nor linked.
@@ -70,6 +74,31 @@ const WRAPPED: &[&str] = &[
     "llama_state_seq_set_data_ext",
     "llama_state_seq_get_data",
     "llama_state_seq_set_data",
+];
+
+/// llama.cpp's x86-64 instruction-set options, each with the Rust target
+/// feature that turns it on. All are set, on or off: with GGML_NATIVE off,
+/// ggml's own defaults would turn on SSE4.2, AVX, AVX2, BMI2, FMA and F16C
+/// whatever the target. So a default build (the x86-64 baseline target)
+/// gives a llama.cpp that runs on any x86-64 machine, and
+/// `-C target-cpu=x86-64-v3` (or the repository's .cargo/config.toml, or
+/// any `target-feature` list) gives the matching faster one. Rust's own
+/// scoring kernels choose their SIMD width at run time either way.
+const X86_OPTIONS: &[(&str, &str)] = &[
+    ("GGML_SSE42", "sse4.2"),
+    ("GGML_AVX", "avx"),
+    ("GGML_AVX2", "avx2"),
+    ("GGML_FMA", "fma"),
+    ("GGML_F16C", "f16c"),
+    ("GGML_BMI2", "bmi2"),
+    ("GGML_AVX_VNNI", "avxvnni"),
+    ("GGML_AVX512", "avx512f"),
+    ("GGML_AVX512_VBMI", "avx512vbmi"),
+    ("GGML_AVX512_VNNI", "avx512vnni"),
+    ("GGML_AVX512_BF16", "avx512bf16"),
+    ("GGML_AMX_TILE", "amx-tile"),
+    ("GGML_AMX_INT8", "amx-int8"),
+    ("GGML_AMX_BF16", "amx-bf16"),
 ];
 
 /// The llama.cpp whose headers we bind: a source tree, or the install
@@ -247,17 +276,19 @@ fn build_llama_cpp(src: &Path) -> PathBuf {
 
     if feature("native") {
         cfg.define("GGML_NATIVE", "ON");
-    } else if stdenv::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
-        // An explicit, widely available instruction set. Never -march=native
-        // by default: some VMs advertise AMX and then refuse it.
-        cfg.define("GGML_NATIVE", "OFF")
-            .define("GGML_AVX", "ON")
-            .define("GGML_AVX2", "ON")
-            .define("GGML_FMA", "ON")
-            .define("GGML_F16C", "ON")
-            .define("GGML_BMI2", "ON");
     } else {
+        // Never -march=native by default (some VMs advertise AMX and then
+        // refuse it), and never an instruction set the Rust target lacks:
+        // llama.cpp gets exactly the x86-64 extensions the crate itself is
+        // compiled for (see X86_OPTIONS).
         cfg.define("GGML_NATIVE", "OFF");
+        if stdenv::var("CARGO_CFG_TARGET_ARCH").as_deref() == Ok("x86_64") {
+            let features = stdenv::var("CARGO_CFG_TARGET_FEATURE").unwrap_or_default();
+            let enabled: Vec<&str> = features.split(',').collect();
+            for (option, feature) in X86_OPTIONS {
+                cfg.define(option, on_off(enabled.contains(feature)));
+            }
+        }
     }
     cfg.define("GGML_CUDA", on_off(feature("cuda")))
         .define("GGML_VULKAN", on_off(feature("vulkan")))
