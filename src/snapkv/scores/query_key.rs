@@ -196,6 +196,13 @@ pub fn add_votes_from_queries(
 
 /// Scores query heads `first_head..` (as many as `votes_part` holds rows
 /// for) of one layer into `votes_part`.
+///
+/// Compiled twice on x86-64: for the baseline target and with AVX2 (the
+/// functions it calls are inlined into each copy), and the copy the CPU
+/// runs is chosen at run time, so that a program built without target
+/// flags scores as fast as one built for AVX2. Both copies compute the same
+/// results: no fused multiply-adds, the same order of operations.
+#[multiversion::multiversion(targets("x86_64+avx+avx2+fma"))]
 pub(super) fn score_heads(
     scratch: &mut Scratch,
     votes_part: &mut [f32],
@@ -254,7 +261,9 @@ pub(super) fn score_heads(
 /// (`tile[d * KEY_TILE + j]`), so one broadcast query element multiplies a
 /// whole tile row: the inner loop runs over keys, which the compiler turns
 /// into packed SIMD with the accumulators in registers. Each tile (4 KiB at
-/// head_dim 64) stays in L1 while every query row meets it.
+/// head_dim 64) stays in L1 while every query row meets it. Inlined into
+/// [`score_heads`]'s copies, so that each gets its instruction set.
+#[inline(always)]
 pub(super) fn compute_logits(
     queries: &[f32],
     keys: &[f32],
@@ -335,6 +344,7 @@ pub(super) fn lane_sum(a: [f32; LANES]) -> f32 {
 
 /// Maximum of `values` (`-inf` when empty), in independent lanes so that
 /// the compiler vectorises it (a plain fold stays a scalar chain).
+#[inline(always)]
 pub(super) fn lane_max(values: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let mut chunks = values.chunks_exact(LANES);
@@ -351,6 +361,7 @@ pub(super) fn lane_max(values: &[f32]) -> f32 {
 }
 
 /// Replaces `logits` by `exp((x - max) * scale)` and returns their sum.
+#[inline(always)]
 pub(super) fn softmax_numerators(logits: &mut [f32], scale: f32) -> f32 {
     let max = lane_max(logits);
     // A plain map loop: LLVM's loop vectoriser turns it into full-width
