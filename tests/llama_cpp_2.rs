@@ -33,24 +33,11 @@ fn example() -> &'static Path {
     })
 }
 
-const FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
-
-/// A passkey document of about `24 * reps` tokens with `key` at 40%.
+/// A passkey document of about `24 * reps` tokens with `key` at 40%,
+/// written to a file under target/.
 fn document(name: &str, reps: usize, key: u32) -> PathBuf {
-    let mut s = String::from(
-        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz \
-         you about the important information there.\n\n",
-    );
-    for i in 0..=reps {
-        if i == reps * 2 / 5 {
-            s.push_str(&format!("The pass key is {key}. Remember it. {key} is the pass key. "));
-        }
-        if i < reps {
-            s.push_str(FILLER);
-        }
-    }
     let path = repo_path(&format!("target/llama-cpp-2-{name}.txt"));
-    std::fs::write(&path, s).unwrap();
+    std::fs::write(&path, common::passkey_document(reps, key)).unwrap();
     path
 }
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{repo_path, QWEN};
+use common::{passkey_document, repo_path, QWEN};
 
 /// The pinned tree's programs, built on first use.
 fn tools() -> &'static Path {
@@ -168,25 +168,6 @@ fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> std::io::R
     Ok((status, text))
 }
 
-const FILLER: &str = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
-
-/// A passkey document of about `24 * reps` tokens with `key` at 40%.
-fn document(reps: usize, key: u32) -> String {
-    let mut s = String::from(
-        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz \
-         you about the important information there.\n\n",
-    );
-    for i in 0..=reps {
-        if i == reps * 2 / 5 {
-            s.push_str(&format!("The pass key is {key}. Remember it. {key} is the pass key. "));
-        }
-        if i < reps {
-            s.push_str(FILLER);
-        }
-    }
-    s
-}
-
 fn user(text: String) -> Value {
     json!({"role": "user", "content": text})
 }
@@ -221,7 +202,7 @@ fn serve_two_slots(name: &str, extra: &[&str]) {
         &[&["-c", "16384", "-np", "2"], extra].concat(),
     );
     let (key_a, key_b) = (68142u32, 30517u32);
-    let (doc_a, doc_b) = (document(120, key_a), document(124, key_b));
+    let (doc_a, doc_b) = (passkey_document(120, key_a), passkey_document(124, key_b));
     let ask = |doc: &str| vec![user(format!("{doc}\n\nWhat is the pass key?"))];
     let (ra, rb) = std::thread::scope(|s| {
         let a = s.spawn(|| server.chat(&json!(ask(&doc_a))));
@@ -298,7 +279,7 @@ fn llama_server_with_a_unified_cache() {
 /// (one line at start-up), the server answers byte for byte as without it.
 #[test]
 fn without_variables_or_with_invalid_ones_the_preload_changes_nothing() {
-    let messages = json!([user(format!("{}\n\nWhat is the pass key?", document(12, 4417)))]);
+    let messages = json!([user(format!("{}\n\nWhat is the pass key?", passkey_document(12, 4417)))]);
     // (name, preloaded, environment)
     type Run<'a> = (&'a str, bool, &'a [(&'a str, &'a str)]);
     let runs: [Run; 3] = [
@@ -350,12 +331,12 @@ fn a_compressed_prompt_restored_from_the_ram_cache_is_not_reused_as_a_prefix() {
         &["-c", "8192", "-np", "1", "--cache-ram", "1024", "-lv", "4"],
     );
     let (key_a, key_b) = (19283u32, 55410u32);
-    let doc_a = document(100, key_a);
+    let doc_a = passkey_document(100, key_a);
     let ra = server.chat(&json!([user(format!("{doc_a}\n\nWhat is the pass key?"))]));
     assert!(answer(&ra).contains(&key_a.to_string()), "answered {:?}", answer(&ra));
     let rb = server.chat(&json!([user(format!(
         "{}\n\nWhat is the pass key?",
-        document(100, key_b)
+        passkey_document(100, key_b)
     ))]));
     assert!(answer(&rb).contains(&key_b.to_string()), "answered {:?}", answer(&rb));
     let r2 = server.chat(&json!([user(format!(
@@ -385,7 +366,7 @@ fn llama_completion_compresses_a_long_file() {
     // evaluates the file as it is, in 2,048-token chunks.
     let chat = format!(
         "<|im_start|>user\n{}\n\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\n",
-        document(120, key)
+        passkey_document(120, key)
     );
     std::fs::write(&file, chat).unwrap();
     let out = Command::new(tools().join("llama-completion"))
@@ -473,7 +454,7 @@ fn llama_server_with_the_model_on_an_rpc_server() {
     let key = 71530u32;
     let r = server.chat(&json!([user(format!(
         "{}\n\nWhat is the pass key?",
-        document(40, key)
+        passkey_document(40, key)
     ))]));
     assert!(answer(&r).contains(&key.to_string()), "answered {:?}", answer(&r));
     let log = server.log_text();
@@ -605,7 +586,7 @@ fn a_program_that_calls_llama_decode_is_compressed() {
     let key = 40983u32;
     let prompt = format!(
         "<|im_start|>user\n{}\n\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\n",
-        document(40, key)
+        passkey_document(40, key)
     );
     let (out, err) = run_host_with(&host, QWEN, &prompt, 16, Some("256"));
     assert!(out.contains(&key.to_string()), "answered {out:?}\n{err}");
@@ -663,7 +644,7 @@ fn context_shift_on_a_compressed_slot_keeps_serving() {
     );
     let prompt = format!(
         "<|im_start|>user\n{}\n\nWhat is the pass key? Then write a long story.<|im_end|>\n<|im_start|>assistant\n",
-        document(60, 8841)
+        passkey_document(60, 8841)
     );
     let body = json!({"prompt": prompt, "n_predict": 700, "ignore_eos": true, "temperature": 0, "seed": 1});
     let (status, text) = server.http("POST", "/completion", Some(&body)).expect("request");
@@ -685,7 +666,11 @@ fn context_shift_on_a_compressed_slot_keeps_serving() {
 fn llama_cli_compresses_a_long_file() {
     let key = 36158u32;
     let file = repo_path("target/preload-test-cli.txt");
-    std::fs::write(&file, format!("{}\n\nWhat is the pass key?", document(120, key))).unwrap();
+    std::fs::write(
+        &file,
+        format!("{}\n\nWhat is the pass key?", passkey_document(120, key)),
+    )
+    .unwrap();
     let out = Command::new(tools().join("llama-cli"))
         .arg("-m")
         .arg(repo_path(QWEN))

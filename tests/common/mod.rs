@@ -139,6 +139,25 @@ pub fn n_cells(ctx: &ContextRef, seq: i32) -> usize {
 const PASSKEY_FILLER: &str =
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ";
 
+/// A passkey document (no question, no chat template) of about
+/// `24 * reps` tokens with `key` at 40%: what the tests that drive
+/// llama.cpp's own programs and a llama-cpp-2 program write to a file.
+pub fn passkey_document(reps: usize, key: u32) -> String {
+    let mut s = String::from(
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz \
+         you about the important information there.\n\n",
+    );
+    for i in 0..=reps {
+        if i == reps * 2 / 5 {
+            s.push_str(&format!("The pass key is {key}. Remember it. {key} is the pass key. "));
+        }
+        if i < reps {
+            s.push_str(PASSKEY_FILLER);
+        }
+    }
+    s
+}
+
 /// A passkey prompt of about `target` tokens (chat template applied), the
 /// key at `depth` (0..1) of the filler, ending with the question.
 pub fn passkey_prompt(model: &Model, target: usize, depth: f64, key: u32) -> Vec<i32> {
