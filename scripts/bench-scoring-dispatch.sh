@@ -7,23 +7,30 @@
 # SNAPKV_CMAKE_ARGS), so only the Rust code differs; the two `snapkv bench`
 # runs alternate, twice, so that drift on the machine hits both alike.
 #
-#   scripts/bench-scoring-dispatch.sh [OUT_DIR]    (default results/scoring-dispatch)
+#   scripts/bench-scoring-dispatch.sh [OUT_DIR]          (default results/scoring-dispatch)
+#   scripts/bench-scoring-dispatch.sh --table [OUT_DIR]  the table of the runs already there
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+table_only=0
+if [[ "${1:-}" == --table ]]; then
+    table_only=1
+    shift
+fi
 out="${1:-results/scoring-dispatch}"
 mkdir -p "$out"
 bench=(bench -t 2 --lengths 2000,4000 --budget 1024 -n 8)
 
-cargo build --release -p snapkv-cli
-# RUSTFLAGS, even empty, replaces the flags of .cargo/config.toml.
-RUSTFLAGS="" SNAPKV_CMAKE_ARGS="-DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
-    cargo build --release -p snapkv-cli --target-dir target/no-target-flags
-
-for run in 1 2; do
-    target/release/snapkv "${bench[@]}" --out "$out/with-flags-$run" >/dev/null
-    target/no-target-flags/release/snapkv "${bench[@]}" --out "$out/without-flags-$run" >/dev/null
-done
+if ((!table_only)); then
+    cargo build --release -p snapkv-cli
+    # RUSTFLAGS, even empty, replaces the flags of .cargo/config.toml.
+    RUSTFLAGS="" SNAPKV_CMAKE_ARGS="-DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON" \
+        cargo build --release -p snapkv-cli --target-dir target/no-target-flags
+    for run in 1 2 3 4; do
+        target/release/snapkv "${bench[@]}" --out "$out/with-flags-$run" >/dev/null 2>&1
+        target/no-target-flags/release/snapkv "${bench[@]}" --out "$out/without-flags-$run" >/dev/null 2>&1
+    done
+fi
 
 python3 - "$out" <<'PY'
 import glob, json, os, sys
@@ -34,13 +41,18 @@ for build in ("with-flags", "without-flags"):
         for p in json.load(open(path))["points"]:
             rows.setdefault(p["prompt_tokens"], {}).setdefault(build, []).append(p["score_seconds"])
 table = []
-lines = ["| prompt tokens | scoring, repo flags (s) | scoring, no target flags (s) | ratio |", "|---:|---:|---:|---:|"]
+lines = ["| prompt tokens | repository's flags: mean (median) s | no target flags: mean (median) s | ratio of means (medians) | runs each |",
+         "|---:|---:|---:|---:|---:|"]
+def median(v):
+    v = sorted(v)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
 for tokens in sorted(rows):
-    a = sum(rows[tokens]["with-flags"]) / len(rows[tokens]["with-flags"])
-    b = sum(rows[tokens]["without-flags"]) / len(rows[tokens]["without-flags"])
-    table.append({"prompt_tokens": tokens, "with_flags_seconds": a, "without_flags_seconds": b, "ratio": b / a,
-                  "runs": len(rows[tokens]["with-flags"])})
-    lines.append(f"| {tokens:,} | {a:.3f} | {b:.3f} | {b / a:.2f} |")
-json.dump({"command": "scripts/bench-scoring-dispatch.sh", "points": table}, open(f"{out}/scoring-dispatch.json", "w"), indent=2)
+    a, b = rows[tokens]["with-flags"], rows[tokens]["without-flags"]
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    da, db = median(a), median(b)
+    table.append({"prompt_tokens": tokens, "with_flags_seconds": a, "without_flags_seconds": b,
+                  "ratio_of_means": mb / ma, "ratio_of_medians": db / da})
+    lines.append(f"| {tokens:,} | {ma:.3f} ({da:.3f}) | {mb:.3f} ({db:.3f}) | {mb / ma:.2f} ({db / da:.2f}) | {len(a)} |")
+json.dump({"command": "scripts/bench-scoring-dispatch.sh", "machine": "2-core x86-64 VM, -t 2", "points": table}, open(f"{out}/scoring-dispatch.json", "w"), indent=2)
 print("\n".join(lines))
 PY
