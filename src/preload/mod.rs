@@ -20,6 +20,11 @@
 //!
 //! Without `SNAPKV_BUDGET` the library forwards every call and does
 //! nothing else.
+//!
+//! The same wrappers and engine serve a program on llama-cpp-2 that links
+//! snapkv with the feature `llama-cpp-sys-2` ([`crate::linked`]): there the
+//! link's `--wrap` routes the calls, and the program may configure the
+//! engine before its first context instead of the environment.
 
 #![cfg_attr(not(feature = "preload"), allow(dead_code))]
 
