@@ -10,7 +10,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use snapkv::snapkv::{
     add_votes_from_queries, pool_and_aggregate, QueryScorer, SelectionShape, Selector, SnapKvSelector, Votes,
 };
-use snapkv::{GqaAggregation, PoolAlign, Pooling, QueryAggregation};
+use snapkv::{PoolAlign, Pooling, QueryAggregation};
 
 const N_LAYER: usize = 24;
 const N_HEAD: usize = 14;
@@ -94,29 +94,11 @@ fn scoring(c: &mut Criterion) {
     let votes = votes_filled();
     group.bench_function("pool_and_aggregate/24 layers, max pool k=7, mean GQA", |b| {
         b.iter(|| {
-            black_box(
-                pool_and_aggregate(
-                    &votes,
-                    N_HEAD_KV,
-                    7,
-                    Pooling::Max,
-                    PoolAlign::Centered,
-                    GqaAggregation::Mean,
-                )
-                .expect("pool"),
-            )
+            black_box(pool_and_aggregate(&votes, N_HEAD_KV, 7, Pooling::Max, PoolAlign::Centered).expect("pool"))
         });
     });
 
-    let scores = pool_and_aggregate(
-        &votes,
-        N_HEAD_KV,
-        7,
-        Pooling::Max,
-        PoolAlign::Centered,
-        GqaAggregation::Mean,
-    )
-    .expect("pool");
+    let scores = pool_and_aggregate(&votes, N_HEAD_KV, 7, Pooling::Max, PoolAlign::Centered).expect("pool");
     let shape = SelectionShape {
         n_layer: N_LAYER,
         n_head_kv: N_HEAD_KV,

@@ -143,11 +143,6 @@ enum snapkv_pool_align {
                                        kernel - 1 - pool_forward before it */
 };
 
-enum snapkv_gqa {
-    SNAPKV_GQA_MEAN = 0, /* mean of the query heads sharing a KV head (default) */
-    SNAPKV_GQA_MAX = 1   /* max of them */
-};
-
 enum snapkv_value_weighting {
     SNAPKV_VALUE_WEIGHTING_OFF = 0, /* votes are attention probabilities (SnapKV's paper; default) */
     SNAPKV_VALUE_WEIGHTING_NORM = 1 /* each vote times the norm of the cached value vector it
@@ -178,8 +173,11 @@ typedef struct snapkv_params {
     double budget_fraction;
     /* enum snapkv_pooling. Default SNAPKV_POOLING_AVG. */
     int32_t pooling;
-    /* enum snapkv_gqa. Default SNAPKV_GQA_MEAN. */
-    int32_t gqa;
+    /* Must be 0 (snapkv_params_default sets it). It held the GQA
+     * aggregation, retired without a measured win: the query heads that
+     * share a KV head vote by their mean. A non-zero value is
+     * SNAPKV_ERR_INVALID_PARAMS. */
+    int32_t reserved;
     /* enum snapkv_pool_align. Default SNAPKV_POOL_ALIGN_FORWARD. */
     int32_t pool_align;
     /* With SNAPKV_POOL_ALIGN_FORWARD: how many positions after a voted
@@ -215,7 +213,7 @@ typedef struct snapkv_params {
  * when used: invalid ones give SNAPKV_ERR_INVALID_PARAMS. */
 snapkv_status snapkv_params_default(snapkv_params * params);
 
-/* Named sets of the selection parameters (kernel, pooling, gqa,
+/* Named sets of the selection parameters (kernel, pooling,
  * pool_align, pool_forward, value_weighting, query_aggregation), measured
  * together; window and budget are not part of them. */
 enum snapkv_preset {

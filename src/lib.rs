@@ -73,9 +73,7 @@ pub use llama::{
     build_info, init_backend, set_log_level, Batch, ChatMessage, Context, ContextParams, ContextRef, FlashAttention,
     LogLevel, Model, ModelParams, ModelRef, Sampler, WindowObserver,
 };
-pub use snapkv::{
-    Budget, CacheType, GqaAggregation, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting,
-};
+pub use snapkv::{Budget, CacheType, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting};
 
 /// The README's Rust examples, compiled by `cargo test` (doc tests) so that
 /// they keep building against the API they show.

@@ -27,8 +27,8 @@ use crate::llama::{build_info, SeqId, Token, WindowObserver};
 
 pub use status::{status_of, Status};
 pub use types::{
-    abi_items, AbiItem, LlamaContext, LlamaContextParams, SnapkvObserver, SnapkvParams, SnapkvStats, GQA_MAX, GQA_MEAN,
-    POOLING_AVG, POOLING_MAX, SCORE_NONE, SCORE_QUERY_KEY, SCORE_SOFTMAX,
+    abi_items, AbiItem, LlamaContext, LlamaContextParams, SnapkvObserver, SnapkvParams, SnapkvStats, POOLING_AVG,
+    POOLING_MAX, SCORE_NONE, SCORE_QUERY_KEY, SCORE_SOFTMAX,
 };
 
 use status::{clear_last_error, set_last_error, with_last_error, Failure};
@@ -445,7 +445,7 @@ mod tests {
             kernel: 0,
             budget_fraction: 0.0,
             pooling: 9,
-            gqa: 9,
+            reserved: 9,
             pool_align: 9,
             pool_forward: 9,
             value_weighting: 9,

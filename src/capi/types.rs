@@ -7,9 +7,7 @@ use std::mem::{offset_of, size_of};
 
 use super::status::{Failure, Status};
 use crate::compress::{CompressionStats, ScoreSource};
-use crate::snapkv::{
-    Budget, GqaAggregation, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting,
-};
+use crate::snapkv::{Budget, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting};
 
 /// `snapkv_observer`: opaque in C; in Rust the pointer is an
 /// `Arc<WindowObserver>` turned into a raw pointer (see `ptr.rs`).
@@ -44,10 +42,6 @@ pub const POOL_ALIGN_CENTERED: i32 = 0;
 pub const POOL_ALIGN_TRAILING: i32 = 1;
 /// `SNAPKV_POOL_ALIGN_FORWARD`.
 pub const POOL_ALIGN_FORWARD: i32 = 2;
-/// `SNAPKV_GQA_MEAN`.
-pub const GQA_MEAN: i32 = 0;
-/// `SNAPKV_GQA_MAX`.
-pub const GQA_MAX: i32 = 1;
 /// `SNAPKV_VALUE_WEIGHTING_OFF`.
 pub const VALUE_WEIGHTING_OFF: i32 = 0;
 /// `SNAPKV_VALUE_WEIGHTING_NORM`.
@@ -87,8 +81,10 @@ pub struct SnapkvParams {
     pub budget_fraction: f64,
     /// `enum snapkv_pooling`.
     pub pooling: i32,
-    /// `enum snapkv_gqa`.
-    pub gqa: i32,
+    /// Must be 0. It held the GQA aggregation option, retired without a
+    /// measured win (the query heads of a KV head vote by their mean); the
+    /// field keeps the layout of callers compiled against older headers.
+    pub reserved: i32,
     /// `enum snapkv_pool_align`.
     pub pool_align: i32,
     /// Positions a vote reaches forward with `SNAPKV_POOL_ALIGN_FORWARD`
@@ -165,7 +161,6 @@ macro_rules! c_enum {
 }
 
 c_enum!(Pooling { Max <=> POOLING_MAX, Avg <=> POOLING_AVG });
-c_enum!(GqaAggregation { Mean <=> GQA_MEAN, Max <=> GQA_MAX });
 c_enum!(ValueWeighting { Off <=> VALUE_WEIGHTING_OFF, Norm <=> VALUE_WEIGHTING_NORM });
 c_enum!(QueryAggregation { Sum <=> QUERY_AGGREGATION_SUM, Max <=> QUERY_AGGREGATION_MAX });
 c_enum!(Preset { Default <=> PRESET_DEFAULT, Facts <=> PRESET_FACTS });
@@ -193,7 +188,7 @@ impl SnapkvParams {
             kernel: c.kernel as u32,
             budget_fraction,
             pooling: c.pooling.to_c(),
-            gqa: c.gqa.to_c(),
+            reserved: 0,
             pool_align: match c.pool_align {
                 PoolAlign::Centered => POOL_ALIGN_CENTERED,
                 PoolAlign::Trailing => POOL_ALIGN_TRAILING,
@@ -241,7 +236,15 @@ impl SnapkvParams {
     /// Converts to the safe API's configuration and validates it.
     pub(crate) fn to_config(self) -> Result<SnapKvConfig, Failure> {
         let pooling = Pooling::from_c("pooling", self.pooling)?;
-        let gqa = GqaAggregation::from_c("gqa", self.gqa)?;
+        // The retired GQA aggregation's slot: 0 was its default (mean, what
+        // the library does); any other value asked for what it no longer does.
+        if self.reserved != 0 {
+            return Err(invalid(format!(
+                "reserved: must be 0, got {} (the field held the retired GQA aggregation; \
+                 the query heads of a KV head vote by their mean)",
+                self.reserved
+            )));
+        }
         // pool_forward means something only with the forward alignment: a
         // caller who switches the defaults to centred need not clear it.
         let pool_align = match self.pool_align {
@@ -277,7 +280,6 @@ impl SnapkvParams {
             kernel: self.kernel as usize,
             pooling,
             pool_align,
-            gqa,
             value_weighting,
             queries,
             draft: usize::try_from(self.draft_tokens).unwrap_or(usize::MAX),
@@ -433,8 +435,6 @@ pub fn abi_items() -> Vec<AbiItem> {
         abi_const!("SNAPKV_POOL_ALIGN_CENTERED", POOL_ALIGN_CENTERED),
         abi_const!("SNAPKV_POOL_ALIGN_TRAILING", POOL_ALIGN_TRAILING),
         abi_const!("SNAPKV_POOL_ALIGN_FORWARD", POOL_ALIGN_FORWARD),
-        abi_const!("SNAPKV_GQA_MEAN", GQA_MEAN),
-        abi_const!("SNAPKV_GQA_MAX", GQA_MAX),
         abi_const!("SNAPKV_VALUE_WEIGHTING_OFF", VALUE_WEIGHTING_OFF),
         abi_const!("SNAPKV_VALUE_WEIGHTING_NORM", VALUE_WEIGHTING_NORM),
         abi_const!("SNAPKV_QUERY_AGGREGATION_SUM", QUERY_AGGREGATION_SUM),
@@ -466,7 +466,7 @@ pub fn abi_items() -> Vec<AbiItem> {
         kernel,
         budget_fraction,
         pooling,
-        gqa,
+        reserved,
         pool_align,
         pool_forward,
         value_weighting,
@@ -511,7 +511,7 @@ mod tests {
         let p = SnapkvParams::default();
         assert_eq!(p.size as usize, size_of::<SnapkvParams>());
         assert_eq!((p.window, p.budget, p.kernel), (32, 1024, 11));
-        assert_eq!((p.budget_fraction, p.pooling, p.gqa), (0.0, POOLING_AVG, GQA_MEAN));
+        assert_eq!((p.budget_fraction, p.pooling, p.reserved), (0.0, POOLING_AVG, 0));
         assert_eq!((p.pool_align, p.pool_forward), (POOL_ALIGN_FORWARD, 7));
         assert_eq!(p.value_weighting, VALUE_WEIGHTING_OFF);
         let norm = SnapkvParams {
@@ -532,9 +532,6 @@ mod tests {
     fn enumerators_round_trip_and_unknown_ones_are_named() {
         for p in [Pooling::Max, Pooling::Avg] {
             assert_eq!(Pooling::from_c("pooling", p.to_c()).unwrap(), p);
-        }
-        for g in [GqaAggregation::Mean, GqaAggregation::Max] {
-            assert_eq!(GqaAggregation::from_c("gqa", g.to_c()).unwrap(), g);
         }
         for v in [ValueWeighting::Off, ValueWeighting::Norm] {
             assert_eq!(ValueWeighting::from_c("value_weighting", v.to_c()).unwrap(), v);
@@ -566,7 +563,7 @@ mod tests {
             (SnapkvParams { kernel: 4, ..base }, "kernel"),
             (SnapkvParams { budget: 32, ..base }, "budget"),
             (SnapkvParams { pooling: 7, ..base }, "pooling"),
-            (SnapkvParams { gqa: -1, ..base }, "gqa"),
+            (SnapkvParams { reserved: 1, ..base }, "reserved"),
             (SnapkvParams { pool_align: 3, ..base }, "pool_align"),
             (
                 SnapkvParams {
@@ -661,6 +658,6 @@ mod tests {
         let items = abi_items();
         let names: HashSet<&CStr> = items.iter().map(|i| i.name).collect();
         assert_eq!(names.len(), items.len());
-        assert!(items.iter().any(|i| i.name == c"offsetof(snapkv_params, gqa)"));
+        assert!(items.iter().any(|i| i.name == c"offsetof(snapkv_params, reserved)"));
     }
 }

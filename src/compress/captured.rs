@@ -186,7 +186,6 @@ impl Compressor {
             self.config.kernel,
             self.config.pooling,
             self.config.pool_align,
-            self.config.gqa,
         )?)
     }
 }

@@ -146,8 +146,7 @@ mod tests {
     use crate::compress::{model_shape, Compressor};
     use crate::llama::{Context, ContextParams, FlashAttention, Model, ModelParams, Pos, WindowObserver};
     use crate::snapkv::{
-        pool_and_aggregate, position_order, GqaAggregation, PoolAlign, Pooling, SelectionShape, Selector, SnapKvConfig,
-        SnapKvSelector,
+        pool_and_aggregate, position_order, PoolAlign, Pooling, SelectionShape, Selector, SnapKvConfig, SnapKvSelector,
     };
     use snapkv_testing::{tiny_model_path, TinyModelSpec};
 
@@ -280,15 +279,7 @@ mod tests {
             assert_eq!(source, ScoreSource::QueryKey);
             naive_votes_qk(model, &capture, &state, w)
         };
-        let scores = pool_and_aggregate(
-            &votes,
-            model.n_head_kv(),
-            7,
-            Pooling::Max,
-            PoolAlign::Centered,
-            GqaAggregation::Mean,
-        )
-        .unwrap();
+        let scores = pool_and_aggregate(&votes, model.n_head_kv(), 7, Pooling::Max, PoolAlign::Centered).unwrap();
         let naive = naive_scores(&naive_votes, model.n_head_kv(), 7);
 
         let n_keep = 96 - w;

@@ -73,16 +73,6 @@ impl PoolAlign {
     }
 }
 
-/// How the scores of the query heads that share one KV head are combined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum GqaAggregation {
-    /// Arithmetic mean over the group (the default).
-    #[default]
-    Mean,
-    /// Maximum over the group.
-    Max,
-}
-
 /// How the window queries' attention probabilities on one prefix position
 /// are combined into that position's vote (per query head, before value
 /// weighting and pooling).
@@ -121,7 +111,7 @@ pub enum ValueWeighting {
 /// default model (the README's results say by what commands).
 ///
 /// A preset sets how positions are voted for and pooled: [`kernel`],
-/// [`pooling`], [`pool_align`], [`gqa`], [`value_weighting`] and
+/// [`pooling`], [`pool_align`], [`value_weighting`] and
 /// [`queries`]. The observation window and the budget are left to the
 /// caller.
 ///
@@ -138,7 +128,6 @@ pub enum ValueWeighting {
 /// [`kernel`]: SnapKvConfig::kernel
 /// [`pooling`]: SnapKvConfig::pooling
 /// [`pool_align`]: SnapKvConfig::pool_align
-/// [`gqa`]: SnapKvConfig::gqa
 /// [`value_weighting`]: SnapKvConfig::value_weighting
 /// [`queries`]: SnapKvConfig::queries
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -178,7 +167,6 @@ impl Preset {
         config.kernel = preset.kernel;
         config.pooling = preset.pooling;
         config.pool_align = preset.pool_align;
-        config.gqa = preset.gqa;
         config.value_weighting = preset.value_weighting;
         config.queries = preset.queries;
     }
@@ -234,7 +222,12 @@ pub const MAX_KERNEL: usize = 1023;
 /// | `kernel`, `pool_align` | the method's pooling, measured | kernel 11 reaching 7 forward kept every multi-key answer where SnapKV's centred 7 kept 44% (tuning seeds 1-3, 256 cells) |
 /// | `pooling`, `queries`, `value_weighting` | option, [`Preset::Facts`] | max pooling, the largest query vote and value weighting, with kernel 7 trailing: 81% and 89% of the full cache's multi-value and variable-tracking answers against the defaults' 62% and 69% (42 held-out prompts each) |
 /// | `draft` | option | with the facts preset, 86% and 100% on the same prompts, KL 1/202 and 1/118 of streaming's |
-/// | `gqa` | option, no measured win | `Max` with the largest query vote: multi-value KL 0.292 → 0.267, variable tracking 0.504 → 0.519, the same answers (tuning seeds 1-3); in no preset |
+///
+/// The query heads that share a KV head vote by their mean. Their maximum,
+/// once an option here, was retired for want of a measured win: it moved
+/// answers both ways (multi-value 68% against 59% of the full cache's,
+/// variable tracking 61% against 70%, tuning seeds 1-3) and went into no
+/// preset (docs/evaluation.md).
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct SnapKvConfig {
@@ -253,8 +246,6 @@ pub struct SnapKvConfig {
     /// with the default kernel a voted position keeps the 7 tokens after it
     /// and the 3 before it. (SnapKV's paper pools with kernel 7, centred.)
     pub pool_align: PoolAlign,
-    /// GQA aggregation. Default mean.
-    pub gqa: GqaAggregation,
     /// Value weighting of the votes. Default [`ValueWeighting::Off`].
     pub value_weighting: ValueWeighting,
     /// How the window queries' probabilities make one vote. Default
@@ -289,7 +280,6 @@ impl Default for SnapKvConfig {
             kernel: 11,
             pooling: Pooling::default(),
             pool_align: PoolAlign::Forward(7),
-            gqa: GqaAggregation::default(),
             value_weighting: ValueWeighting::default(),
             queries: QueryAggregation::default(),
             draft: 0,
@@ -428,7 +418,6 @@ macro_rules! named_variants {
 }
 
 named_variants!(Pooling, "pooling", { Max => "max", Avg => "avg" });
-named_variants!(GqaAggregation, "gqa", { Mean => "mean", Max => "max" });
 named_variants!(ValueWeighting, "value_weighting", { Off => "off", Norm => "norm" });
 named_variants!(QueryAggregation, "queries", { Sum => "sum", Max => "max" });
 named_variants!(Preset, "preset", { Default => "default", Facts => "facts" });
@@ -500,17 +489,16 @@ mod tests {
             (facts.queries, facts.value_weighting),
             (QueryAggregation::Max, ValueWeighting::Norm)
         );
-        assert_eq!(facts.gqa, GqaAggregation::Mean);
 
         let mut custom = SnapKvConfig {
             window: 16,
             budget: Budget::Fraction(0.25),
-            gqa: GqaAggregation::Max,
+            kernel: 21,
             ..SnapKvConfig::default()
         };
         Preset::Facts.apply(&mut custom);
         assert_eq!((custom.window, custom.budget), (16, Budget::Fraction(0.25)));
-        assert_eq!(custom.gqa, GqaAggregation::Mean);
+        assert_eq!(custom.kernel, 7);
         Preset::Default.apply(&mut custom);
         assert_eq!(
             custom,
@@ -540,7 +528,6 @@ mod tests {
         assert_eq!(c.kernel, 11);
         assert_eq!(c.pool_align, PoolAlign::Forward(7));
         assert_eq!(c.pooling, Pooling::Avg);
-        assert_eq!(c.gqa, GqaAggregation::Mean);
         assert_eq!(c.queries, QueryAggregation::Sum);
         c.validate().unwrap();
     }
@@ -654,9 +641,6 @@ mod tests {
         for p in [Pooling::Max, Pooling::Avg] {
             assert_eq!(p.to_string().parse::<Pooling>().unwrap(), p);
         }
-        for g in [GqaAggregation::Mean, GqaAggregation::Max] {
-            assert_eq!(g.to_string().parse::<GqaAggregation>().unwrap(), g);
-        }
         for v in [ValueWeighting::Off, ValueWeighting::Norm] {
             assert_eq!(v.to_string().parse::<ValueWeighting>().unwrap(), v);
         }
@@ -676,7 +660,6 @@ mod tests {
         assert_eq!("Forward-12".parse::<PoolAlign>().unwrap(), PoolAlign::Forward(12));
         assert_eq!("MAX".parse::<Pooling>().unwrap(), Pooling::Max);
         assert!("mean".parse::<Pooling>().is_err());
-        assert!("avg".parse::<GqaAggregation>().is_err());
         for bad in ["left", "forward", "forward-", "forward--1", "forward-x", "forward6"] {
             assert!(bad.parse::<PoolAlign>().is_err(), "{bad}");
         }

@@ -26,8 +26,8 @@ pub mod synthetic;
 
 pub use compact::rewrite;
 pub use config::{
-    Budget, GqaAggregation, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting, MAX_DRAFT,
-    MAX_KERNEL, MAX_WINDOW,
+    Budget, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting, MAX_DRAFT, MAX_KERNEL,
+    MAX_WINDOW,
 };
 pub use error::AlgoError;
 pub use ggml_type::{decode_f32_row, CacheType};

@@ -238,7 +238,7 @@ int main(int argc, char ** argv) {
                   facts.kernel == 7 && facts.pooling == SNAPKV_POOLING_MAX &&
                   facts.pool_align == SNAPKV_POOL_ALIGN_TRAILING &&
                   facts.value_weighting == SNAPKV_VALUE_WEIGHTING_NORM &&
-                  facts.query_aggregation == SNAPKV_QUERY_AGGREGATION_MAX && facts.gqa == SNAPKV_GQA_MEAN,
+                  facts.query_aggregation == SNAPKV_QUERY_AGGREGATION_MAX && facts.reserved == 0,
               "the facts preset");
         expect(snapkv_params_preset(&facts, SNAPKV_PRESET_DEFAULT), SNAPKV_OK, "params_preset(DEFAULT)", NULL);
         CHECK(memcmp(&facts, &p, sizeof p) == 0, "the default preset is snapkv_params_default");
@@ -285,9 +285,9 @@ int main(int argc, char ** argv) {
     bad = p; bad.pooling = 5;
     expect(snapkv_compress_after_prefill(ctx, obs, &bad, S0, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
            "params.pooling = 5", "pooling");
-    bad = p; bad.gqa = -1;
-    expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS, "params.gqa = -1",
-           "gqa");
+    bad = p; bad.reserved = 1;
+    expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS, "params.reserved = 1",
+           "reserved");
     bad = p; bad.pool_align = 3;
     expect(snapkv_prefill(ctx, obs, &bad, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
            "params.pool_align = 3", "pool_align");

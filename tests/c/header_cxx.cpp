@@ -20,7 +20,7 @@ int main() {
         failures++;
     }
     p.pooling = SNAPKV_POOLING_AVG;
-    p.gqa = SNAPKV_GQA_MAX;
+    p.query_aggregation = SNAPKV_QUERY_AGGREGATION_MAX;
     p.pool_align = SNAPKV_POOL_ALIGN_FORWARD;
     p.pool_forward = 4;
     snapkv_observer * obs = snapkv_observer_new();

@@ -350,7 +350,7 @@ pub fn weight_votes_by_value_norms(
 pub(crate) mod tests {
     use super::pooling::*;
     use super::*;
-    use crate::snapkv::config::{GqaAggregation, PoolAlign, Pooling};
+    use crate::snapkv::config::{PoolAlign, Pooling};
     use crate::snapkv::select::{SelectionShape, Selector, SnapKvSelector};
     use proptest::prelude::*;
 
@@ -466,14 +466,7 @@ pub(crate) mod tests {
     }
 
     /// Naive scores `[kv_head][prefix]` for one layer.
-    fn naive_scores(
-        d: Dims,
-        votes: &[f64],
-        kernel: usize,
-        pooling: Pooling,
-        align: PoolAlign,
-        gqa: GqaAggregation,
-    ) -> Vec<f64> {
+    fn naive_scores(d: Dims, votes: &[f64], kernel: usize, pooling: Pooling, align: PoolAlign) -> Vec<f64> {
         let group = d.n_head / d.n_head_kv;
         let mut out = Vec::new();
         for g in 0..d.n_head_kv {
@@ -481,11 +474,7 @@ pub(crate) mod tests {
                 .map(|h| naive_pool(&votes[h * d.prefix_len..][..d.prefix_len], kernel, pooling, align))
                 .collect();
             for i in 0..d.prefix_len {
-                let column = pooled.iter().map(|p| p[i]);
-                out.push(match gqa {
-                    GqaAggregation::Mean => column.sum::<f64>() / group as f64,
-                    GqaAggregation::Max => column.fold(f64::NEG_INFINITY, f64::max),
-                });
+                out.push(pooled.iter().map(|p| p[i]).sum::<f64>() / group as f64);
             }
         }
         out
@@ -524,12 +513,10 @@ pub(crate) mod tests {
                     PoolAlign::Trailing,
                     PoolAlign::Forward(kernel - 1 - kernel / 3),
                 ] {
-                    for gqa in [GqaAggregation::Mean, GqaAggregation::Max] {
-                        let scores = pool_and_aggregate(&votes, d.n_head_kv, kernel, pooling, align, gqa).unwrap();
-                        let reference = naive_scores(d, &ref_votes, kernel, pooling, align, gqa);
-                        let fast: Vec<f32> = (0..d.n_head_kv).flat_map(|g| scores.row(1, g).to_vec()).collect();
-                        assert_close(&fast, &reference, 1e-4, "scores");
-                    }
+                    let scores = pool_and_aggregate(&votes, d.n_head_kv, kernel, pooling, align).unwrap();
+                    let reference = naive_scores(d, &ref_votes, kernel, pooling, align);
+                    let fast: Vec<f32> = (0..d.n_head_kv).flat_map(|g| scores.row(1, g).to_vec()).collect();
+                    assert_close(&fast, &reference, 1e-4, "scores");
                 }
             }
         }
@@ -607,15 +594,8 @@ pub(crate) mod tests {
         let votes = fast_votes(d, &queries, &keys, scale, 1);
         // Avg pooling and mean aggregation leave no exact ties in random data;
         // budgets whose boundary falls on a near tie (< 1e-6) are skipped.
-        let scores = pool_and_aggregate(&votes, 2, 5, Pooling::Avg, PoolAlign::Centered, GqaAggregation::Mean).unwrap();
-        let reference = naive_scores(
-            d,
-            &ref_votes,
-            5,
-            Pooling::Avg,
-            PoolAlign::Centered,
-            GqaAggregation::Mean,
-        );
+        let scores = pool_and_aggregate(&votes, 2, 5, Pooling::Avg, PoolAlign::Centered).unwrap();
+        let reference = naive_scores(d, &ref_votes, 5, Pooling::Avg, PoolAlign::Centered);
         let shape = SelectionShape {
             n_layer: 2,
             n_head_kv: 2,
@@ -855,20 +835,20 @@ pub(crate) mod tests {
         votes
             .row_mut(0, 0)
             .copy_from_slice(&[1.0, 0.0, 0.0, 5.0, 0.0, 0.0, 0.0, 2.0]);
-        let max = pool_and_aggregate(&votes, 1, 3, Pooling::Max, PoolAlign::Centered, GqaAggregation::Mean).unwrap();
+        let max = pool_and_aggregate(&votes, 1, 3, Pooling::Max, PoolAlign::Centered).unwrap();
         assert_eq!(max.row(0, 0), &[1.0, 1.0, 5.0, 5.0, 5.0, 0.0, 2.0, 2.0]);
-        let avg = pool_and_aggregate(&votes, 1, 3, Pooling::Avg, PoolAlign::Centered, GqaAggregation::Mean).unwrap();
+        let avg = pool_and_aggregate(&votes, 1, 3, Pooling::Avg, PoolAlign::Centered).unwrap();
         let expected = [0.5, 1.0 / 3.0, 5.0 / 3.0, 5.0 / 3.0, 5.0 / 3.0, 0.0, 2.0 / 3.0, 1.0];
         for (a, b) in avg.row(0, 0).iter().zip(expected) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
-        let wide = pool_and_aggregate(&votes, 1, 21, Pooling::Max, PoolAlign::Centered, GqaAggregation::Mean).unwrap();
+        let wide = pool_and_aggregate(&votes, 1, 21, Pooling::Max, PoolAlign::Centered).unwrap();
         assert!(wide.row(0, 0).iter().all(|&v| v == 5.0));
         // Trailing windows end at the position: a vote reaches the two
         // positions after it and none before.
-        let max = pool_and_aggregate(&votes, 1, 3, Pooling::Max, PoolAlign::Trailing, GqaAggregation::Mean).unwrap();
+        let max = pool_and_aggregate(&votes, 1, 3, Pooling::Max, PoolAlign::Trailing).unwrap();
         assert_eq!(max.row(0, 0), &[1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 0.0, 2.0]);
-        let avg = pool_and_aggregate(&votes, 1, 3, Pooling::Avg, PoolAlign::Trailing, GqaAggregation::Mean).unwrap();
+        let avg = pool_and_aggregate(&votes, 1, 3, Pooling::Avg, PoolAlign::Trailing).unwrap();
         let expected = [1.0, 0.5, 1.0 / 3.0, 5.0 / 3.0, 5.0 / 3.0, 5.0 / 3.0, 0.0, 2.0 / 3.0];
         for (a, b) in avg.row(0, 0).iter().zip(expected) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
@@ -876,30 +856,20 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn gqa_aggregation_by_hand() {
+    fn query_heads_of_a_kv_head_vote_by_their_mean() {
         let mut votes = Votes::new(1, 4, 2).unwrap();
         for (h, row) in [[1.0, 4.0], [3.0, 0.0], [2.0, 2.0], [0.0, 6.0]].iter().enumerate() {
             votes.row_mut(0, h).copy_from_slice(row);
         }
-        let mean = pool_and_aggregate(&votes, 2, 1, Pooling::Max, PoolAlign::Centered, GqaAggregation::Mean).unwrap();
+        let mean = pool_and_aggregate(&votes, 2, 1, Pooling::Max, PoolAlign::Centered).unwrap();
         assert_eq!(mean.as_slice(), &[2.0, 2.0, 1.0, 4.0]);
-        let max = pool_and_aggregate(&votes, 2, 1, Pooling::Max, PoolAlign::Centered, GqaAggregation::Max).unwrap();
-        assert_eq!(max.as_slice(), &[3.0, 4.0, 2.0, 6.0]);
     }
 
     #[test]
     fn pooling_refuses_bad_parameters() {
         let votes = Votes::new(1, 4, 2).unwrap();
         for (kv, kernel) in [(3, 3), (0, 3), (2, 4), (2, 0)] {
-            assert!(pool_and_aggregate(
-                &votes,
-                kv,
-                kernel,
-                Pooling::Max,
-                PoolAlign::Centered,
-                GqaAggregation::Mean
-            )
-            .is_err());
+            assert!(pool_and_aggregate(&votes, kv, kernel, Pooling::Max, PoolAlign::Centered).is_err());
         }
     }
 
@@ -934,7 +904,7 @@ pub(crate) mod tests {
             let align = [PoolAlign::Centered, PoolAlign::Trailing, PoolAlign::Forward(reach % kernel)][align];
             let mut votes = Votes::new(1, 1, row.len()).unwrap();
             votes.row_mut(0, 0).copy_from_slice(&row);
-            let scores = pool_and_aggregate(&votes, 1, kernel, pooling, align, GqaAggregation::Mean).unwrap();
+            let scores = pool_and_aggregate(&votes, 1, kernel, pooling, align).unwrap();
             let reference = naive_pool(&row.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(), kernel, pooling, align);
             for (a, b) in scores.row(0, 0).iter().zip(&reference) {
                 prop_assert!((f64::from(*a) - b).abs() <= 1e-5 * b.abs().max(1.0));
@@ -970,15 +940,7 @@ pub(crate) mod tests {
         }
         let t_votes = start.elapsed();
         let start = std::time::Instant::now();
-        let scores = pool_and_aggregate(
-            &votes,
-            n_head_kv,
-            7,
-            Pooling::Max,
-            PoolAlign::Centered,
-            GqaAggregation::Mean,
-        )
-        .unwrap();
+        let scores = pool_and_aggregate(&votes, n_head_kv, 7, Pooling::Max, PoolAlign::Centered).unwrap();
         let t_pool = start.elapsed();
         let start = std::time::Instant::now();
         let shape = SelectionShape {

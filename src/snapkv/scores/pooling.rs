@@ -2,7 +2,7 @@
 //! its neighbours) and aggregating query heads into their KV heads.
 
 use super::{checked_volume, HeadScores, Votes};
-use crate::snapkv::config::{GqaAggregation, PoolAlign, Pooling};
+use crate::snapkv::config::{PoolAlign, Pooling};
 use crate::snapkv::error::AlgoError;
 
 /// Pools every `(layer, query head)` vote row over prefix positions and
@@ -14,7 +14,7 @@ use crate::snapkv::error::AlgoError;
 /// in-range values, avg → mean of the in-range values); `kernel == 1`
 /// leaves the votes unchanged.
 /// Aggregation: query head `h` belongs to KV head `h / (n_head / n_head_kv)`;
-/// the group's pooled rows are combined by mean or max. Runs in
+/// the group's pooled rows are averaged. Runs in
 /// `O(n_layer · n_head · prefix_len)`.
 ///
 /// # Errors
@@ -28,7 +28,6 @@ pub fn pool_and_aggregate(
     kernel: usize,
     pooling: Pooling,
     align: PoolAlign,
-    gqa: GqaAggregation,
 ) -> Result<HeadScores, AlgoError> {
     if kernel == 0 || kernel % 2 == 0 {
         return Err(AlgoError::InvalidConfig {
@@ -66,25 +65,12 @@ pub fn pool_and_aggregate(
         for (h, row) in layer_votes.chunks_exact(n).enumerate() {
             pooler.pool(row, extents, pooling, &mut pooled);
             let dst = &mut layer_out[(h / group) * n..(h / group + 1) * n];
-            let first_in_group = h % group == 0;
-            match gqa {
-                GqaAggregation::Mean => {
-                    for (d, &p) in dst.iter_mut().zip(&pooled) {
-                        *d += p;
-                    }
-                }
-                GqaAggregation::Max if first_in_group => dst.copy_from_slice(&pooled),
-                GqaAggregation::Max => {
-                    for (d, &p) in dst.iter_mut().zip(&pooled) {
-                        if p > *d {
-                            *d = p;
-                        }
-                    }
-                }
+            for (d, &p) in dst.iter_mut().zip(&pooled) {
+                *d += p;
             }
         }
     }
-    if gqa == GqaAggregation::Mean && group > 1 {
+    if group > 1 {
         let inv = 1.0 / group as f32;
         out.iter_mut().for_each(|x| *x *= inv);
     }

@@ -4,8 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use snapkv::{
-    Budget, CacheType, FlashAttention, GqaAggregation, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig,
-    ValueWeighting,
+    Budget, CacheType, FlashAttention, PoolAlign, Pooling, Preset, QueryAggregation, SnapKvConfig, ValueWeighting,
 };
 
 /// The default model: Qwen2.5-Coder-0.5B-Instruct, fetched by scripts/fetch-models.sh.
@@ -117,9 +116,6 @@ pub struct SelectionOverrides {
     /// it and kernel-1-N before it; N below the kernel) [default: the preset's, forward-7].
     #[arg(long = "pool-align", value_name = "POOL_ALIGN")]
     align: Option<PoolAlign>,
-    /// Aggregation of query heads sharing a KV head: mean or max [default: the preset's, mean].
-    #[arg(long)]
-    gqa: Option<GqaAggregation>,
     /// Votes weighted by the norm of the cached value vector they point at: off or norm [default: the
     /// preset's, off].
     #[arg(long = "value-weighting")]
@@ -145,9 +141,6 @@ impl SelectionOverrides {
         if let Some(a) = self.align {
             cfg.pool_align = a;
         }
-        if let Some(g) = self.gqa {
-            cfg.gqa = g;
-        }
         if let Some(v) = self.value_weighting {
             cfg.value_weighting = v;
         }
@@ -170,7 +163,7 @@ pub fn parse_cache_type(s: &str) -> Result<CacheType, String> {
 
 /// A method as written on the command line: a name (`full` or a selector)
 /// optionally followed by `:key=value` overrides of the shared method
-/// options, e.g. `snapkv:kernel=15:pool=avg:align=trailing:gqa=max:value=norm:queries=max`. Overrides let one run
+/// options, e.g. `snapkv:kernel=15:pool=avg:align=trailing:value=norm:queries=max`. Overrides let one run
 /// compare variants of a method over the same evaluated prompts; the window
 /// cannot be overridden (every method of a run observes the same window).
 /// `preset=NAME` starts the method's selection parameters from that preset
@@ -265,14 +258,13 @@ impl std::str::FromStr for MethodSpec {
                 "kernel" => o.kernel = Some(value.parse().map_err(|e| format!("{s:?}: kernel: {e}"))?),
                 "pool" => o.pool = Some(value.parse().map_err(|e| format!("{s:?}: pool: {e}"))?),
                 "align" => o.align = Some(value.parse().map_err(|e| format!("{s:?}: align: {e}"))?),
-                "gqa" => o.gqa = Some(value.parse().map_err(|e| format!("{s:?}: gqa: {e}"))?),
                 "value" => o.value_weighting = Some(value.parse().map_err(|e| format!("{s:?}: value: {e}"))?),
                 "queries" => o.queries = Some(value.parse().map_err(|e| format!("{s:?}: queries: {e}"))?),
                 "draft" => o.draft = Some(value.parse().map_err(|e| format!("{s:?}: draft: {e}"))?),
                 "lookahead" => spec.lookahead = value.parse().map_err(|e| format!("{s:?}: lookahead: {e}"))?,
                 _ => {
                     return Err(format!(
-                        "{s:?}: unknown option {key:?} (preset, kernel, pool, align, gqa, value, queries, draft, \
+                        "{s:?}: unknown option {key:?} (preset, kernel, pool, align, value, queries, draft, \
                          lookahead)"
                     ))
                 }
@@ -294,16 +286,13 @@ mod tests {
             (plain.name.as_str(), plain.overrides.kernel, plain.overrides.pool),
             ("snapkv", None, None)
         );
-        let spec: MethodSpec = "snapkv-shared-layer:kernel=15:pool=avg:align=trailing:gqa=max"
-            .parse()
-            .unwrap();
+        let spec: MethodSpec = "snapkv-shared-layer:kernel=15:pool=avg:align=trailing".parse().unwrap();
         assert_eq!(spec.name, "snapkv-shared-layer");
         assert_eq!(spec.overrides.kernel, Some(15));
         assert_eq!(spec.overrides.pool, Some(snapkv::Pooling::Avg));
         assert_eq!(spec.overrides.align, Some(snapkv::PoolAlign::Trailing));
         let forward: MethodSpec = "snapkv:kernel=11:align=forward-7".parse().unwrap();
         assert_eq!(forward.overrides.align, Some(snapkv::PoolAlign::Forward(7)));
-        assert_eq!(spec.overrides.gqa, Some(snapkv::GqaAggregation::Max));
         let drafted: MethodSpec = "snapkv:preset=facts:draft=16".parse().unwrap();
         assert_eq!(drafted.overrides.draft, Some(16));
         assert!("snapkv:draft=many".parse::<MethodSpec>().is_err());
@@ -315,10 +304,7 @@ mod tests {
             (by_max.overrides.queries, plain.overrides.queries),
             (Some(snapkv::QueryAggregation::Max), None)
         );
-        assert_eq!(
-            spec.label,
-            "snapkv-shared-layer:kernel=15:pool=avg:align=trailing:gqa=max"
-        );
+        assert_eq!(spec.label, "snapkv-shared-layer:kernel=15:pool=avg:align=trailing");
         assert!("full".parse::<MethodSpec>().unwrap().is_full());
         let ahead: MethodSpec = "streaming:lookahead=8".parse().unwrap();
         assert_eq!((ahead.lookahead(), plain.lookahead()), (8, 0));
@@ -334,6 +320,7 @@ mod tests {
             "snapkv:window=8",
             "snapkv:pool=min",
             "snapkv:align=left",
+            "snapkv:gqa=max",
             "snapkv:value=l1",
             "snapkv:queries=mean",
             "snapkv:preset=fast",
