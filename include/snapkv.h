@@ -237,7 +237,9 @@ snapkv_status snapkv_params_preset(snapkv_params * params, int32_t preset);
 enum snapkv_score_source {
     SNAPKV_SCORE_NONE = 0,      /* nothing was scored (no-op) */
     SNAPKV_SCORE_SOFTMAX = 1,   /* the model's attention softmax (flash attention off) */
-    SNAPKV_SCORE_QUERY_KEY = 2  /* captured queries against cached keys (flash attention on) */
+    SNAPKV_SCORE_QUERY_KEY = 2, /* captured queries against cached keys (flash attention on) */
+    SNAPKV_SCORE_KEYS = 3       /* the cached keys alone (a query-free method; not chosen by
+                                   this header's entry points, which run SnapKV) */
 };
 
 typedef struct snapkv_stats {

@@ -60,6 +60,8 @@ pub const SCORE_NONE: i32 = 0;
 pub const SCORE_SOFTMAX: i32 = 1;
 /// `SNAPKV_SCORE_QUERY_KEY`.
 pub const SCORE_QUERY_KEY: i32 = 2;
+/// `SNAPKV_SCORE_KEYS`.
+pub const SCORE_KEYS: i32 = 3;
 
 /// Sizes above this are refused as uninitialised structs rather than read.
 const MAX_STRUCT_SIZE: u32 = 4096;
@@ -356,6 +358,7 @@ impl From<&CompressionStats> for SnapkvStats {
                 ScoreSource::None => SCORE_NONE,
                 ScoreSource::Softmax => SCORE_SOFTMAX,
                 ScoreSource::QueryKey => SCORE_QUERY_KEY,
+                ScoreSource::Keys => SCORE_KEYS,
             },
             cells_before: s.cells_before as u64,
             cells_after: s.cells_after as u64,
@@ -444,6 +447,7 @@ pub fn abi_items() -> Vec<AbiItem> {
         abi_const!("SNAPKV_SCORE_NONE", SCORE_NONE),
         abi_const!("SNAPKV_SCORE_SOFTMAX", SCORE_SOFTMAX),
         abi_const!("SNAPKV_SCORE_QUERY_KEY", SCORE_QUERY_KEY),
+        abi_const!("SNAPKV_SCORE_KEYS", SCORE_KEYS),
         abi_const!(
             "SNAPKV_VERSION_MAJOR",
             env!("CARGO_PKG_VERSION_MAJOR").parse::<i64>().unwrap_or(-1)

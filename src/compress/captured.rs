@@ -5,14 +5,14 @@ use std::time::Instant;
 
 use super::draft::Drafting;
 use super::support::model_shape;
-use super::votes::{compute_votes, weight_by_value_norms};
+use super::votes::{compute_votes, key_scores, weight_by_value_norms};
 use super::{CompressionStats, Compressor, ScoreSource};
 use crate::error::{Error, Result};
 use crate::llama::observer::{Capture, CaptureRequest};
 use crate::llama::{ContextRef, Pos, SeqId, Token, WindowObserver};
 use crate::snapkv::{
-    pool_and_aggregate, position_order, rewrite, CellOrder, HeadScores, KeptPositions, SelectionShape, SeqState,
-    ValueWeighting, Votes,
+    pool_and_aggregate, position_order, rewrite, CellOrder, HeadScores, KeptPositions, ScoreBasis, SelectionShape,
+    SeqState, ValueWeighting, Votes,
 };
 
 impl Compressor {
@@ -91,7 +91,10 @@ impl Compressor {
         let n_keep = budget - w;
 
         let t_score = Instant::now();
-        let (scores, mut source) = if self.selector.needs_scores() {
+        let attention = self.selector.needs_scores() && self.selector.score_basis() == ScoreBasis::Attention;
+        let (scores, mut source) = if !self.selector.needs_scores() {
+            (None, ScoreSource::None)
+        } else if attention {
             let (votes, source) = compute_votes(
                 model,
                 capture,
@@ -103,7 +106,7 @@ impl Compressor {
             )?;
             (Some(self.scores_from_votes(&state, &order, votes)?), source)
         } else {
-            (None, ScoreSource::None)
+            (Some(key_scores(&state, &order)?), ScoreSource::Keys)
         };
         let mut score_seconds = t_score.elapsed().as_secs_f64();
 
@@ -123,7 +126,8 @@ impl Compressor {
 
         let mut draft_tokens = 0;
         let mut draft_seconds = 0.0;
-        if let Some(last_token) = draft.filter(|_| self.config.draft > 0 && scores.is_some()) {
+        // A draft's queries vote beside the window's: attention selectors only.
+        if let Some(last_token) = draft.filter(|_| self.config.draft > 0 && attention) {
             let drafting = Drafting {
                 observer,
                 last_token,

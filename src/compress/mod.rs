@@ -70,6 +70,9 @@ pub enum ScoreSource {
     Softmax,
     /// Captured window queries against the cached keys (flash attention on).
     QueryKey,
+    /// The cached keys alone (a query-free selector,
+    /// [`ScoreBasis::KeyDissimilarity`](crate::snapkv::ScoreBasis)).
+    Keys,
     /// The method needs no scores (streaming, random) or nothing was done.
     None,
 }
@@ -176,7 +179,8 @@ impl Compressor {
     }
 
     /// A compressor for a method by name: `snapkv`, `snapkv-shared-layer`,
-    /// `snapkv-shared-all`, `streaming`, `random`.
+    /// `snapkv-shared-all`, `streaming`, `random`, `keydiff`
+    /// ([`SELECTOR_NAMES`](crate::snapkv::SELECTOR_NAMES)).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown name; [`Error::Algo`] for an

@@ -1,6 +1,7 @@
 //! Votes of the window's queries over the sequence's cells: from the
 //! model's own softmax when it was captured and can be matched to the
-//! cells, otherwise from the captured queries against the cached keys.
+//! cells, otherwise from the captured queries against the cached keys; and
+//! the query-free scores of the cached keys alone.
 
 use super::support::k_rotation;
 use super::ScoreSource;
@@ -8,8 +9,8 @@ use crate::error::{Error, Result};
 use crate::llama::observer::Capture;
 use crate::llama::{dequantize_row, ModelRef};
 use crate::snapkv::{
-    gather_keys, hadamard, value_norms, weight_votes_by_value_norms, CellOrder, QueryAggregation, QueryScorer,
-    SeqState, Votes,
+    gather_keys, hadamard, key_dissimilarity, value_norms, weight_votes_by_value_norms, CellOrder, HeadScores,
+    QueryAggregation, QueryScorer, SeqState, Votes,
 };
 
 /// The attention scale of the model: `{arch}.attention.scale` when set,
@@ -131,6 +132,20 @@ pub(super) fn query_key_votes(
         scorer.add_votes(votes, layer, queries, &keys, head_dim, n_head_kv, w, scale)?;
     }
     Ok(())
+}
+
+/// Per-KV-head scores from the cached keys alone
+/// ([`key_dissimilarity`], layer by layer) for a query-free selector.
+pub(super) fn key_scores(state: &SeqState<'_>, order: &CellOrder) -> Result<HeadScores> {
+    let shape = state.shape();
+    let (n_layer, n_head_kv, n) = (shape.n_layer, shape.n_head_kv, order.prefix_len);
+    let mut data = crate::snapkv::alloc::filled_vec(n_layer * n_head_kv * n, 0f32, "key scores")?;
+    let mut keys = Vec::new();
+    for (layer, out) in data.chunks_exact_mut((n_head_kv * n).max(1)).enumerate().take(n_layer) {
+        gather_keys(state, order, layer, &mut dequantize_row, &mut keys)?;
+        key_dissimilarity(&keys, n, n_head_kv, shape.head_dim_k, out)?;
+    }
+    Ok(HeadScores::from_vec(n_layer, n_head_kv, n, data)?)
 }
 
 #[cfg(test)]
@@ -326,5 +341,87 @@ mod tests {
     #[test]
     fn softmax_scores_match_a_naive_reference() {
         check_against_naive(FlashAttention::Off);
+    }
+
+    /// The query-free selector end to end: what `keydiff` keeps is the top
+    /// of a naive f64 key dissimilarity computed from the uncompressed
+    /// cache's f16 keys.
+    #[test]
+    fn keydiff_keeps_the_keys_furthest_from_their_heads_mean_direction() {
+        let model = tiny();
+        let mut tokens = model
+            .tokenize(
+                &"the river flows to the sea and 4821 time passes ".repeat(40),
+                true,
+                false,
+            )
+            .unwrap();
+        tokens.truncate(300);
+        let (p, budget) = (tokens.len(), 96);
+        let config = SnapKvConfig {
+            budget: crate::Budget::Cells(budget),
+            ..SnapKvConfig::default()
+        };
+        let w = config.window;
+        let params = ContextParams::default().with_n_ctx(512).with_threads(2);
+        let mut ctx = Context::new(model, &params.with_observer(WindowObserver::new())).unwrap();
+        ctx.decode_tokens(0, &tokens, 0, false).unwrap();
+        let blob = ctx.state_seq_get(0).unwrap();
+        let state = SeqState::parse(&blob, &model_shape(model)).unwrap();
+        let order = position_order(state.positions(), w).unwrap();
+        let (n_head_kv, d) = (model.n_head_kv(), state.shape().head_dim_k);
+        let naive: Vec<Vec<Vec<f64>>> = (0..model.n_layer())
+            .map(|layer| {
+                let key = |i: usize, g: usize| -> Vec<f64> {
+                    let row = state.k_row(layer, order.by_position[i]);
+                    (0..d)
+                        .map(|e| {
+                            let at = 2 * (g * d + e);
+                            f64::from(f16::from_le_bytes([row[at], row[at + 1]]).to_f32())
+                        })
+                        .collect()
+                };
+                let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+                (0..n_head_kv)
+                    .map(|g| {
+                        let mut anchor = vec![0.0; d];
+                        for i in 0..p - w {
+                            let k = key(i, g);
+                            let n = norm(&k);
+                            anchor.iter_mut().zip(&k).for_each(|(a, x)| *a += x / n);
+                        }
+                        (0..p - w)
+                            .map(|i| {
+                                let k = key(i, g);
+                                let dot: f64 = k.iter().zip(&anchor).map(|(a, b)| a * b).sum();
+                                1.0 - dot / (norm(&k) * norm(&anchor))
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        ctx.seq_rm(0, -1, -1);
+
+        let comp = Compressor::with_method(config, "keydiff").unwrap();
+        let stats = comp.prefill(&mut ctx, 0, &tokens).unwrap();
+        assert_eq!(stats.score_source, ScoreSource::Keys);
+        assert_eq!((stats.cells_before, stats.cells_after), (p, budget));
+        let kept = stats.kept.unwrap();
+        let n_keep = budget - w;
+        let mut rows_compared = 0;
+        for (l, layer) in naive.iter().enumerate() {
+            for (g, row) in layer.iter().enumerate() {
+                let mut idx: Vec<usize> = (0..row.len()).collect();
+                idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+                if (row[idx[n_keep - 1]] - row[idx[n_keep]]).abs() > 1e-4 {
+                    let mut want: Vec<i32> = idx[..n_keep].iter().map(|&i| i as i32).collect();
+                    want.sort_unstable();
+                    assert_eq!(kept.row(l, g), &want[..], "layer {l} head {g}");
+                    rows_compared += 1;
+                }
+            }
+        }
+        assert!(rows_compared >= 2, "every cut was a near-tie");
     }
 }

@@ -33,11 +33,11 @@ pub use error::AlgoError;
 pub use ggml_type::{decode_f32_row, CacheType};
 pub use keys::{gather_keys, value_norms, window_key_distance, QuantizedRowDecoder};
 pub use scores::{
-    add_votes_from_queries, add_votes_from_softmax, pool_and_aggregate, position_order, weight_votes_by_value_norms,
-    CellOrder, HeadScores, QueryScorer, Votes,
+    add_votes_from_queries, add_votes_from_softmax, key_dissimilarity, pool_and_aggregate, position_order,
+    weight_votes_by_value_norms, CellOrder, HeadScores, QueryScorer, Votes,
 };
 pub use select::{
-    selector_by_name, KeptPositions, RandomSelector, Selection, SelectionShape, Selector, SharedAllLayersSelector,
-    SharedPerLayerSelector, SnapKvSelector, StreamingSelector, SELECTOR_NAMES,
+    selector_by_name, KeptPositions, KeyDiffSelector, RandomSelector, ScoreBasis, Selection, SelectionShape, Selector,
+    SharedAllLayersSelector, SharedPerLayerSelector, SnapKvSelector, StreamingSelector, SELECTOR_NAMES,
 };
 pub use state_blob::{ModelShape, SeqState, StateFormat, VLayout, STATE_SEQ_MAGIC};

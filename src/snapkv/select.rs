@@ -228,14 +228,32 @@ impl KeptPositions {
     }
 }
 
+/// What the scores a [`Selector`] is given measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ScoreBasis {
+    /// The attention the observation window (and a draft's tokens) pays to
+    /// each prefix position, pooled ([`HeadScores`] from the votes).
+    Attention,
+    /// The cached keys alone:
+    /// [`key_dissimilarity`](crate::snapkv::key_dissimilarity), no query
+    /// involved.
+    KeyDissimilarity,
+}
+
 /// A method that decides which prefix cells every KV head keeps.
 pub trait Selector: Send + Sync {
     /// The method's name as the CLI spells it.
     fn name(&self) -> &'static str;
 
-    /// Whether the selector needs attention scores (false for streaming and
-    /// random; the engine then skips scoring).
+    /// Whether the selector needs scores (false for streaming and random;
+    /// the engine then skips scoring).
     fn needs_scores(&self) -> bool;
+
+    /// What the scores measure, when [`needs_scores`](Self::needs_scores):
+    /// the window's attention unless a selector says otherwise.
+    fn score_basis(&self) -> ScoreBasis {
+        ScoreBasis::Attention
+    }
 
     /// Chooses `n_keep` prefix indices for every layer and KV head.
     ///
@@ -337,6 +355,39 @@ impl Selector for SnapKvSelector {
             }
         }
         Selection::new(shape.n_layer, shape.n_head_kv, n_keep, shape.prefix_len, kept)
+    }
+}
+
+/// Query-free selection in the manner of KeyDiff (Park et al., 2025): every
+/// KV head keeps its `n_keep` prefix cells whose keys point furthest from
+/// the head's average key direction
+/// ([`ScoreBasis::KeyDissimilarity`]). It looks at no query, so what ends
+/// the prompt does not matter: a document compressed before any question
+/// keeps the same cells as one that ends with it. Ties go to the lower
+/// prefix index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KeyDiffSelector;
+
+impl Selector for KeyDiffSelector {
+    fn name(&self) -> &'static str {
+        "keydiff"
+    }
+
+    fn needs_scores(&self) -> bool {
+        true
+    }
+
+    fn score_basis(&self) -> ScoreBasis {
+        ScoreBasis::KeyDissimilarity
+    }
+
+    fn select(
+        &self,
+        scores: Option<&HeadScores>,
+        shape: &SelectionShape,
+        n_keep: usize,
+    ) -> Result<Selection, AlgoError> {
+        SnapKvSelector.select(scores, shape, n_keep)
     }
 }
 
@@ -528,17 +579,19 @@ pub fn selector_by_name(name: &str) -> Option<Box<dyn Selector>> {
         "snapkv-shared-all" => Some(Box::new(SharedAllLayersSelector)),
         "streaming" => Some(Box::new(StreamingSelector::default())),
         "random" => Some(Box::new(RandomSelector::default())),
+        "keydiff" => Some(Box::new(KeyDiffSelector)),
         _ => None,
     }
 }
 
 /// Names accepted by [`selector_by_name`].
-pub const SELECTOR_NAMES: [&str; 5] = [
+pub const SELECTOR_NAMES: [&str; 6] = [
     "snapkv",
     "snapkv-shared-layer",
     "snapkv-shared-all",
     "streaming",
     "random",
+    "keydiff",
 ];
 
 #[cfg(test)]

@@ -6,12 +6,14 @@
 //! the observation window and the other `P - w` the prefix, numbered
 //! `0..P-w` in position order ("prefix index").
 
+mod key_diff;
 mod pooling;
 mod query_key;
 
 use super::config::QueryAggregation;
 use super::error::AlgoError;
 
+pub use key_diff::key_dissimilarity;
 pub use pooling::pool_and_aggregate;
 pub use query_key::{add_votes_from_queries, QueryScorer};
 
