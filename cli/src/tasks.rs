@@ -225,6 +225,38 @@ pub struct TaskInstance {
     /// assistant header (empty for most tasks). Part of the prompt, so of the
     /// observation window; the model's output continues them.
     pub answer_prefix: String,
+    /// Further questions about the same document, for the question-agnostic
+    /// protocol ([`TaskInstance::questions`]): the other labels of a
+    /// multi-key or multi-value document, the other chains of a
+    /// variable-tracking one. Empty for the passkey task.
+    pub follow_ups: Vec<FollowUp>,
+}
+
+/// A further question about a task's document: what it asks, how the
+/// answer is to be given, and what answers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FollowUp {
+    /// The question sentence(s).
+    pub asked: String,
+    /// The answer instructions in the question-last layout's words.
+    pub long: &'static str,
+    /// The answer instructions in the instructions-last layout's words.
+    pub short: &'static str,
+    /// Every expected answer string.
+    pub answers: Vec<String>,
+    /// What the needles it does not ask about state.
+    pub distractors: Vec<String>,
+    /// Words that open the assistant's answer.
+    pub answer_prefix: String,
+}
+
+/// The request after the document in `layout`: the question and the answer
+/// instructions.
+fn request(layout: PromptLayout, asked: &str, short: &str, long: &str) -> String {
+    match layout {
+        PromptLayout::QuestionLast => format!("{ANSWER_RULES} {long}.\n\nQuestion: {asked}"),
+        PromptLayout::InstructionsLast => format!("Question: {asked}{ANSWER_RULES_AFTER} {short}."),
+    }
 }
 
 impl TaskInstance {
@@ -280,6 +312,37 @@ impl TaskInstance {
     /// (each as a whole word).
     pub fn distractors_in(&self, output: &str) -> usize {
         self.distractors.iter().filter(|d| contains_word(output, d)).count()
+    }
+
+    /// The document before the request: the same text for every question.
+    pub fn document(&self) -> &str {
+        &self.user_message[..self.question_start]
+    }
+
+    /// Every question about this document, this instance's first and then
+    /// its [`follow_ups`](Self::follow_ups), each as an instance of its own:
+    /// the same document, that question's request, answers, distractors and
+    /// answer opening (and no follow-ups).
+    pub fn questions(&self) -> Vec<TaskInstance> {
+        let first = TaskInstance {
+            follow_ups: Vec::new(),
+            ..self.clone()
+        };
+        let mut all = vec![first];
+        for f in &self.follow_ups {
+            let question = request(self.spec.layout, &f.asked, f.short, f.long);
+            all.push(TaskInstance {
+                user_message: format!("{}{question}", self.document()),
+                question,
+                asked: f.asked.clone(),
+                answers: f.answers.clone(),
+                distractors: f.distractors.clone(),
+                answer_prefix: f.answer_prefix.clone(),
+                follow_ups: Vec::new(),
+                ..self.clone()
+            });
+        }
+        all
     }
 }
 
@@ -528,6 +591,9 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
     // given, in the words of each layout (`short`, `long`).
     let mut answer_prefix = String::new();
     let mut distractors = Vec::new();
+    // Further questions about the same document take no draw of `rng`:
+    // the document and the first question are the same with or without them.
+    let mut follow_ups = Vec::new();
     let (needles, asked, short, long, answers) = match spec.kind {
         TaskKind::Passkey => {
             let v = rng.number(7);
@@ -542,8 +608,10 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
             let n = sizes.keys.clamp(1, LABELS.len());
             let mut needles = Vec::new();
             let mut answer = String::new();
+            let mut values = Vec::new();
             for (i, label) in labels.iter().take(n).enumerate() {
                 let v = rng.number(7);
+                values.push(v.clone());
                 let d = if i == 0 { depth } else { rng.unit() };
                 if i == 0 {
                     answer.clone_from(&v);
@@ -555,10 +623,17 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
                     depth: d,
                 });
             }
-            let q = format!(
-                "What is the special magic number for {} mentioned in the document?",
-                labels[0]
-            );
+            let q = key_question(labels[0]);
+            for (i, label) in labels.iter().enumerate().take(n.min(MAX_QUESTIONS)).skip(1) {
+                follow_ups.push(FollowUp {
+                    asked: key_question(label),
+                    long: "the number asked for",
+                    short: "that number",
+                    answers: vec![values[i].clone()],
+                    distractors: values.iter().filter(|v| **v != values[i]).cloned().collect(),
+                    answer_prefix: String::new(),
+                });
+            }
             (needles, q, "that number", "the number asked for", vec![answer])
         }
         TaskKind::MultiValue => {
@@ -574,6 +649,7 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
                 });
                 answers.push(v);
             }
+            let mut others = Vec::new();
             for label in labels
                 .iter()
                 .skip(1)
@@ -584,7 +660,23 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
                     text: format!("One of the special magic numbers for {label} is: {v}."),
                     depth: rng.unit(),
                 });
+                others.push((*label, v.clone()));
                 distractors.push(v);
+            }
+            // The other labels have one number each: asked like multi-key's.
+            for (label, v) in others.iter().take(MAX_QUESTIONS - 1) {
+                follow_ups.push(FollowUp {
+                    asked: key_question(label),
+                    long: "the number asked for",
+                    short: "that number",
+                    answers: vec![v.clone()],
+                    distractors: answers
+                        .iter()
+                        .chain(distractors.iter().filter(|d| *d != v))
+                        .cloned()
+                        .collect(),
+                    answer_prefix: String::new(),
+                });
             }
             let q = format!(
                 "What are all the special magic numbers for {} mentioned in the document? There are {n} of them.",
@@ -640,17 +732,18 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
                     distractors.extend(chain.iter().cloned());
                 }
             }
-            let q = format!(
-                "Which variables in the document are assigned the value {target_value}, directly or through other variables? There are {len} of them."
-            );
-            // With the question last, Qwen 0.5B's full cache answered this
-            // with the filler's subjects ("lighthouse keeper"): 7% of the
-            // names on seeds 4-5. Opening its answer as RULER does gives it
-            // the kind of name it is to list.
-            if spec.layout == PromptLayout::QuestionLast {
-                answer_prefix = format!(
-                    "According to the chains of variable assignment in the document, {len} variables are assigned the value {target_value}. They are: VAR"
-                );
+            let q = chain_question(&target_value, len);
+            answer_prefix = chain_answer_prefix(spec.layout, &target_value, len);
+            for (c, value) in values.iter().enumerate().take(MAX_QUESTIONS).skip(1) {
+                let chain = &names[c * len..(c + 1) * len];
+                follow_ups.push(FollowUp {
+                    asked: chain_question(value, len),
+                    long: "the names of the variables asked for, separated by commas",
+                    short: "their names, separated by commas",
+                    answers: chain.to_vec(),
+                    distractors: names.iter().filter(|n| !chain.contains(n)).cloned().collect(),
+                    answer_prefix: chain_answer_prefix(spec.layout, value, len),
+                });
             }
             (
                 needles,
@@ -662,10 +755,7 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
         }
     };
 
-    let question = match spec.layout {
-        PromptLayout::QuestionLast => format!("{ANSWER_RULES} {long}.\n\nQuestion: {asked}"),
-        PromptLayout::InstructionsLast => format!("Question: {asked}{ANSWER_RULES_AFTER} {short}."),
-    };
+    let question = request(spec.layout, &asked, short, long);
     let fixed = count(INTRO) + count(&question) + needles.iter().map(|n| count(&n.text) + 1).sum::<usize>() + 4;
     let filler = haystack.fill(&mut rng, spec.length.saturating_sub(fixed), count);
     let n = filler.len();
@@ -709,6 +799,36 @@ pub fn generate(spec: &TaskSpec, haystack: &Haystack, count: &mut dyn FnMut(&str
         last_needle_end,
         question_start,
         answer_prefix,
+        follow_ups,
+    }
+}
+
+/// The most questions a document gets in the question-agnostic protocol
+/// (the first included).
+pub const MAX_QUESTIONS: usize = 4;
+
+/// The question for one label of a multi-key (or multi-value) document.
+fn key_question(label: &str) -> String {
+    format!("What is the special magic number for {label} mentioned in the document?")
+}
+
+/// The question for the chain of `len` variables that ends in `value`.
+fn chain_question(value: &str, len: usize) -> String {
+    format!(
+        "Which variables in the document are assigned the value {value}, directly or through other variables? There are {len} of them."
+    )
+}
+
+/// The words that open a variable-tracking answer. With the question last,
+/// Qwen 0.5B's full cache answered with the filler's subjects ("lighthouse
+/// keeper"): 7% of the names on seeds 4-5. Opening its answer as RULER does
+/// gives it the kind of name it is to list.
+fn chain_answer_prefix(layout: PromptLayout, value: &str, len: usize) -> String {
+    match layout {
+        PromptLayout::QuestionLast => format!(
+            "According to the chains of variable assignment in the document, {len} variables are assigned the value {value}. They are: VAR"
+        ),
+        PromptLayout::InstructionsLast => String::new(),
     }
 }
 
@@ -822,6 +942,60 @@ mod tests {
         assert_eq!("question-last".parse(), Ok(PromptLayout::QuestionLast));
         assert_eq!("instructions-last".parse(), Ok(PromptLayout::InstructionsLast));
         assert!("other".parse::<PromptLayout>().is_err());
+    }
+
+    #[test]
+    fn follow_up_questions_ask_about_the_same_document() {
+        let sizes = TaskSizes {
+            chains: 3,
+            ..TaskSizes::default()
+        };
+        let expected = [
+            (TaskKind::Passkey, 1),
+            (TaskKind::MultiKey, MAX_QUESTIONS),
+            (TaskKind::MultiValue, MAX_QUESTIONS),
+            (TaskKind::VarTrack, 3),
+        ];
+        for (kind, n) in expected {
+            for layout in PromptLayout::ALL {
+                let spec = TaskSpec {
+                    sizes,
+                    layout,
+                    ..spec(kind, 900, 0.5, 4)
+                };
+                let t = generate(&spec, &Haystack::Builtin, &mut words);
+                let questions = t.questions();
+                assert_eq!(questions.len(), n, "{kind} {layout}");
+                let first = &questions[0];
+                assert_eq!((&first.user_message, &first.answers), (&t.user_message, &t.answers));
+                let mut all_answers = Vec::new();
+                for q in &questions {
+                    assert_eq!(q.document(), t.document(), "{kind}");
+                    assert!(q.user_message.ends_with(&q.question));
+                    assert!(q.question.contains(&q.asked));
+                    assert!(q.follow_ups.is_empty());
+                    // Every answer is stated by a needle of the document; no
+                    // distractor is an answer.
+                    for a in &q.answers {
+                        assert!(q.needles.iter().any(|n| contains_word(n, a)), "{kind}: {a}");
+                        assert!(contains_word(q.document(), a));
+                    }
+                    assert!(q.distractors.iter().all(|d| !q.answers.contains(d)), "{kind}");
+                    assert!(!q.asked_needle_spans().is_empty());
+                    all_answers.push(q.answers.clone());
+                }
+                all_answers.dedup();
+                assert_eq!(all_answers.len(), n, "{kind}: the questions ask different things");
+                if kind == TaskKind::VarTrack && layout == PromptLayout::QuestionLast {
+                    for q in &questions {
+                        assert!(q.answer_prefix.ends_with("They are: VAR"));
+                        assert!(q
+                            .asked
+                            .contains(q.answer_prefix.split("the value ").nth(1).unwrap()[..5].trim()));
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -37,7 +37,8 @@ pub struct DemoArgs {
     /// the prompt, inside the observation window) or instructions-last (a long answer instruction ends it).
     #[arg(long, default_value = "question-last")]
     layout: PromptLayout,
-    /// Methods, comma-separated (full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random).
+    /// Methods, comma-separated (full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random,
+    /// keydiff).
     #[arg(long, value_delimiter = ',', default_value = "full,snapkv,streaming")]
     methods: Vec<MethodSpec>,
     /// Filler from a text file instead of built-in sentences.

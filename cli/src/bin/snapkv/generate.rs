@@ -54,7 +54,8 @@ pub struct GenerateArgs {
     /// through the re-evaluating one.
     #[arg(long, requires = "snapkv", default_value_t = 0)]
     lookahead: usize,
-    /// Selection method with --snapkv: snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random.
+    /// Selection method with --snapkv: snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random,
+    /// keydiff.
     #[arg(long, default_value = "snapkv")]
     method: String,
     #[command(flatten)]

@@ -5,6 +5,13 @@
 //! `eval.json` and `eval.csv`, and an accuracy heatmap (length × depth) per
 //! task and method. `--replot` redraws the tables and plots of an earlier
 //! run from its `eval.json`.
+//!
+//! Two protocols: query-aware (the default), where each prompt ends with its
+//! question and is compressed with it, and question-agnostic
+//! ([`agnostic`]), where the document is compressed before any question is
+//! seen and every question about it is then asked of that one cache.
+
+mod agnostic;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -43,7 +50,7 @@ pub struct EvalArgs {
     /// Seeds, comma-separated (one prompt per task, length, depth and seed).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     seeds: Vec<u64>,
-    /// Methods, comma-separated: full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random;
+    /// Methods, comma-separated: full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random, keydiff;
     /// a method may override options, e.g. snapkv:kernel=15:pool=avg:value=norm, and may compress after
     /// the answer's first N tokens (written on the full cache) with lookahead=N, e.g. snapkv:lookahead=8.
     #[arg(long, value_delimiter = ',', default_value = "full,snapkv,streaming,random")]
@@ -58,6 +65,13 @@ pub struct EvalArgs {
     /// the prompt, inside the observation window) or instructions-last (a long answer instruction ends it).
     #[arg(long, default_value = "question-last")]
     layout: PromptLayout,
+    /// query-aware: each prompt (document and question) is compressed with its question, which ends it;
+    /// question-agnostic: the document is compressed before any question is seen (the window is the
+    /// document's end), then each question about it (up to 4: the labels of a multi-key or multi-value
+    /// document, the chains of a variable-tracking one) is appended, answered and removed again, all from
+    /// the one compressed cache.
+    #[arg(long, value_enum, default_value_t = Protocol::QueryAware)]
+    protocol: Protocol,
     /// Tokens to generate per answer (0 = enough for the expected answer plus 16).
     #[arg(short = 'n', long = "n-predict", default_value_t = 0)]
     n_predict: usize,
@@ -72,6 +86,29 @@ pub struct EvalArgs {
     snap: MethodOptions,
 }
 
+/// When the cache is compressed: with the question or before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    /// The question ends the prompt that is compressed.
+    QueryAware,
+    /// The document is compressed before any question is seen.
+    QuestionAgnostic,
+}
+
+impl Protocol {
+    /// The name the CLI and the reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::QueryAware => "query-aware",
+            Protocol::QuestionAgnostic => "question-agnostic",
+        }
+    }
+}
+
+fn query_aware() -> String {
+    Protocol::QueryAware.name().to_string()
+}
+
 /// One answer: a prompt, a method, a budget.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
@@ -84,6 +121,14 @@ struct Record {
     seed: u64,
     method: String,
     budget: Option<usize>,
+    /// [`Protocol::name`]: query-aware (reports written before there was a
+    /// choice are) or question-agnostic.
+    #[serde(default = "query_aware")]
+    protocol: String,
+    /// Which question about the document this answers (0: the first, the
+    /// only one of the query-aware protocol).
+    #[serde(default)]
+    question: usize,
     cells: usize,
     kv_bytes: usize,
     score: f64,
@@ -202,6 +247,8 @@ struct Report<'a> {
     window: usize,
     /// The prompt layout of every task (question-last or instructions-last).
     layout: &'static str,
+    /// [`Protocol::name`].
+    protocol: &'static str,
     records: &'a [Record],
 }
 
@@ -262,6 +309,19 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                         ..TaskSpec::new(kind, length, depth, seed)
                     };
                     let task = generate_task(&spec, &haystack, &mut count);
+                    if args.protocol == Protocol::QuestionAgnostic {
+                        let label = format!("[{done}/{total}] {kind} length {length} depth {depth} seed {seed}");
+                        agnostic::evaluate_document(
+                            args,
+                            &model,
+                            &task,
+                            &haystack,
+                            &mut ctx_slot,
+                            &mut records,
+                            &label,
+                        )?;
+                        continue;
+                    }
                     let prompt = task_prompt(&model, &task, w)?;
                     let p = prompt.tokens.len();
                     let expected_tokens = model.tokenize(&task.answers.join(", "), false, false)?.len();
@@ -354,6 +414,8 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                                 seed,
                                 method: spec.label.clone(),
                                 budget,
+                                protocol: query_aware(),
+                                question: 0,
                                 cells: run.branch.usage.cells,
                                 kv_bytes: run.branch.usage.kv_bytes,
                                 score,
@@ -389,6 +451,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
             info: RunInfo::new(&model, &args.model),
             window: w,
             layout: args.layout.name(),
+            protocol: args.protocol.name(),
             records: &records,
         },
     )?;
@@ -598,6 +661,13 @@ fn rows<'r>(args: &EvalArgs, records: &'r [Record]) -> BTreeMap<(usize, usize, K
     rows
 }
 
+/// The protocol of a run's records (one per run).
+fn protocol_of(records: &[Record]) -> &str {
+    records
+        .first()
+        .map_or(Protocol::QueryAware.name(), |r| r.protocol.as_str())
+}
+
 fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
     let (sum, n) = values.fold((0.0, 0usize), |(s, n), v| (s + v, n + 1));
     (n > 0).then(|| sum / n as f64)
@@ -642,7 +712,8 @@ fn accuracy_table(args: &EvalArgs, records: &[Record]) -> String {
         let _ = writeln!(out, " {:>7.1}% {:>8}", 100.0 * all, rel);
     }
     format!(
-        "\naccuracy (mean fraction of expected values found; {} depths × {} seeds per length):\n{out}",
+        "\naccuracy ({}; mean fraction of expected values found; {} depths × {} seeds per length):\n{out}",
+        protocol_of(records),
         args.depths.len(),
         args.seeds.len()
     )
@@ -829,12 +900,12 @@ fn csv_field(s: &str) -> String {
 
 fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
     let mut s = String::from(
-        "task,haystack,length,prompt_tokens,depth,seed,method,budget,cells,kv_bytes,score,lookahead,score_beyond_lookahead,full_score_beyond_lookahead,expected,answer,mean_kl,max_kl,top1,kl_positions,needle_kept,other_needles_kept,distractors_in_answer,decode_tok_s,compression_s\n",
+        "task,haystack,length,prompt_tokens,depth,seed,method,budget,protocol,question,cells,kv_bytes,score,lookahead,score_beyond_lookahead,full_score_beyond_lookahead,expected,answer,mean_kl,max_kl,top1,kl_positions,needle_kept,other_needles_kept,distractors_in_answer,decode_tok_s,compression_s\n",
     );
     for r in records {
         let _ = writeln!(
             s,
-            "{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{},{:.6},{:.4},{:.4},{},{:.4},{},{},{:.2},{:.4}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{:.4},{},{},{},{},{},{:.6},{:.4},{:.4},{},{:.4},{},{},{:.2},{:.4}",
             r.task,
             csv_field(&r.haystack),
             r.length,
@@ -843,6 +914,8 @@ fn write_csv(path: &std::path::Path, records: &[Record]) -> snapkv::Result<()> {
             r.seed,
             csv_field(&r.method),
             r.budget.map_or_else(String::new, |b| b.to_string()),
+            r.protocol,
+            r.question,
             r.cells,
             r.kv_bytes,
             r.score,

@@ -1,0 +1,231 @@
+//! The question-agnostic protocol: a document (in its chat framing, up to
+//! where the question would start) is compressed before any question is
+//! seen, so the observation window is the document's own end. Then each
+//! question about it is appended, answered greedily and removed again, all
+//! from the one compressed cache: the way a server's prompt cache, a saved
+//! state or a shared document is reused. Removing a question and its answer
+//! is exact, since they lie after everything compression touched.
+
+use std::time::Instant;
+
+use snapkv::llama::{Pos, SeqId, Token};
+use snapkv::{generate, Generation, Model, Sampler};
+use snapkv_cli::{
+    agreement, branch, forced_distributions, log_softmax, Branch, Haystack, Method, Snapshot, TaskInstance,
+};
+
+use super::{CellShares, EvalArgs, Protocol, Record};
+use crate::common::{observed_context, short_answer, task_prompt, ChatPrompt};
+
+/// One question about the document, ready to ask.
+struct Question {
+    task: TaskInstance,
+    prompt: ChatPrompt,
+    /// Answer tokens to generate.
+    n_gen: usize,
+}
+
+impl Question {
+    /// The question's tokens after the document's `doc_len`.
+    fn tail(&self, doc_len: usize) -> &[Token] {
+        &self.prompt.tokens[doc_len..]
+    }
+}
+
+/// What one question's answer was, and the next-token distributions along
+/// the reference answer.
+struct Answered {
+    answer: Generation,
+    distributions: Vec<Vec<f32>>,
+}
+
+/// Evaluates one document under the question-agnostic protocol: the full
+/// cache answers every question first (the reference), then each method and
+/// budget compresses the document once and answers every question from it.
+/// Appends a record per (method, budget, question).
+///
+/// # Errors
+/// [`snapkv::Error::InvalidArgument`] for a method with a look-ahead (there
+/// is no answer to look ahead into before the question) or a question whose
+/// tokens do not continue the document's; context, decode and compression
+/// errors.
+pub(super) fn evaluate_document<'m>(
+    args: &EvalArgs,
+    model: &'m Model,
+    task: &TaskInstance,
+    haystack: &Haystack,
+    ctx_slot: &mut Option<(usize, snapkv::Context<'m>)>,
+    records: &mut Vec<Record>,
+    label: &str,
+) -> snapkv::Result<()> {
+    let w = args.snap.window;
+    let mut questions = Vec::new();
+    for q in task.questions() {
+        let prompt = task_prompt(model, &q, w)?;
+        let expected_tokens = model.tokenize(&q.answers.join(", "), false, false)?.len();
+        let n_gen = if args.n_predict > 0 {
+            args.n_predict
+        } else {
+            expected_tokens + 16
+        };
+        questions.push(Question { task: q, prompt, n_gen });
+    }
+    let doc_len = questions[0].prompt.request_start as usize;
+    let document = questions[0].prompt.tokens[..doc_len].to_vec();
+    for q in &questions {
+        if !q.prompt.tokens.starts_with(&document) {
+            return Err(snapkv::Error::InvalidArgument {
+                param: "question",
+                reason: format!("the tokens of {:?} do not continue the document's", q.task.asked),
+            });
+        }
+    }
+    for spec in &args.methods {
+        spec.refuse_lookahead("the question-agnostic protocol")?;
+    }
+    let longest = questions
+        .iter()
+        .map(|q| q.tail(doc_len).len() + q.n_gen)
+        .max()
+        .unwrap_or(0);
+    let need = doc_len + longest + 64;
+    if !matches!(ctx_slot, Some((n, _)) if *n >= need) {
+        drop(ctx_slot.take());
+        let ctx = observed_context(model, &args.model, need)?;
+        *ctx_slot = Some((ctx.n_ctx(), ctx));
+    }
+    let ctx = &mut ctx_slot.as_mut().expect("created above").1;
+    let chunk = ctx.n_ubatch();
+    let snapshot = Snapshot::capture(ctx, 0, &document, w, chunk, |_| {})?;
+    let seq = snapshot.seq();
+    eprintln!(
+        "{label} ({doc_len}-token document, {} questions): prefill {:.1} s",
+        questions.len(),
+        snapshot.prefill_seconds
+    );
+
+    let full = branch(ctx, &snapshot, &Method::Full)?;
+    let mut references = Vec::new();
+    for q in &questions {
+        references.push(ask(ctx, seq, doc_len, q, None)?);
+    }
+    let mut add = |method: &str, budget: Option<usize>, branch: &Branch, q: usize, run: &Answered| {
+        let question = &questions[q];
+        let text = model.detokenize(&run.answer.tokens, false)?;
+        let fidelity = agreement(&references[q].distributions, &run.distributions);
+        let score = question.task.score(&text);
+        let kept = branch.stats.as_ref().and_then(|s| s.kept.as_ref());
+        let prompt = &question.prompt;
+        let needle_kept = kept.map_or(1.0, |k| k.fraction_kept(&prompt.asked_positions));
+        eprintln!(
+            "    q{q} {:<24} {:>5.0}%  KL {:>7.4}  needles kept {:>5.1}%  {:?}",
+            budget.map_or_else(|| method.to_string(), |b| format!("{method} @ {b}")),
+            100.0 * score,
+            fidelity.mean_kl(),
+            100.0 * needle_kept,
+            short_answer(&text, 60)
+        );
+        records.push(Record {
+            task: task.spec.kind.name(),
+            haystack: haystack.name().to_string(),
+            length: task.spec.length,
+            prompt_tokens: prompt.tokens.len(),
+            depth: task.spec.depth,
+            seed: task.spec.seed,
+            method: method.to_string(),
+            budget,
+            protocol: Protocol::QuestionAgnostic.name().to_string(),
+            question: q,
+            cells: branch.usage.cells,
+            kv_bytes: branch.usage.kv_bytes,
+            score,
+            lookahead: 0,
+            score_beyond_lookahead: None,
+            full_score_beyond_lookahead: None,
+            expected: question.task.answers.clone(),
+            mean_kl: fidelity.mean_kl(),
+            max_kl: fidelity.max_kl(),
+            top1: fidelity.top1(),
+            kl_positions: fidelity.n(),
+            kl_per_position: fidelity.kl,
+            needle_kept,
+            needle_kept_per_layer: kept.map_or_else(Vec::new, |k| k.fraction_kept_per_layer(&prompt.asked_positions)),
+            other_needles_kept: (!prompt.unasked_positions.is_empty())
+                .then(|| kept.map_or(1.0, |k| k.fraction_kept(&prompt.unasked_positions))),
+            distractors_in_answer: (!question.task.distractors.is_empty()).then(|| question.task.distractors_in(&text)),
+            cell_shares: kept.map(|k| CellShares::of(k, prompt)),
+            decode_tokens_per_second: run.answer.tokens_per_second(),
+            compression_seconds: branch.stats.as_ref().map_or(0.0, |s| s.overhead_seconds()),
+            answer: text,
+        });
+        Ok::<(), snapkv::Error>(())
+    };
+    let full_label = args.methods.iter().find(|m| m.is_full()).map(|m| m.label.clone());
+    if let Some(full_label) = &full_label {
+        for (q, reference) in references.iter().enumerate() {
+            add(full_label, None, &full, q, reference)?;
+        }
+    }
+    for spec in args.methods.iter().filter(|m| !m.is_full()) {
+        for &budget in &args.budgets {
+            let method = spec.method(&args.snap, budget)?;
+            let t0 = Instant::now();
+            let compressed = branch(ctx, &snapshot, &method)?;
+            let compress_seconds = t0.elapsed().as_secs_f64();
+            for (q, (question, reference)) in questions.iter().zip(&references).enumerate() {
+                let run = ask(ctx, seq, doc_len, question, Some(&reference.answer.tokens))?;
+                add(&spec.label, Some(budget), &compressed, q, &run)?;
+            }
+            eprintln!("    {} @ {budget}: compressed in {compress_seconds:.2} s", spec.label);
+        }
+    }
+    Ok(())
+}
+
+/// Asks one question of the document that sequence `seq` holds (`doc_len`
+/// tokens, compressed or not): evaluates the question's tokens after it,
+/// answers greedily, takes the next-token distributions along `forced` (the
+/// reference answer; the question's own answer when `None`), and removes
+/// question and answer again.
+fn ask(
+    ctx: &mut snapkv::Context<'_>,
+    seq: SeqId,
+    doc_len: usize,
+    question: &Question,
+    forced: Option<&[Token]>,
+) -> snapkv::Result<Answered> {
+    let tail = question.tail(doc_len);
+    ctx.decode_tokens(seq, tail, doc_len as Pos, true)?;
+    let first = ctx
+        .logits_ith(-1)
+        .map(log_softmax)
+        .ok_or_else(|| snapkv::Error::InvalidArgument {
+            param: "logits",
+            reason: "no logits after the question".into(),
+        })?;
+    let after_question = (doc_len + tail.len()) as Pos;
+    let answer = generate(ctx, seq, &mut Sampler::greedy(), after_question, question.n_gen, true)?;
+    let mut distributions = vec![first];
+    remove_from(ctx, seq, after_question)?;
+    forced_distributions(
+        ctx,
+        seq,
+        after_question,
+        forced.unwrap_or(&answer.tokens),
+        &mut distributions,
+    )?;
+    remove_from(ctx, seq, doc_len as Pos)?;
+    Ok(Answered { answer, distributions })
+}
+
+/// Removes positions `from..` of `seq`.
+fn remove_from(ctx: &mut snapkv::Context<'_>, seq: SeqId, from: Pos) -> snapkv::Result<()> {
+    if ctx.seq_rm(seq, from, -1) {
+        Ok(())
+    } else {
+        Err(snapkv::Error::InvalidArgument {
+            param: "seq_rm",
+            reason: format!("llama.cpp could not remove positions {from}.. of sequence {seq}"),
+        })
+    }
+}
