@@ -321,6 +321,72 @@ fn eval_over_several_budgets_plots_accuracy_against_the_budget() {
     assert!(err.contains("not an eval report"), "{err}");
 }
 
+/// The question-agnostic protocol: one compression per document and
+/// method, every question about the document answered from it.
+#[test]
+fn question_agnostic_eval_answers_every_question_from_one_compression() {
+    let dir = out_dir("eval-agnostic");
+    let stdout = succeed(
+        "eval",
+        &[
+            "--protocol",
+            "question-agnostic",
+            "--tasks",
+            "passkey,multikey",
+            "--lengths",
+            "300",
+            "--depths",
+            "0.5",
+            "--methods",
+            "full,snapkv,keydiff",
+            "--budgets",
+            "64",
+            "--out",
+            dir.to_str().unwrap(),
+        ],
+    );
+    assert!(stdout.contains("accuracy (question-agnostic;"), "{stdout}");
+    let report = json(&dir.join("eval.json"));
+    assert_eq!(report["protocol"], "question-agnostic");
+    let records = report["records"].as_array().unwrap();
+    // Passkey asks 1 question, multi-key 4: (1 + 4) × 3 methods.
+    assert_eq!(records.len(), 5 * 3);
+    for (task, questions) in [("passkey", 1u64), ("multikey", 4)] {
+        for method in ["full", "snapkv", "keydiff"] {
+            let rs: Vec<&Value> = records
+                .iter()
+                .filter(|r| r["task"] == task && r["method"] == method)
+                .collect();
+            let asked: Vec<u64> = rs.iter().map(|r| uint(r, "question")).collect();
+            assert_eq!(asked, (0..questions).collect::<Vec<_>>(), "{task} {method}");
+            for r in &rs {
+                assert_eq!(r["protocol"], "question-agnostic");
+                // One cache for every question: as many cells each time.
+                assert_eq!(uint(r, "cells"), uint(rs[0], "cells"), "{r}");
+                if method == "full" {
+                    assert_eq!(float(r, "mean_kl"), 0.0, "the full cache is its own reference: {r}");
+                } else {
+                    assert_eq!(uint(r, "cells"), BUDGET, "{r}");
+                }
+            }
+            // Different questions, different expected answers.
+            let mut expected: Vec<String> = rs.iter().map(|r| r["expected"].to_string()).collect();
+            expected.dedup();
+            assert_eq!(expected.len() as u64, questions, "{task} {method}");
+        }
+    }
+    let err = fail(
+        "eval",
+        &[
+            "--protocol",
+            "question-agnostic",
+            "--methods",
+            "full,snapkv:lookahead=4",
+        ],
+    );
+    assert!(err.contains("question-agnostic"), "{err}");
+}
+
 #[test]
 fn eval_refuses_bad_settings() {
     let err = fail("eval", &["--budgets", "16", "--window", "32"]);

@@ -80,8 +80,15 @@ pub(super) fn evaluate_document<'m>(
             });
         }
     }
-    for spec in &args.methods {
-        spec.refuse_lookahead("the question-agnostic protocol")?;
+    if let Some(spec) = args.methods.iter().find(|m| m.lookahead() > 0) {
+        return Err(snapkv::Error::InvalidArgument {
+            param: "method",
+            reason: format!(
+                "{}: the question-agnostic protocol compresses before any question is seen, so there is no \
+                 answer to look ahead into: drop lookahead",
+                spec.label
+            ),
+        });
     }
     let longest = questions
         .iter()
@@ -215,6 +222,16 @@ fn ask(
         &mut distributions,
     )?;
     remove_from(ctx, seq, doc_len as Pos)?;
+    if ctx.seq_pos_max(seq) != Some(doc_len as Pos - 1) {
+        return Err(snapkv::Error::InvalidArgument {
+            param: "seq_rm",
+            reason: format!(
+                "after removing the question, sequence {seq} ends at {:?}, not at the document's end {}",
+                ctx.seq_pos_max(seq),
+                doc_len - 1
+            ),
+        });
+    }
     Ok(Answered { answer, distributions })
 }
 
