@@ -238,8 +238,10 @@ enum snapkv_score_source {
     SNAPKV_SCORE_NONE = 0,      /* nothing was scored (no-op) */
     SNAPKV_SCORE_SOFTMAX = 1,   /* the model's attention softmax (flash attention off) */
     SNAPKV_SCORE_QUERY_KEY = 2, /* captured queries against cached keys (flash attention on) */
-    SNAPKV_SCORE_KEYS = 3       /* the cached keys alone (a query-free method; not chosen by
-                                   this header's entry points, which run SnapKV) */
+    SNAPKV_SCORE_KEYS = 3,          /* the cached keys alone (a query-free method) */
+    SNAPKV_SCORE_RECONSTRUCTION = 4 /* a repeat of the sequence against its keys (a
+                                       question-agnostic method) */
+    /* This header's entry points run SnapKV: they report 0 to 2. */
 };
 
 typedef struct snapkv_stats {

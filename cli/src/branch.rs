@@ -14,7 +14,7 @@ use std::time::Instant;
 use super::metrics::{log_softmax, Agreement};
 use snapkv::compress::model_shape;
 use snapkv::llama::{Batch, ContextRef, Pos, SeqId, Token};
-use snapkv::snapkv::{SeqState, SnapKvConfig, SELECTOR_NAMES};
+use snapkv::snapkv::{ScoreBasis, SeqState, SnapKvConfig, SELECTOR_NAMES};
 use snapkv::{CompressionStats, Compressor, Context};
 use snapkv::{Error, Result};
 
@@ -106,7 +106,9 @@ pub fn seq_usage(ctx: &ContextRef, seq: SeqId) -> Result<SeqUsage> {
 pub struct Snapshot {
     seq: SeqId,
     state: Vec<u8>,
-    window: Vec<Token>,
+    /// The whole prompt; its last `window` tokens are not in `state`.
+    prompt: Vec<Token>,
+    window: usize,
     n_prompt: usize,
     /// Seconds evaluating the prompt before the window.
     pub prefill_seconds: f64,
@@ -154,7 +156,8 @@ impl Snapshot {
         Ok(Snapshot {
             seq,
             state,
-            window: prompt[split..].to_vec(),
+            prompt: prompt.to_vec(),
+            window,
             n_prompt: prompt.len(),
             prefill_seconds,
         })
@@ -173,7 +176,7 @@ impl Snapshot {
 
     /// The window tokens.
     pub fn window(&self) -> &[Token] {
-        &self.window
+        &self.prompt[self.prompt.len() - self.window..]
     }
 
     /// Bytes of the stored state.
@@ -244,7 +247,7 @@ pub fn branch_after_answer_start(
     answer_start: &[Token],
     mut on_logits: impl FnMut(&[f32]),
 ) -> Result<Branch> {
-    let w = snapshot.window.len();
+    let w = snapshot.window;
     if method.window(w) != w {
         return Err(Error::InvalidArgument {
             param: "method",
@@ -273,7 +276,7 @@ pub fn branch_after_answer_start(
     // The window, then the answer's first tokens one at a time.
     let mut decode_all = |ctx: &mut Context<'_>| -> Result<()> {
         let pos = (snapshot.n_prompt - w) as Pos;
-        ctx.decode_tokens(seq, &snapshot.window, pos, true)?;
+        ctx.decode_tokens(seq, snapshot.window(), pos, true)?;
         for (i, &token) in answer_start.iter().enumerate() {
             on_logits(last_logits(ctx)?);
             ctx.decode_tokens(seq, &[token], (snapshot.n_prompt + i) as Pos, true)?;
@@ -287,7 +290,14 @@ pub fn branch_after_answer_start(
         }
         // Right after the prompt: the prefill path observes the window as it
         // evaluates it.
-        Method::Compress(c) if answer_start.is_empty() => Some(c.prefill(ctx, seq, &snapshot.window)?),
+        // Reconstruction repeats the whole prompt, which the prefill path is
+        // not given (the snapshot holds the rest): the window is decoded, and
+        // the hook for an evaluated sequence gets every token.
+        Method::Compress(c) if answer_start.is_empty() && c.score_basis() == Some(ScoreBasis::Reconstruction) => {
+            decode_all(ctx)?;
+            Some(c.compress_after_prefill(ctx, seq, &snapshot.prompt)?)
+        }
+        Method::Compress(c) if answer_start.is_empty() => Some(c.prefill(ctx, seq, snapshot.window())?),
         Method::Compress(c) => {
             c.observe_decodes(ctx)?;
             if let Err(err) = decode_all(ctx) {

@@ -62,6 +62,8 @@ pub const SCORE_SOFTMAX: i32 = 1;
 pub const SCORE_QUERY_KEY: i32 = 2;
 /// `SNAPKV_SCORE_KEYS`.
 pub const SCORE_KEYS: i32 = 3;
+/// `SNAPKV_SCORE_RECONSTRUCTION`.
+pub const SCORE_RECONSTRUCTION: i32 = 4;
 
 /// Sizes above this are refused as uninitialised structs rather than read.
 const MAX_STRUCT_SIZE: u32 = 4096;
@@ -359,6 +361,7 @@ impl From<&CompressionStats> for SnapkvStats {
                 ScoreSource::Softmax => SCORE_SOFTMAX,
                 ScoreSource::QueryKey => SCORE_QUERY_KEY,
                 ScoreSource::Keys => SCORE_KEYS,
+                ScoreSource::Reconstruction => SCORE_RECONSTRUCTION,
             },
             cells_before: s.cells_before as u64,
             cells_after: s.cells_after as u64,
@@ -448,6 +451,7 @@ pub fn abi_items() -> Vec<AbiItem> {
         abi_const!("SNAPKV_SCORE_SOFTMAX", SCORE_SOFTMAX),
         abi_const!("SNAPKV_SCORE_QUERY_KEY", SCORE_QUERY_KEY),
         abi_const!("SNAPKV_SCORE_KEYS", SCORE_KEYS),
+        abi_const!("SNAPKV_SCORE_RECONSTRUCTION", SCORE_RECONSTRUCTION),
         abi_const!(
             "SNAPKV_VERSION_MAJOR",
             env!("CARGO_PKG_VERSION_MAJOR").parse::<i64>().unwrap_or(-1)

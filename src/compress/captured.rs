@@ -29,8 +29,23 @@ impl Compressor {
         window: usize,
     ) -> Result<(Capture, f64)> {
         debug_assert!(window <= batch.len() && batch.len() <= ctx.n_ubatch());
+        let request = CaptureRequest::for_model(ctx.model(), Some(batch.len()), window);
+        self.observe_batch(ctx, observer, seq, batch, start, request)
+    }
+
+    /// Evaluates `batch` (at most one micro-batch) with the observer armed
+    /// for `request`; returns the capture and the seconds it took.
+    pub(super) fn observe_batch(
+        &self,
+        ctx: &mut ContextRef,
+        observer: &WindowObserver,
+        seq: SeqId,
+        batch: &[Token],
+        start: Pos,
+        request: CaptureRequest,
+    ) -> Result<(Capture, f64)> {
         let before = observer.activity();
-        let pass = observer.arm_scoped(CaptureRequest::for_model(ctx.model(), Some(batch.len()), window));
+        let pass = observer.arm_scoped(request);
         let t0 = Instant::now();
         let decoded = ctx.decode_tokens(seq, batch, start, true);
         ctx.synchronize();
@@ -51,7 +66,10 @@ impl Compressor {
     /// `blob` is the sequence's state as it is now (its positions and, outside
     /// the window, its K/V). `budget`: cells to keep, or `None` to derive it
     /// from the cells the sequence holds (a sequence that fits is left
-    /// alone). `draft`: the prompt's last token when a draft may run.
+    /// alone). `tokens`: the sequence's last tokens as the caller gave them
+    /// (ending at its last position), when the entry point is given any: a
+    /// draft decodes the last again; reconstruction needs every token of the
+    /// sequence.
     ///
     /// This function does not restore anything: every caller holds a
     /// [`Rollback`](super::rollback::Rollback) over the sequence.
@@ -64,7 +82,7 @@ impl Compressor {
         capture: &Capture,
         blob: &[u8],
         budget: Option<usize>,
-        draft: Option<Token>,
+        tokens: Option<&[Token]>,
     ) -> Result<CompressionStats> {
         if let Some(e) = &capture.error {
             return Err(Error::Capture(e.clone()));
@@ -91,22 +109,30 @@ impl Compressor {
         let n_keep = budget - w;
 
         let t_score = Instant::now();
-        let attention = self.selector.needs_scores() && self.selector.score_basis() == ScoreBasis::Attention;
-        let (scores, mut source) = if !self.selector.needs_scores() {
-            (None, ScoreSource::None)
-        } else if attention {
-            let (votes, source) = compute_votes(
-                model,
-                capture,
-                &state,
-                &order,
-                w,
-                self.config.queries,
-                rotation_disabled,
-            )?;
-            (Some(self.scores_from_votes(&state, &order, votes)?), source)
-        } else {
-            (Some(key_scores(&state, &order)?), ScoreSource::Keys)
+        let basis = self.selector.needs_scores().then(|| self.selector.score_basis());
+        let (scores, mut source) = match basis {
+            None => (None, ScoreSource::None),
+            Some(ScoreBasis::Attention) => {
+                let (votes, source) = compute_votes(
+                    model,
+                    capture,
+                    &state,
+                    &order,
+                    w,
+                    self.config.queries,
+                    rotation_disabled,
+                )?;
+                (Some(self.scores_from_votes(&state, &order, votes)?), source)
+            }
+            Some(ScoreBasis::KeyDissimilarity) => (Some(key_scores(&state, &order)?), ScoreSource::Keys),
+            Some(ScoreBasis::Reconstruction) => {
+                let all = whole_sequence(tokens, &state, self.selector.name())?;
+                let votes = self.reconstruction_votes(ctx, seq, observer, all, order.prefix_len)?;
+                (
+                    Some(self.scores_from_votes(&state, &order, votes)?),
+                    ScoreSource::Reconstruction,
+                )
+            }
         };
         let mut score_seconds = t_score.elapsed().as_secs_f64();
 
@@ -126,8 +152,16 @@ impl Compressor {
 
         let mut draft_tokens = 0;
         let mut draft_seconds = 0.0;
+        if basis == Some(ScoreBasis::Reconstruction) {
+            // The repeat left its logits: the prompt's last token is decoded
+            // again over the compressed cache, so that the logits are the
+            // prompt's.
+            let all = whole_sequence(tokens, &state, self.selector.name())?;
+            decode_last_again(ctx, seq, all)?;
+        }
         // A draft's queries vote beside the window's: attention selectors only.
-        if let Some(last_token) = draft.filter(|_| self.config.draft > 0 && attention) {
+        let last_token = tokens.and_then(|t| t.last().copied());
+        if let Some(last_token) = last_token.filter(|_| self.config.draft > 0 && basis == Some(ScoreBasis::Attention)) {
             let drafting = Drafting {
                 observer,
                 last_token,
@@ -192,4 +226,39 @@ impl Compressor {
             self.config.pool_align,
         )?)
     }
+}
+
+/// The tokens of the whole sequence, for a method that reads them all: the
+/// caller's `tokens` when they cover every cell of an uncompressed sequence
+/// (positions `0..n`).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `method` otherwise.
+fn whole_sequence<'t>(tokens: Option<&'t [Token]>, state: &SeqState<'_>, method: &str) -> Result<&'t [Token]> {
+    let n = state.n_cells();
+    let uncompressed = state.positions().iter().all(|&p| p >= 0 && (p as usize) < n);
+    match tokens {
+        Some(t) if t.len() == n && uncompressed => Ok(t),
+        _ => Err(Error::InvalidArgument {
+            param: "tokens",
+            reason: format!(
+                "{method} repeats the whole sequence, so it needs all of its {n} tokens: prefill them into an \
+                 empty sequence, or pass every token to compress_after_prefill"
+            ),
+        }),
+    }
+}
+
+/// Decodes the sequence's last token again at its position, over the cache
+/// as it is now, leaving its logits.
+fn decode_last_again(ctx: &mut ContextRef, seq: SeqId, tokens: &[Token]) -> Result<()> {
+    let last = ctx.seq_pos_max(seq).ok_or(Error::EmptySequence { seq })?;
+    let token = *tokens.last().ok_or(Error::EmptySequence { seq })?;
+    if !ctx.seq_rm(seq, last, -1) {
+        return Err(Error::State {
+            op: "set",
+            reason: "llama.cpp could not remove the prompt's last token to decode it again".into(),
+        });
+    }
+    ctx.decode_tokens(seq, &[token], last, true)
 }

@@ -45,6 +45,7 @@
 
 mod captured;
 mod draft;
+mod reconstruct;
 mod rollback;
 mod support;
 mod votes;
@@ -73,6 +74,9 @@ pub enum ScoreSource {
     /// The cached keys alone (a query-free selector,
     /// [`ScoreBasis::KeyDissimilarity`](crate::snapkv::ScoreBasis)).
     Keys,
+    /// The queries of a teacher-forced repeat of the sequence against its
+    /// keys ([`ScoreBasis::Reconstruction`](crate::snapkv::ScoreBasis)).
+    Reconstruction,
     /// The method needs no scores (streaming, random) or nothing was done.
     None,
 }
@@ -179,7 +183,7 @@ impl Compressor {
     }
 
     /// A compressor for a method by name: `snapkv`, `snapkv-shared-layer`,
-    /// `snapkv-shared-all`, `streaming`, `random`, `keydiff`
+    /// `snapkv-shared-all`, `streaming`, `random`, `keydiff`, `reconstruct`
     /// ([`SELECTOR_NAMES`](crate::snapkv::SELECTOR_NAMES)).
     ///
     /// # Errors
@@ -201,6 +205,11 @@ impl Compressor {
     /// The selection method's name.
     pub fn method(&self) -> &'static str {
         self.selector.name()
+    }
+
+    /// What the method scores by (`None` for one that needs no scores).
+    pub fn score_basis(&self) -> Option<crate::snapkv::ScoreBasis> {
+        self.selector.needs_scores().then(|| self.selector.score_basis())
     }
 
     /// Evaluates `tokens` into sequence `seq` (after what it already holds)
@@ -281,10 +290,8 @@ impl Compressor {
             let blob = ctx.state_seq_get(seq)?;
             check_shared_cells(ctx, seq, &SeqState::parse(&blob, &model_shape(ctx.model()))?)?;
             let read_seconds = t_read.elapsed().as_secs_f64();
-            let last_token = tokens[tokens.len() - 1];
-            let mut stats = Rollback::to_state(ctx, seq, &blob).run(|ctx| {
-                self.compress_captured(ctx, seq, observer, &capture, &blob, Some(budget), Some(last_token))
-            })?;
+            let mut stats = Rollback::to_state(ctx, seq, &blob)
+                .run(|ctx| self.compress_captured(ctx, seq, observer, &capture, &blob, Some(budget), Some(tokens)))?;
             stats.prefill_seconds = prefill_seconds;
             stats.window_seconds = window_seconds;
             stats.compact_seconds += read_seconds;
@@ -403,7 +410,7 @@ impl Compressor {
                 &reread[..]
             };
             let mut stats =
-                self.compress_captured(ctx, seq, observer, &capture, current, Some(budget), Some(window[w - 1]))?;
+                self.compress_captured(ctx, seq, observer, &capture, current, Some(budget), Some(window_tokens))?;
             stats.window_seconds = window_seconds;
             stats.compact_seconds += snapshot_seconds;
             Ok(stats)

@@ -50,6 +50,10 @@ pub(crate) struct CaptureRequest {
     /// The observation window: the last `keep` tokens evaluated while armed.
     /// Only their rows are captured.
     pub keep: usize,
+    /// Whether the attention probabilities are copied too (flash attention
+    /// off). A pass that scores from its queries alone leaves them: for
+    /// hundreds of rows they would take gigabytes.
+    pub softmax: bool,
 }
 
 impl CaptureRequest {
@@ -63,7 +67,13 @@ impl CaptureRequest {
             n_head_kv: model.n_head_kv(),
             n_tokens,
             keep,
+            softmax: true,
         }
+    }
+
+    /// The same request without the attention probabilities.
+    pub(crate) fn queries_only(self) -> Self {
+        Self { softmax: false, ..self }
     }
 }
 
@@ -605,6 +615,9 @@ impl WindowObserver {
         if req.n_tokens.is_some() && capture.softmax[il].is_some() {
             return Err(format!("kq_soft_max-{il} seen twice"));
         }
+        if !req.softmax {
+            return Ok(());
+        }
         if n_tokens < req.keep {
             // The window's rows are spread over micro-batches whose softmax
             // columns differ: score this layer from the queries instead.
@@ -745,6 +758,7 @@ mod tests {
             n_head_kv: 1,
             n_tokens: Some(5),
             keep: 2,
+            softmax: true,
         });
         assert!(obs.is_armed());
         let cap = obs.disarm();

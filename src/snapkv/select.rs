@@ -238,6 +238,12 @@ pub enum ScoreBasis {
     /// [`key_dissimilarity`](crate::snapkv::key_dissimilarity), no query
     /// involved.
     KeyDissimilarity,
+    /// The attention that a teacher-forced repeat of the whole sequence
+    /// pays each position (the largest over the repeat's queries), pooled
+    /// like the window's. The engine needs every token of the sequence for
+    /// it (prefill into an empty sequence, or all of them passed to
+    /// `compress_after_prefill`).
+    Reconstruction,
 }
 
 /// A method that decides which prefix cells every KV head keeps.
@@ -379,6 +385,38 @@ impl Selector for KeyDiffSelector {
 
     fn score_basis(&self) -> ScoreBasis {
         ScoreBasis::KeyDissimilarity
+    }
+
+    fn select(
+        &self,
+        scores: Option<&HeadScores>,
+        shape: &SelectionShape,
+        n_keep: usize,
+    ) -> Result<Selection, AlgoError> {
+        SnapKvSelector.select(scores, shape, n_keep)
+    }
+}
+
+/// Question-agnostic selection by reconstruction, in the manner of KVzip
+/// (Kim et al., 2025): the model repeats the sequence (teacher-forced) and
+/// every KV head keeps its `n_keep` prefix cells that the repeat attended
+/// to most ([`ScoreBasis::Reconstruction`]). What the model needs to
+/// reproduce the text is what later questions about it need, whichever they
+/// are; it costs about one more prefill. Ties go to the lower prefix index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconstructSelector;
+
+impl Selector for ReconstructSelector {
+    fn name(&self) -> &'static str {
+        "reconstruct"
+    }
+
+    fn needs_scores(&self) -> bool {
+        true
+    }
+
+    fn score_basis(&self) -> ScoreBasis {
+        ScoreBasis::Reconstruction
     }
 
     fn select(
@@ -580,18 +618,20 @@ pub fn selector_by_name(name: &str) -> Option<Box<dyn Selector>> {
         "streaming" => Some(Box::new(StreamingSelector::default())),
         "random" => Some(Box::new(RandomSelector::default())),
         "keydiff" => Some(Box::new(KeyDiffSelector)),
+        "reconstruct" => Some(Box::new(ReconstructSelector)),
         _ => None,
     }
 }
 
 /// Names accepted by [`selector_by_name`].
-pub const SELECTOR_NAMES: [&str; 6] = [
+pub const SELECTOR_NAMES: [&str; 7] = [
     "snapkv",
     "snapkv-shared-layer",
     "snapkv-shared-all",
     "streaming",
     "random",
     "keydiff",
+    "reconstruct",
 ];
 
 #[cfg(test)]

@@ -17,6 +17,10 @@ use snapkv_cli::{
 use super::{CellShares, EvalArgs, Protocol, Record};
 use crate::common::{observed_context, short_answer, task_prompt, ChatPrompt};
 
+/// Cells a context leaves after the prompt for one pass of `reconstruct`'s
+/// repeat (a micro-batch of the default 512 tokens).
+pub(super) const ROOM_FOR_A_PASS: usize = 512;
+
 /// One question about the document, ready to ask.
 struct Question {
     task: TaskInstance,
@@ -95,7 +99,9 @@ pub(super) fn evaluate_document<'m>(
         .map(|q| q.tail(doc_len).len() + q.n_gen)
         .max()
         .unwrap_or(0);
-    let need = doc_len + longest + 64;
+    // Room after the document for the longest question and answer, and
+    // for a micro-batch of `reconstruct`'s repeat.
+    let need = doc_len + longest.max(ROOM_FOR_A_PASS) + 64;
     if !matches!(ctx_slot, Some((n, _)) if *n >= need) {
         drop(ctx_slot.take());
         let ctx = observed_context(model, &args.model, need)?;

@@ -330,7 +330,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                     } else {
                         expected_tokens + 16
                     };
-                    let need = p + n_gen + 64;
+                    let need = p + n_gen.max(agnostic::ROOM_FOR_A_PASS) + 64;
                     if !matches!(&ctx_slot, Some((n, _)) if *n >= need) {
                         drop(ctx_slot.take());
                         let ctx = observed_context(&model, &args.model, need)?;
