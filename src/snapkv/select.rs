@@ -364,70 +364,65 @@ impl Selector for SnapKvSelector {
     }
 }
 
-/// Query-free selection in the manner of KeyDiff (Park et al., 2025): every
-/// KV head keeps its `n_keep` prefix cells whose keys point furthest from
-/// the head's average key direction
-/// ([`ScoreBasis::KeyDissimilarity`]). It looks at no query, so what ends
-/// the prompt does not matter: a document compressed before any question
-/// keeps the same cells as one that ends with it. Ties go to the lower
-/// prefix index.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KeyDiffSelector;
+/// A selector whose every KV head keeps its own top `n_keep` prefix cells
+/// (ties to the lower prefix index), as SnapKV's does, by scores of another
+/// basis.
+macro_rules! per_head_selector {
+    ($(#[$doc:meta])* $ty:ident, $name:literal, $basis:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        pub struct $ty;
 
-impl Selector for KeyDiffSelector {
-    fn name(&self) -> &'static str {
-        "keydiff"
-    }
+        impl Selector for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
 
-    fn needs_scores(&self) -> bool {
-        true
-    }
+            fn needs_scores(&self) -> bool {
+                true
+            }
 
-    fn score_basis(&self) -> ScoreBasis {
-        ScoreBasis::KeyDissimilarity
-    }
+            fn score_basis(&self) -> ScoreBasis {
+                ScoreBasis::$basis
+            }
 
-    fn select(
-        &self,
-        scores: Option<&HeadScores>,
-        shape: &SelectionShape,
-        n_keep: usize,
-    ) -> Result<Selection, AlgoError> {
-        SnapKvSelector.select(scores, shape, n_keep)
-    }
+            fn select(
+                &self,
+                scores: Option<&HeadScores>,
+                shape: &SelectionShape,
+                n_keep: usize,
+            ) -> Result<Selection, AlgoError> {
+                SnapKvSelector.select(scores, shape, n_keep)
+            }
+        }
+    };
 }
 
-/// Question-agnostic selection by reconstruction, in the manner of KVzip
-/// (Kim et al., 2025): the model repeats the sequence (teacher-forced) and
-/// every KV head keeps its `n_keep` prefix cells that the repeat attended
-/// to most ([`ScoreBasis::Reconstruction`]). What the model needs to
-/// reproduce the text is what later questions about it need, whichever they
-/// are; it costs about one more prefill. Ties go to the lower prefix index.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ReconstructSelector;
+per_head_selector!(
+    /// Query-free selection in the manner of KeyDiff (Park et al., 2025):
+    /// every KV head keeps its `n_keep` prefix cells whose keys point
+    /// furthest from the head's average key direction
+    /// ([`ScoreBasis::KeyDissimilarity`]). It looks at no query, so what
+    /// ends the prompt does not matter: a document compressed before any
+    /// question keeps the same cells as one that ends with it. Ties go to
+    /// the lower prefix index.
+    KeyDiffSelector,
+    "keydiff",
+    KeyDissimilarity
+);
 
-impl Selector for ReconstructSelector {
-    fn name(&self) -> &'static str {
-        "reconstruct"
-    }
-
-    fn needs_scores(&self) -> bool {
-        true
-    }
-
-    fn score_basis(&self) -> ScoreBasis {
-        ScoreBasis::Reconstruction
-    }
-
-    fn select(
-        &self,
-        scores: Option<&HeadScores>,
-        shape: &SelectionShape,
-        n_keep: usize,
-    ) -> Result<Selection, AlgoError> {
-        SnapKvSelector.select(scores, shape, n_keep)
-    }
-}
+per_head_selector!(
+    /// Question-agnostic selection by reconstruction, in the manner of KVzip
+    /// (Kim et al., 2025): the model repeats the sequence (teacher-forced)
+    /// and every KV head keeps its `n_keep` prefix cells that the repeat
+    /// attended to most ([`ScoreBasis::Reconstruction`]). What the model
+    /// needs to reproduce the text is what later questions about it need,
+    /// whichever they are; it costs about one more prefill. Ties go to the
+    /// lower prefix index.
+    ReconstructSelector,
+    "reconstruct",
+    Reconstruction
+);
 
 /// SnapKV with one set per layer: the mean score over the layer's KV heads
 /// decides, and every head of the layer keeps the same cells.

@@ -14,8 +14,8 @@ use snapkv_cli::{
     agreement, branch, forced_distributions, log_softmax, Branch, Haystack, Method, Snapshot, TaskInstance,
 };
 
-use super::{CellShares, EvalArgs, Protocol, Record};
-use crate::common::{observed_context, short_answer, task_prompt, ChatPrompt};
+use super::{answer_record, Answered, EvalArgs, Protocol, Record};
+use crate::common::{observed_context, task_prompt, ChatPrompt};
 
 /// Cells a context leaves after the prompt for one pass of `reconstruct`'s
 /// repeat (a micro-batch of the default 512 tokens).
@@ -38,7 +38,7 @@ impl Question {
 
 /// What one question's answer was, and the next-token distributions along
 /// the reference answer.
-struct Answered {
+struct Reply {
     answer: Generation,
     distributions: Vec<Vec<f32>>,
 }
@@ -122,55 +122,28 @@ pub(super) fn evaluate_document<'m>(
     for q in &questions {
         references.push(ask(ctx, seq, doc_len, q, None)?);
     }
-    let mut add = |method: &str, budget: Option<usize>, branch: &Branch, q: usize, run: &Answered| {
+    let mut add = |method: &str, budget: Option<usize>, branch: &Branch, q: usize, run: &Reply| {
         let question = &questions[q];
         let text = model.detokenize(&run.answer.tokens, false)?;
         let fidelity = agreement(&references[q].distributions, &run.distributions);
-        let score = question.task.score(&text);
-        let kept = branch.stats.as_ref().and_then(|s| s.kept.as_ref());
-        let prompt = &question.prompt;
-        let needle_kept = kept.map_or(1.0, |k| k.fraction_kept(&prompt.asked_positions));
-        eprintln!(
-            "    q{q} {:<24} {:>5.0}%  KL {:>7.4}  needles kept {:>5.1}%  {:?}",
-            budget.map_or_else(|| method.to_string(), |b| format!("{method} @ {b}")),
-            100.0 * score,
-            fidelity.mean_kl(),
-            100.0 * needle_kept,
-            short_answer(&text, 60)
-        );
-        records.push(Record {
-            task: task.spec.kind.name(),
-            haystack: haystack.name().to_string(),
-            length: task.spec.length,
-            prompt_tokens: prompt.tokens.len(),
-            depth: task.spec.depth,
-            seed: task.spec.seed,
-            method: method.to_string(),
-            budget,
-            protocol: Protocol::QuestionAgnostic.name().to_string(),
-            question: q,
-            cells: branch.usage.cells,
-            kv_bytes: branch.usage.kv_bytes,
-            score,
-            lookahead: 0,
-            score_beyond_lookahead: None,
-            full_score_beyond_lookahead: None,
-            expected: question.task.answers.clone(),
-            mean_kl: fidelity.mean_kl(),
-            max_kl: fidelity.max_kl(),
-            top1: fidelity.top1(),
-            kl_positions: fidelity.n(),
-            kl_per_position: fidelity.kl,
-            needle_kept,
-            needle_kept_per_layer: kept.map_or_else(Vec::new, |k| k.fraction_kept_per_layer(&prompt.asked_positions)),
-            other_needles_kept: (!prompt.unasked_positions.is_empty())
-                .then(|| kept.map_or(1.0, |k| k.fraction_kept(&prompt.unasked_positions))),
-            distractors_in_answer: (!question.task.distractors.is_empty()).then(|| question.task.distractors_in(&text)),
-            cell_shares: kept.map(|k| CellShares::of(k, prompt)),
-            decode_tokens_per_second: run.answer.tokens_per_second(),
-            compression_seconds: branch.stats.as_ref().map_or(0.0, |s| s.overhead_seconds()),
-            answer: text,
-        });
+        records.push(answer_record(
+            Answered {
+                task: &question.task,
+                prompt: &question.prompt,
+                haystack: haystack.name(),
+                method,
+                budget,
+                protocol: Protocol::QuestionAgnostic,
+                question: q,
+                branch,
+                generation: &run.answer,
+                lookahead: 0,
+                score_beyond_lookahead: None,
+                full_score_beyond_lookahead: None,
+            },
+            text,
+            fidelity,
+        ));
         Ok::<(), snapkv::Error>(())
     };
     let full_label = args.methods.iter().find(|m| m.is_full()).map(|m| m.label.clone());
@@ -206,7 +179,7 @@ fn ask(
     doc_len: usize,
     question: &Question,
     forced: Option<&[Token]>,
-) -> snapkv::Result<Answered> {
+) -> snapkv::Result<Reply> {
     let tail = question.tail(doc_len);
     ctx.decode_tokens(seq, tail, doc_len as Pos, true)?;
     let first = ctx
@@ -238,7 +211,7 @@ fn ask(
             ),
         });
     }
-    Ok(Answered { answer, distributions })
+    Ok(Reply { answer, distributions })
 }
 
 /// Removes positions `from..` of `seq`.

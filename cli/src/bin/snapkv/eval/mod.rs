@@ -23,8 +23,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use snapkv::llama::{Pos, Token};
 use snapkv::{generate, init_backend, Generation, Model, ModelParams, Sampler};
 use snapkv_cli::{
-    agreement, branch_after_answer_start, forced_distributions, generate_task, log_softmax, Branch, Haystack, Method,
-    PromptLayout, Snapshot, TaskKind, TaskSpec,
+    agreement, branch_after_answer_start, forced_distributions, generate_task, log_softmax, Agreement, Branch,
+    Haystack, Method, PromptLayout, Snapshot, TaskInstance, TaskKind, TaskSpec,
 };
 
 use crate::common::{model_stem, ChatPrompt, RunInfo};
@@ -381,62 +381,30 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
                             let run = run.as_ref().unwrap_or(&reference);
                             let fidelity = agreement(&reference.distributions, &run.distributions);
                             let text = model.detokenize(&run.answer.tokens, false)?;
-                            let score = task.score(&text);
                             let (score_beyond_lookahead, full_score_beyond_lookahead) = if lookahead > 0 {
                                 let start = model.detokenize(&run.answer.tokens[..lookahead], false)?;
                                 (task.score_beyond(&start, &text), task.score_beyond(&start, &full_text))
                             } else {
                                 (None, None)
                             };
-                            let kept = run.branch.stats.as_ref().and_then(|s| s.kept.as_ref());
-                            let needle_kept = kept.map_or(1.0, |k| k.fraction_kept(&prompt.asked_positions));
-                            let needle_kept_per_layer =
-                                kept.map_or_else(Vec::new, |k| k.fraction_kept_per_layer(&prompt.asked_positions));
-                            let other_needles_kept = (!prompt.unasked_positions.is_empty())
-                                .then(|| kept.map_or(1.0, |k| k.fraction_kept(&prompt.unasked_positions)));
-                            let distractors_in_answer =
-                                (!task.distractors.is_empty()).then(|| task.distractors_in(&text));
-                            let cell_shares = kept.map(|k| CellShares::of(k, &prompt));
-                            eprintln!(
-                                "    {:<24} {:>5.0}%  KL {:>7.4}  needles kept {:>5.1}%  {:?}",
-                                budget.map_or_else(|| spec.label.clone(), |b| format!("{} @ {b}", spec.label)),
-                                100.0 * score,
-                                fidelity.mean_kl(),
-                                100.0 * needle_kept,
-                                short_answer(&text, 60)
-                            );
-                            records.push(Record {
-                                task: kind.name(),
-                                haystack: haystack.name().to_string(),
-                                length,
-                                prompt_tokens: p,
-                                depth,
-                                seed,
-                                method: spec.label.clone(),
-                                budget,
-                                protocol: query_aware(),
-                                question: 0,
-                                cells: run.branch.usage.cells,
-                                kv_bytes: run.branch.usage.kv_bytes,
-                                score,
-                                lookahead,
-                                score_beyond_lookahead,
-                                full_score_beyond_lookahead,
-                                expected: task.answers.clone(),
-                                answer: text,
-                                mean_kl: fidelity.mean_kl(),
-                                max_kl: fidelity.max_kl(),
-                                top1: fidelity.top1(),
-                                kl_positions: fidelity.n(),
-                                kl_per_position: fidelity.kl,
-                                needle_kept,
-                                needle_kept_per_layer,
-                                other_needles_kept,
-                                distractors_in_answer,
-                                cell_shares,
-                                decode_tokens_per_second: run.answer.tokens_per_second(),
-                                compression_seconds: run.branch.stats.as_ref().map_or(0.0, |s| s.overhead_seconds()),
-                            });
+                            records.push(answer_record(
+                                Answered {
+                                    task: &task,
+                                    prompt: &prompt,
+                                    haystack: haystack.name(),
+                                    method: &spec.label,
+                                    budget,
+                                    protocol: Protocol::QueryAware,
+                                    question: 0,
+                                    branch: &run.branch,
+                                    generation: &run.answer,
+                                    lookahead,
+                                    score_beyond_lookahead,
+                                    full_score_beyond_lookahead,
+                                },
+                                text,
+                                fidelity,
+                            ));
                         }
                     }
                 }
@@ -458,6 +426,78 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
     write_csv(&args.out.join("eval.csv"), &records)?;
     draw_plots(args, &records, haystack.name(), &model_stem(&args.model.model));
     Ok(())
+}
+
+/// What one answer came from, for [`answer_record`].
+struct Answered<'a> {
+    task: &'a TaskInstance,
+    prompt: &'a ChatPrompt,
+    haystack: &'a str,
+    method: &'a str,
+    budget: Option<usize>,
+    protocol: Protocol,
+    question: usize,
+    branch: &'a Branch,
+    generation: &'a Generation,
+    lookahead: usize,
+    score_beyond_lookahead: Option<f64>,
+    full_score_beyond_lookahead: Option<f64>,
+}
+
+/// Scores an answer (`text`, its fidelity to the full cache's) and prints
+/// its line: the record of one (prompt, method, budget, question).
+fn answer_record(a: Answered<'_>, text: String, fidelity: Agreement) -> Record {
+    let (task, prompt) = (a.task, a.prompt);
+    let kept = a.branch.stats.as_ref().and_then(|s| s.kept.as_ref());
+    let needle_kept = kept.map_or(1.0, |k| k.fraction_kept(&prompt.asked_positions));
+    let score = task.score(&text);
+    let label = a
+        .budget
+        .map_or_else(|| a.method.to_string(), |b| format!("{} @ {b}", a.method));
+    let question = match a.protocol {
+        Protocol::QueryAware => String::new(),
+        Protocol::QuestionAgnostic => format!("q{} ", a.question),
+    };
+    eprintln!(
+        "    {question}{label:<24} {:>5.0}%  KL {:>7.4}  needles kept {:>5.1}%  {:?}",
+        100.0 * score,
+        fidelity.mean_kl(),
+        100.0 * needle_kept,
+        short_answer(&text, 60)
+    );
+    Record {
+        task: task.spec.kind.name(),
+        haystack: a.haystack.to_string(),
+        length: task.spec.length,
+        prompt_tokens: prompt.tokens.len(),
+        depth: task.spec.depth,
+        seed: task.spec.seed,
+        method: a.method.to_string(),
+        budget: a.budget,
+        protocol: a.protocol.name().to_string(),
+        question: a.question,
+        cells: a.branch.usage.cells,
+        kv_bytes: a.branch.usage.kv_bytes,
+        score,
+        lookahead: a.lookahead,
+        score_beyond_lookahead: a.score_beyond_lookahead,
+        full_score_beyond_lookahead: a.full_score_beyond_lookahead,
+        expected: task.answers.clone(),
+        mean_kl: fidelity.mean_kl(),
+        max_kl: fidelity.max_kl(),
+        top1: fidelity.top1(),
+        kl_positions: fidelity.n(),
+        kl_per_position: fidelity.kl,
+        needle_kept,
+        needle_kept_per_layer: kept.map_or_else(Vec::new, |k| k.fraction_kept_per_layer(&prompt.asked_positions)),
+        other_needles_kept: (!prompt.unasked_positions.is_empty())
+            .then(|| kept.map_or(1.0, |k| k.fraction_kept(&prompt.unasked_positions))),
+        distractors_in_answer: (!task.distractors.is_empty()).then(|| task.distractors_in(&text)),
+        cell_shares: kept.map(|k| CellShares::of(k, prompt)),
+        decode_tokens_per_second: a.generation.tokens_per_second(),
+        compression_seconds: a.branch.stats.as_ref().map_or(0.0, |s| s.overhead_seconds()),
+        answer: text,
+    }
 }
 
 /// Prints the run's tables and writes them to `<out>/table.txt`, so that a
