@@ -110,6 +110,11 @@ impl Compressor {
 
         let t_score = Instant::now();
         let basis = self.selector.needs_scores().then(|| self.selector.score_basis());
+        // Reconstruction repeats every token of the sequence: checked once.
+        let whole = match basis {
+            Some(ScoreBasis::Reconstruction) => Some(whole_sequence(tokens, &state, self.selector.name())?),
+            _ => None,
+        };
         let (scores, mut source) = match basis {
             None => (None, ScoreSource::None),
             Some(ScoreBasis::Attention) => {
@@ -126,7 +131,7 @@ impl Compressor {
             }
             Some(ScoreBasis::KeyDissimilarity) => (Some(key_scores(&state, &order)?), ScoreSource::Keys),
             Some(ScoreBasis::Reconstruction) => {
-                let all = whole_sequence(tokens, &state, self.selector.name())?;
+                let all = whole.expect("checked for reconstruction above");
                 let votes = self.reconstruction_votes(ctx, seq, observer, all, order.prefix_len)?;
                 (
                     Some(self.scores_from_votes(&state, &order, votes)?),
@@ -152,12 +157,13 @@ impl Compressor {
 
         let mut draft_tokens = 0;
         let mut draft_seconds = 0.0;
-        if basis == Some(ScoreBasis::Reconstruction) {
+        if let Some(all) = whole {
             // The repeat left its logits: the prompt's last token is decoded
             // again over the compressed cache, so that the logits are the
-            // prompt's.
-            let all = whole_sequence(tokens, &state, self.selector.name())?;
+            // prompt's. Part of the reconstruction's cost.
+            let t_last = Instant::now();
             decode_last_again(ctx, seq, all)?;
+            score_seconds += t_last.elapsed().as_secs_f64();
         }
         // A draft's queries vote beside the window's: attention selectors only.
         let last_token = tokens.and_then(|t| t.last().copied());
