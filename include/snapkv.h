@@ -155,6 +155,28 @@ enum snapkv_query_aggregation {
     SNAPKV_QUERY_AGGREGATION_MAX = 1  /* a vote is the largest of them */
 };
 
+/* How the kept positions are chosen (snapkv_params.method). */
+enum snapkv_method {
+    SNAPKV_METHOD_SNAPKV = 0,     /* SnapKV: what the prompt's last `window`
+                                     tokens attend to. Best when the prompt
+                                     ends with the question (default). */
+    SNAPKV_METHOD_KEYDIFF = 1,    /* query-free: the keys that differ most
+                                     from their head's mean key. No question
+                                     needed; costs almost nothing. */
+    SNAPKV_METHOD_RECONSTRUCT = 2 /* question-agnostic: what the model
+                                     attends to while repeating the sequence
+                                     (KVzip-style). For a cache compressed
+                                     before its questions are known (a shared
+                                     document, a saved state); costs about
+                                     1.7 prefills more at 4,000 tokens.
+                                     Needs every token of
+                                     the sequence: snapkv_prefill into an
+                                     empty sequence, or
+                                     snapkv_compress_after_prefill given all
+                                     of them; otherwise
+                                     SNAPKV_ERR_INVALID_ARGUMENT. */
+};
+
 typedef struct snapkv_params {
     /* sizeof(snapkv_params) of the header the caller compiled against; set
      * by snapkv_params_default. Must stay the first member. */
@@ -206,6 +228,13 @@ typedef struct snapkv_params {
      * query_aggregation: a caller built against a header without it passes
      * size 48 and gets 0. */
     uint64_t draft_tokens;
+    /* enum snapkv_method: how the kept positions are chosen. Default
+     * SNAPKV_METHOD_SNAPKV. Appended after draft_tokens: a caller built
+     * against a header without it passes size 56 and gets SnapKV. */
+    int32_t method;
+    /* Must be 0 (snapkv_params_default sets it): keeps the struct free of
+     * padding, for a later field. */
+    uint32_t spare;
 } snapkv_params;
 
 /* Fills *params with the defaults (and params->size). Caller owns params.

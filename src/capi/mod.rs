@@ -211,7 +211,7 @@ pub unsafe extern "C" fn snapkv_observer_free(obs: *mut SnapkvObserver) {
 }
 
 fn compressor(params: &SnapkvParams) -> Result<Compressor, Failure> {
-    Ok(Compressor::new(params.to_config()?)?)
+    Ok(Compressor::with_method(params.to_config()?, params.method_name()?)?)
 }
 
 /// Evaluates `tokens` into sequence `seq_id` and compresses it.
@@ -451,6 +451,8 @@ mod tests {
             value_weighting: 9,
             query_aggregation: 9,
             draft_tokens: 9,
+            method: 9,
+            spare: 9,
         };
         // SAFETY: p is writable.
         assert_eq!(unsafe { snapkv_params_default(&mut p) }, 0);

@@ -65,6 +65,13 @@ pub const SCORE_KEYS: i32 = 3;
 /// `SNAPKV_SCORE_RECONSTRUCTION`.
 pub const SCORE_RECONSTRUCTION: i32 = 4;
 
+/// `SNAPKV_METHOD_SNAPKV`.
+pub const METHOD_SNAPKV: i32 = 0;
+/// `SNAPKV_METHOD_KEYDIFF`.
+pub const METHOD_KEYDIFF: i32 = 1;
+/// `SNAPKV_METHOD_RECONSTRUCT`.
+pub const METHOD_RECONSTRUCT: i32 = 2;
+
 /// Sizes above this are refused as uninitialised structs rather than read.
 const MAX_STRUCT_SIZE: u32 = 4096;
 
@@ -108,6 +115,13 @@ pub struct SnapkvParams {
     /// default, 0 (no draft), which is also this field's zero. 64 bits wide
     /// so that the struct has no padding.
     pub draft_tokens: u64,
+    /// `enum snapkv_method`: the selector ([`SnapkvParams::method_name`]).
+    /// Appended after the 56-byte layout: a caller compiled against that
+    /// header gets the default, SnapKV, which is also this field's zero.
+    pub method: i32,
+    /// Must be 0: keeps the struct free of padding (whose bytes a caller's
+    /// compiler need not zero), for a later field.
+    pub spare: u32,
 }
 
 /// `sizeof(snapkv_params)` before `value_weighting` was appended: the
@@ -205,6 +219,27 @@ impl SnapkvParams {
             value_weighting: c.value_weighting.to_c(),
             query_aggregation: c.queries.to_c(),
             draft_tokens: c.draft as u64,
+            method: METHOD_SNAPKV,
+            spare: 0,
+        }
+    }
+
+    /// The name of the selection method `method` asks for
+    /// ([`Compressor::with_method`](crate::Compressor::with_method)).
+    ///
+    /// # Errors
+    /// `SNAPKV_ERR_INVALID_PARAMS` for an unknown method or a non-zero `spare`.
+    pub(crate) fn method_name(&self) -> Result<&'static str, Failure> {
+        if self.spare != 0 {
+            return Err(invalid(format!("spare: must be 0, got {}", self.spare)));
+        }
+        match self.method {
+            METHOD_SNAPKV => Ok("snapkv"),
+            METHOD_KEYDIFF => Ok("keydiff"),
+            METHOD_RECONSTRUCT => Ok("reconstruct"),
+            other => Err(invalid(format!(
+                "method: unknown value {other} (SNAPKV_METHOD_SNAPKV, _KEYDIFF or _RECONSTRUCT)"
+            ))),
         }
     }
 
@@ -452,6 +487,9 @@ pub fn abi_items() -> Vec<AbiItem> {
         abi_const!("SNAPKV_SCORE_QUERY_KEY", SCORE_QUERY_KEY),
         abi_const!("SNAPKV_SCORE_KEYS", SCORE_KEYS),
         abi_const!("SNAPKV_SCORE_RECONSTRUCTION", SCORE_RECONSTRUCTION),
+        abi_const!("SNAPKV_METHOD_SNAPKV", METHOD_SNAPKV),
+        abi_const!("SNAPKV_METHOD_KEYDIFF", METHOD_KEYDIFF),
+        abi_const!("SNAPKV_METHOD_RECONSTRUCT", METHOD_RECONSTRUCT),
         abi_const!(
             "SNAPKV_VERSION_MAJOR",
             env!("CARGO_PKG_VERSION_MAJOR").parse::<i64>().unwrap_or(-1)
@@ -479,7 +517,9 @@ pub fn abi_items() -> Vec<AbiItem> {
         pool_forward,
         value_weighting,
         query_aggregation,
-        draft_tokens
+        draft_tokens,
+        method,
+        spare
     ));
     items.extend(abi_offsets!(
         SnapkvStats,
@@ -640,10 +680,31 @@ mod tests {
     }
 
     #[test]
+    fn methods_are_named_and_unknown_ones_refused() {
+        let p = SnapkvParams::default();
+        assert_eq!((p.method, p.spare), (METHOD_SNAPKV, 0));
+        for (method, name) in [
+            (METHOD_SNAPKV, "snapkv"),
+            (METHOD_KEYDIFF, "keydiff"),
+            (METHOD_RECONSTRUCT, "reconstruct"),
+        ] {
+            assert_eq!(SnapkvParams { method, ..p }.method_name().unwrap(), name);
+        }
+        let err = SnapkvParams { method: 3, ..p }.method_name().unwrap_err();
+        assert_eq!(err.status, Status::InvalidParams);
+        assert!(
+            err.message.starts_with("method: unknown value 3 (SNAPKV_METHOD_SNAPKV"),
+            "{}",
+            err.message
+        );
+        assert!(SnapkvParams { spare: 1, ..p }.method_name().is_err());
+    }
+
+    #[test]
     fn sizes_are_checked() {
         let ours = size_of::<SnapkvParams>() as u32;
         assert!(SnapkvParams::check_size(0).is_err());
-        assert_eq!((PARAMS_MIN_SIZE, ours), (40, 56));
+        assert_eq!((PARAMS_MIN_SIZE, ours), (40, 64));
         assert!(SnapkvParams::check_size(PARAMS_MIN_SIZE - 1).is_err());
         assert_eq!(SnapkvParams::check_size(PARAMS_MIN_SIZE).unwrap(), 40);
         assert_eq!(SnapkvParams::check_size(ours).unwrap(), ours as usize);

@@ -490,6 +490,67 @@ int main(int argc, char ** argv) {
         CHECK(memcmp(&st, &sentinel, sizeof st) == 0, "stats untouched by a refused draft");
         free(plain_state);
     }
+    /* The method through C: keydiff scores the keys alone, reconstruct a
+     * repeat of the sequence, and each keeps other cells than SnapKV. The
+     * observed-decode hook is given no tokens, so it refuses reconstruct
+     * and leaves the sequence; an unknown method is refused before any
+     * work; a caller of the header before `method` (size 56) gets SnapKV. */
+    {
+        snapkv_params by_keys = p, by_repeat = p, unknown = p, older = p;
+        unsigned char * snap_state;
+        unsigned char * keys_state;
+        unsigned char * plain_state;
+        size_t snap_n, keys_n, plain_n;
+        by_keys.method = SNAPKV_METHOD_KEYDIFF;
+        by_repeat.method = SNAPKV_METHOD_RECONSTRUCT;
+        unknown.method = 3;
+        CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 (snapkv method)");
+        expect(snapkv_prefill(ctx, obs, &p, S1, toks, n_prompt, &st), SNAPKV_OK, "prefill(seq 1, snapkv)", NULL);
+        snap_state = seq_state(ctx, S1, &snap_n);
+        CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 (keydiff)");
+        st = sentinel;
+        expect(snapkv_prefill(ctx, obs, &by_keys, S1, toks, n_prompt, &st), SNAPKV_OK, "prefill(seq 1, keydiff)",
+               NULL);
+        CHECK(st.compressed && st.cells_after == 64 && st.score_source == SNAPKV_SCORE_KEYS, "keydiff stats");
+        CHECK(!same_state(ctx, S1, snap_state, snap_n), "keydiff keeps other cells than snapkv");
+        keys_state = seq_state(ctx, S1, &keys_n);
+        CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 (reconstruct)");
+        st = sentinel;
+        expect(snapkv_prefill(ctx, obs, &by_repeat, S1, toks, n_prompt, &st), SNAPKV_OK,
+               "prefill(seq 1, reconstruct)", NULL);
+        CHECK(st.compressed && st.cells_after == 64 && st.score_source == SNAPKV_SCORE_RECONSTRUCTION,
+              "reconstruct stats");
+        CHECK(llama_memory_seq_pos_max(llama_get_memory(ctx), S1) == n_prompt - 1, "the repeat is gone");
+        CHECK(!same_state(ctx, S1, snap_state, snap_n) && !same_state(ctx, S1, keys_state, keys_n),
+              "reconstruct keeps other cells than snapkv and keydiff");
+        {
+            llama_token t = (llama_token) argmax(llama_get_logits_ith(ctx, -1), llama_vocab_n_tokens(vocab));
+            CHECK(decode(ctx, S1, &t, 1, n_prompt) == 0, "decode after reconstruct");
+        }
+        CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 (observed reconstruct)");
+        expect(snapkv_observe(ctx, obs, &by_repeat), SNAPKV_OK, "observe (reconstruct)", NULL);
+        CHECK(decode(ctx, S1, toks, n_prompt, 0) == 0, "host decodes the prompt (reconstruct)");
+        plain_state = seq_state(ctx, S1, &plain_n);
+        st = sentinel;
+        expect(snapkv_compress_observed(ctx, obs, &by_repeat, S1, &st), SNAPKV_ERR_INVALID_ARGUMENT,
+               "compress_observed(reconstruct)", "tokens");
+        CHECK(same_state(ctx, S1, plain_state, plain_n), "a refused reconstruct leaves the sequence");
+        CHECK(memcmp(&st, &sentinel, sizeof st) == 0, "stats untouched by a refused reconstruct");
+        CHECK(llama_memory_seq_rm(llama_get_memory(ctx), S1, -1, -1), "clear seq 1 (unknown method)");
+        expect(snapkv_prefill(ctx, obs, &unknown, S1, toks, n_prompt, &st), SNAPKV_ERR_INVALID_PARAMS,
+               "prefill(unknown method)", "method");
+        CHECK(llama_memory_seq_pos_max(llama_get_memory(ctx), S1) == -1, "a refused method evaluates nothing");
+        older.size = (uint32_t) offsetof(snapkv_params, method);
+        older.method = SNAPKV_METHOD_RECONSTRUCT; /* past an older caller's struct: not read */
+        st = sentinel;
+        expect(snapkv_prefill(ctx, obs, &older, S1, toks, n_prompt, &st), SNAPKV_OK,
+               "prefill(params of the header before method)", NULL);
+        CHECK(st.compressed && st.score_source != SNAPKV_SCORE_RECONSTRUCTION && same_state(ctx, S1, snap_state, snap_n),
+              "an older caller gets snapkv");
+        free(snap_state);
+        free(keys_state);
+        free(plain_state);
+    }
     /* Observing a context the observer is not attached to. */
     expect(snapkv_observe(plain, obs, &p), SNAPKV_OK, "observe(plain)", NULL);
     CHECK(decode(plain, S0, toks, 1, n_prompt) == 0, "decode plain");
