@@ -79,7 +79,7 @@ pub enum Error {
     /// Reading or writing the sequence state through llama.cpp failed.
     #[error("sequence state {op} failed: {reason}")]
     State {
-        /// `get` or `set`.
+        /// `get`, `set`, `save` (to a file) or `load` (from a file).
         op: &'static str,
         /// What went wrong.
         reason: String,

@@ -849,3 +849,65 @@ fn an_observer_of_another_context_is_detected() {
     assert!(matches!(err, snapkv::Error::ObserverMissing), "{err}");
     assert_eq!(ctx.state_seq_get(0).unwrap(), before);
 }
+
+/// A sequence compressed before any question (reconstruct) and saved with
+/// llama.cpp's `llama_state_seq_save_file` loads into another context and
+/// continues exactly as it would have in the first, from a file that holds
+/// only the kept cells; loading refuses what it cannot do and keeps what
+/// it would overwrite.
+#[test]
+fn a_compressed_sequence_saved_to_a_file_loads_back_and_continues_alike() {
+    let tokens = tiny_prompt(400, 21);
+    let p = tokens.len() as i32;
+    let dir = std::env::temp_dir().join(format!("snapkv-state-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (full_file, small_file) = (dir.join("full.kv"), dir.join("compressed.kv"));
+
+    let mut full = observed(tiny(), 2048, FlashAttention::Auto);
+    full.decode_tokens(0, &tokens, 0, false).unwrap();
+    let full_bytes = full.state_seq_save_file(&full_file, 0, &tokens).unwrap();
+
+    let mut ctx = observed(tiny(), 2048, FlashAttention::Auto);
+    let stats = Compressor::with_method(config(128), "reconstruct")
+        .unwrap()
+        .prefill(&mut ctx, 0, &tokens)
+        .unwrap();
+    assert!(stats.compressed);
+    let small_bytes = ctx.state_seq_save_file(&small_file, 0, &tokens).unwrap();
+    assert_eq!(small_bytes as u64, std::fs::metadata(&small_file).unwrap().len());
+    // 128 of 400 cells, plus the 400 tokens and per-cell metadata in both.
+    assert!(
+        small_bytes * 2 < full_bytes,
+        "compressed file {small_bytes} bytes, full {full_bytes}"
+    );
+
+    let turn = tiny().tokenize(" and what comes next?", false, false).unwrap();
+    ctx.decode_tokens(0, &turn, p, true).unwrap();
+    let expected = ctx.logits_ith(-1).unwrap().to_vec();
+
+    let mut other = observed(tiny(), 2048, FlashAttention::Auto);
+    let (read, saved_tokens) = other.state_seq_load_file(&small_file, 0).unwrap();
+    assert_eq!(read, small_bytes);
+    assert_eq!(saved_tokens, tokens);
+    assert_eq!(n_cells(&other, 0), 128);
+    assert_eq!(other.seq_pos_max(0), Some(p - 1));
+    other.decode_tokens(0, &turn, p, true).unwrap();
+    let got = other.logits_ith(-1).unwrap();
+    assert!(max_abs_diff(&expected, got) < 1e-4, "{}", max_abs_diff(&expected, got));
+
+    // Into a sequence that holds cells: refused, the cells kept.
+    let before = other.state_seq_get(0).unwrap();
+    let err = other.state_seq_load_file(&small_file, 0).unwrap_err();
+    assert!(err.to_string().contains("empty"), "{err}");
+    assert_eq!(other.state_seq_get(0).unwrap(), before);
+    // A missing file, and a context without room for the cells: refused,
+    // the sequence left empty.
+    let mut fresh = observed(tiny(), 2048, FlashAttention::Auto);
+    let err = fresh.state_seq_load_file(&dir.join("missing.kv"), 0).unwrap_err();
+    assert!(matches!(err, snapkv::Error::State { op: "load", .. }), "{err}");
+    assert_eq!(fresh.seq_pos_max(0), None);
+    let mut small_ctx = observed(tiny(), 64, FlashAttention::Auto);
+    assert!(small_ctx.state_seq_load_file(&small_file, 0).is_err());
+    assert_eq!(small_ctx.seq_pos_max(0), None);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

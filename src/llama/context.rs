@@ -599,6 +599,88 @@ impl ContextRef {
         Ok(())
     }
 
+    /// Writes sequence `seq` to the file `path` with llama.cpp's
+    /// `llama_state_seq_save_file`: `tokens` (the text the cells hold,
+    /// read back by [`state_seq_load_file`](Self::state_seq_load_file)) and
+    /// the sequence's cells as they are, so a compressed sequence saves
+    /// only its kept cells. Returns the bytes written.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSequence`]; [`Error::EmptySequence`] when it holds no
+    /// cell; [`Error::InvalidArgument`] for a path with a NUL byte or that
+    /// is not UTF-8; [`Error::State`] when llama.cpp cannot write the file.
+    pub fn state_seq_save_file(&self, path: &std::path::Path, seq: SeqId, tokens: &[Token]) -> Result<usize> {
+        self.check_seq(seq)?;
+        if self.seq_pos_max(seq).is_none() {
+            return Err(Error::EmptySequence { seq });
+        }
+        let c_path = c_path(path)?;
+        // SAFETY: valid context; c_path is NUL-terminated and tokens is
+        // readable for its length, both for the call. llama.cpp catches its
+        // own exceptions and returns 0.
+        let n =
+            unsafe { sys::llama_state_seq_save_file(self.ptr(), c_path.as_ptr(), seq, tokens.as_ptr(), tokens.len()) };
+        if n == 0 {
+            return Err(Error::State {
+                op: "save",
+                reason: format!("llama.cpp could not write sequence {seq} to {}", path.display()),
+            });
+        }
+        Ok(n)
+    }
+
+    /// Loads a file written by [`state_seq_save_file`](Self::state_seq_save_file)
+    /// (or by any llama.cpp program's `llama_state_seq_save_file` for the
+    /// same model) into sequence `seq`, which must be empty, and returns
+    /// the tokens saved with it. Returns the bytes read with the tokens.
+    ///
+    /// # Errors
+    /// [`Error::InvalidSequence`]; [`Error::InvalidArgument`] when `seq`
+    /// holds cells (nothing is replaced) or for a bad path;
+    /// [`Error::State`] when llama.cpp refuses the file (missing, another
+    /// model's, more cells than the context has free, more tokens than
+    /// `n_ctx`): the sequence is left empty.
+    pub fn state_seq_load_file(&mut self, path: &std::path::Path, seq: SeqId) -> Result<(usize, Vec<Token>)> {
+        self.check_seq(seq)?;
+        if let Some(last) = self.seq_pos_max(seq) {
+            return Err(Error::InvalidArgument {
+                param: "seq",
+                reason: format!("sequence {seq} holds cells up to position {last}: load a state into an empty one"),
+            });
+        }
+        let c_path = c_path(path)?;
+        let mut tokens: Vec<Token> = vec![0; self.n_ctx()];
+        let mut n_tokens = 0usize;
+        // SAFETY: valid context; c_path is NUL-terminated, tokens writable
+        // for its length (the capacity passed) and n_tokens for one usize.
+        // llama.cpp catches its own exceptions and returns 0.
+        let n = unsafe {
+            sys::llama_state_seq_load_file(
+                self.ptr(),
+                c_path.as_ptr(),
+                seq,
+                tokens.as_mut_ptr(),
+                tokens.len(),
+                &mut n_tokens,
+            )
+        };
+        if n == 0 {
+            // llama.cpp clears what it placed before refusing; make sure.
+            self.seq_rm(seq, -1, -1);
+            return Err(Error::State {
+                op: "load",
+                reason: format!(
+                    "llama.cpp could not load {} into sequence {seq} (missing or unreadable, saved by another model, \
+                     or more cells or tokens than this context of {} cells has room for)",
+                    path.display(),
+                    self.n_ctx()
+                ),
+            });
+        }
+        tokens.truncate(n_tokens);
+        Ok((n, tokens))
+    }
+
     /// Checks that `seq` is a valid sequence id for this context.
     ///
     /// # Errors
@@ -624,4 +706,16 @@ impl ContextRef {
     pub(crate) fn as_ptr(&self) -> *mut sys::llama_context {
         self.ptr()
     }
+}
+
+/// `path` as a C string for llama.cpp's file functions.
+fn c_path(path: &std::path::Path) -> Result<std::ffi::CString> {
+    let text = path.to_str().ok_or_else(|| Error::InvalidArgument {
+        param: "path",
+        reason: format!("{} is not UTF-8", path.display()),
+    })?;
+    std::ffi::CString::new(text).map_err(|_| Error::InvalidArgument {
+        param: "path",
+        reason: format!("{text:?} contains a NUL byte"),
+    })
 }
