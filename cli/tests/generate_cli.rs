@@ -127,3 +127,72 @@ fn cli_answers_a_factual_question_with_the_default_model() {
         "timings: {stderr}"
     );
 }
+
+/// A document compressed before its question (`reconstruct`) and saved with
+/// `--save-state` answers a question asked later from the file, which is a
+/// fraction of the full cache's; the file is llama.cpp's own sequence state.
+#[test]
+fn cli_saves_a_compressed_document_and_answers_a_later_question_from_the_file() {
+    let _g = heavy();
+    let dir = std::env::temp_dir().join(format!("snapkv-cli-state-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let doc = dir.join("doc.txt");
+    std::fs::write(&doc, passkey_document(80, 58213)).unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
+            .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .args(["generate", "--chat", "-t", "2"])
+            .args(args)
+            .output()
+            .expect("snapkv runs");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{args:?}: {stderr}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    };
+    let (full, compressed) = (dir.join("full.kv"), dir.join("compressed.kv"));
+    let doc = doc.to_str().unwrap();
+    run(&["-f", doc, "-n", "0", "--save-state", full.to_str().unwrap()]);
+    let (_, saved) = run(&[
+        "-f",
+        doc,
+        "-n",
+        "0",
+        "--snapkv",
+        "--method",
+        "reconstruct",
+        "--budget",
+        "256",
+        "--save-state",
+        compressed.to_str().unwrap(),
+    ]);
+    assert!(saved.contains("as 256 cells to"), "{saved}");
+    let (full_bytes, small_bytes) = (
+        std::fs::metadata(&full).unwrap().len(),
+        std::fs::metadata(&compressed).unwrap().len(),
+    );
+    assert!(small_bytes * 4 < full_bytes, "{small_bytes} vs {full_bytes} bytes");
+
+    let (answer, loaded) = run(&[
+        "--load-state",
+        compressed.to_str().unwrap(),
+        "-n",
+        "16",
+        "-p",
+        "What is the pass key? Answer with the number only.",
+    ]);
+    assert!(answer.contains("58213"), "answer: {answer}\n{loaded}");
+    assert!(loaded.contains("256 cells"), "{loaded}");
+    // Loading is refused with a clear error for what is not a state file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapkv"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .args(["generate", "--load-state", doc, "-p", "x"])
+        .output()
+        .expect("snapkv runs");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a llama.cpp sequence state file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

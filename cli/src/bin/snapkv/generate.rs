@@ -55,11 +55,63 @@ pub struct GenerateArgs {
     #[arg(long, requires = "snapkv", default_value_t = 0)]
     lookahead: usize,
     /// Selection method with --snapkv: snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random,
-    /// keydiff.
+    /// keydiff, reconstruct (question-agnostic: for a document saved before its questions, --save-state).
     #[arg(long, default_value = "snapkv")]
     method: String,
+    /// Save the prompt's cache (compressed with --snapkv) to a file after
+    /// evaluating it, with llama.cpp's sequence state format: compress a
+    /// document once, before its questions, and answer each later with
+    /// --load-state. With --chat the prompt is the document of an open user
+    /// turn, so a question can follow it. -n 0 generates nothing.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["lookahead", "load_state"])]
+    save_state: Option<PathBuf>,
+    /// Load a cache saved with --save-state (the same model), then evaluate
+    /// the prompt after it and generate: the prompt is the question. With
+    /// --chat it continues the saved user turn and closes it. Nothing is
+    /// compressed again.
+    #[arg(long, value_name = "FILE", conflicts_with = "snapkv")]
+    load_state: Option<PathBuf>,
     #[command(flatten)]
     snap: SnapKvOptions,
+}
+
+/// Splits the chat framing of one user message around its content: what
+/// comes before it and what closes the turn and opens the assistant's.
+fn chat_framing(model: &Model) -> snapkv::Result<(String, String)> {
+    const SLOT: &str = "\u{1}snapkv-content\u{1}";
+    let framed = model.apply_chat_template(&[ChatMessage::user(SLOT.to_string())], true)?;
+    let (head, tail) = framed
+        .split_once(SLOT)
+        .ok_or_else(|| Error::ChatTemplate("the chat template does not contain the message verbatim".into()))?;
+    Ok((head.to_string(), tail.to_string()))
+}
+
+/// The cells sequence 0 holds.
+fn seq_cells(ctx: &Context) -> snapkv::Result<usize> {
+    let blob = ctx.state_seq_get(0)?;
+    Ok(snapkv::snapkv::SeqState::parse(&blob, &snapkv::compress::model_shape(ctx.model()))?.n_cells())
+}
+
+/// The number of tokens saved in a llama.cpp sequence state file (its
+/// header: magic `ggsq`, version, token count), so that the context can
+/// be sized for them before loading.
+fn saved_token_count(path: &std::path::Path) -> snapkv::Result<usize> {
+    use std::io::Read;
+    let mut header = [0u8; 12];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .map_err(|e| Error::InvalidArgument {
+            param: "load-state",
+            reason: format!("{}: {e}", path.display()),
+        })?;
+    let word = |i: usize| u32::from_le_bytes(header[i..i + 4].try_into().expect("4 bytes"));
+    if word(0) != 0x6767_7371 {
+        return Err(Error::InvalidArgument {
+            param: "load-state",
+            reason: format!("{} is not a llama.cpp sequence state file", path.display()),
+        });
+    }
+    Ok(word(8) as usize)
 }
 
 /// Runs `snapkv generate`.
@@ -80,16 +132,24 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
     };
     let t_load = Instant::now();
     let model = Model::load(init_backend(), &args.model.model, &ModelParams::default())?;
-    let prompt = if args.chat {
-        model.apply_chat_template(&[ChatMessage::user(text)], true)?
-    } else {
-        text
+    // A saved document is an open user turn; a loaded one's question
+    // continues and closes it.
+    let prompt = match (args.chat, &args.save_state, &args.load_state) {
+        (false, ..) => text,
+        (true, Some(_), _) => chat_framing(&model)?.0 + &text,
+        (true, _, Some(_)) => format!("\n\n{text}{}", chat_framing(&model)?.1),
+        (true, None, None) => model.apply_chat_template(&[ChatMessage::user(text)], true)?,
     };
-    let tokens = model.tokenize(&prompt, true, args.chat)?;
+    // After a loaded state the prompt continues it: no BOS.
+    let tokens = model.tokenize(&prompt, args.load_state.is_none(), args.chat)?;
+    let saved = match &args.load_state {
+        Some(path) => saved_token_count(path)?,
+        None => 0,
+    };
     let n_ctx = if args.model.ctx_size > 0 {
         args.model.ctx_size
     } else {
-        (tokens.len() + args.n_predict + 64).next_multiple_of(256) as u32
+        (saved + tokens.len() + args.n_predict + 64).next_multiple_of(256) as u32
     };
     let observer = WindowObserver::new();
     let params = ContextParams::default()
@@ -111,8 +171,20 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
     let mut answer_start = Vec::new();
     let mut lookahead_seconds = 0.0;
 
+    // The loaded cache's cells, and the position the prompt continues at.
+    let (mut start, mut loaded) = (0usize, None);
+    if let Some(path) = &args.load_state {
+        let t0 = Instant::now();
+        let (bytes, saved_tokens) = ctx.state_seq_load_file(path, 0)?;
+        start = ctx.seq_pos_max(0).map_or(0, |p| p as usize + 1);
+        loaded = Some((bytes, saved_tokens.len(), seq_cells(&ctx)?, t0.elapsed().as_secs_f64()));
+    }
+
     let t_prompt = Instant::now();
-    let stats = if args.snapkv {
+    let stats = if args.load_state.is_some() {
+        ctx.decode_tokens(0, &tokens, start as Pos, true)?;
+        None
+    } else if args.snapkv {
         let compressor = Compressor::with_method(args.snap.config(), &args.method)?;
         if args.hook {
             let t0 = Instant::now();
@@ -147,6 +219,13 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
     };
     // The look-ahead's decodes are reported on their own line.
     let prompt_seconds = t_prompt.elapsed().as_secs_f64() - lookahead_seconds;
+    let saved_file = match &args.save_state {
+        Some(path) => {
+            let bytes = ctx.state_seq_save_file(path, 0, &tokens)?;
+            Some((path, bytes))
+        }
+        None => None,
+    };
 
     // An answer that ended within the look-ahead is complete.
     let ended = answer_start.last().is_some_and(|&t| model.is_eog(t));
@@ -163,7 +242,7 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
             &mut ctx,
             0,
             &mut sampler,
-            (tokens.len() + decoded_start) as Pos,
+            (start + tokens.len() + decoded_start) as Pos,
             rest,
             true,
         )?
@@ -186,6 +265,22 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
         gen.decode_seconds,
         gen.tokens_per_second()
     );
+    if let Some((bytes, n_saved, cells, seconds)) = loaded {
+        eprintln!(
+            "state:    loaded {} ({n_saved} tokens, {start} positions, {cells} cells) in {seconds:.2} s: {:.1} MiB",
+            args.load_state.as_ref().expect("loaded from it").display(),
+            bytes as f64 / 1048576.0
+        );
+    }
+    if let Some((path, bytes)) = saved_file {
+        eprintln!(
+            "state:    saved {} tokens as {} cells to {}: {:.1} MiB",
+            tokens.len(),
+            seq_cells(&ctx)?,
+            path.display(),
+            bytes as f64 / 1048576.0
+        );
+    }
     if !answer_start.is_empty() {
         eprintln!(
             "look-ahead: {} answer tokens on the full cache before compressing, in {lookahead_seconds:.2} s",
