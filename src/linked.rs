@@ -49,6 +49,10 @@ use crate::snapkv::config::SnapKvConfig;
 pub struct LinkedSettings {
     /// The compression applied to each prompt (its budget, window, ...).
     pub config: SnapKvConfig,
+    /// The selection method: `snapkv` (the default), `keydiff` or
+    /// `reconstruct` (question-agnostic, for a conversation that goes on
+    /// asking about the prompt after its first question).
+    pub method: String,
     /// Prompts shorter than this many tokens are left alone.
     pub min_prompt: usize,
     /// One line on stderr per compression (cells before and after, memory,
@@ -61,6 +65,7 @@ impl LinkedSettings {
     pub fn new(config: SnapKvConfig) -> Self {
         Self {
             config,
+            method: "snapkv".into(),
             min_prompt: 0,
             log: true,
         }
@@ -71,13 +76,20 @@ impl LinkedSettings {
 ///
 /// # Errors
 /// - [`Error::Algo`] when the configuration is invalid;
+/// - [`Error::InvalidArgument`] for a method other than `snapkv`, `keydiff`
+///   and `reconstruct`;
 /// - [`Error::Unsupported`] when compression was already set up: by an
 ///   earlier call, or because a context was created (or the wrappers were
 ///   first reached) before this call, which decides from the environment.
 pub fn enable(settings: LinkedSettings) -> Result<()> {
     settings.config.validate()?;
+    let method = crate::preload::config::method(&settings.method).map_err(|reason| Error::InvalidArgument {
+        param: "method",
+        reason: format!("{:?}: {reason}", settings.method),
+    })?;
     let settings = Settings {
         config: settings.config,
+        method,
         min_prompt: settings.min_prompt,
         log: if settings.log {
             LogLevel::Compressions

@@ -92,6 +92,7 @@ impl Server {
             "SNAPKV_PRESET",
             "SNAPKV_MIN_PROMPT",
             "SNAPKV_LOG",
+            "SNAPKV_METHOD",
             "LD_PRELOAD",
         ] {
             cmd.env_remove(var);
@@ -277,6 +278,45 @@ fn llama_server_with_a_unified_cache() {
 
 /// With the preload but no `SNAPKV_*` variable, or with an invalid one
 /// (one line at start-up), the server answers byte for byte as without it.
+/// `SNAPKV_METHOD=reconstruct`: the prompt is compressed by having the
+/// model repeat it (no question involved), once; a follow-up turn that asks
+/// about another fact of the document reuses the compressed cells and is
+/// answered from them.
+#[test]
+fn llama_server_with_the_question_agnostic_method() {
+    let server = Server::start(
+        "reconstruct",
+        true,
+        &[("SNAPKV_BUDGET", "512"), ("SNAPKV_METHOD", "reconstruct")],
+        &["-c", "8192", "-np", "1"],
+    );
+    let (key, code) = (40917u32, 7263u32);
+    let doc = passkey_document(120, key).replacen("\n\n", &format!("\n\nThe door code is {code}.\n\n"), 1);
+    let first = vec![user(format!("{doc}\n\nWhat is the pass key?"))];
+    let r1 = server.chat(&json!(first));
+    assert!(prompt_tokens(&r1) > 2800, "{r1}");
+    assert!(answer(&r1).contains(&key.to_string()), "answered {:?}", answer(&r1));
+    let lines = server.compressions();
+    assert!(
+        lines.len() == 1 && lines[0].contains(" -> 512 cells per KV head") && lines[0].contains("reconstruct"),
+        "one reconstruct compression:\n{}",
+        server.log_text()
+    );
+
+    let mut turn = first.clone();
+    turn.push(json!({"role": "assistant", "content": answer(&r1)}));
+    turn.push(user("Thank you. What is the door code? Digits only.".into()));
+    let r2 = server.chat(&json!(turn));
+    assert!(answer(&r2).contains(&code.to_string()), "answered {:?}", answer(&r2));
+    assert!(
+        cached_tokens(&r2) >= prompt_tokens(&r1),
+        "the follow-up turn evaluated the conversation again: {} of {} prompt tokens cached",
+        cached_tokens(&r2),
+        prompt_tokens(&r2)
+    );
+    assert_eq!(server.compressions().len(), 1, "a compressed prompt is compressed once");
+}
+
 #[test]
 fn without_variables_or_with_invalid_ones_the_preload_changes_nothing() {
     let messages = json!([user(format!("{}\n\nWhat is the pass key?", passkey_document(12, 4417)))]);

@@ -5,10 +5,24 @@
 //! | `SNAPKV_BUDGET` | cells kept per KV head (`1024`), or a fraction of the prompt (`0.1`, `10%`); unset: pass-through | unset |
 //! | `SNAPKV_WINDOW` | observation window (tokens) | 32 |
 //! | `SNAPKV_PRESET` | `default` or `facts` ([`Preset`]) | `default` |
+//! | `SNAPKV_METHOD` | `snapkv`, `keydiff` or `reconstruct` (question-agnostic: for a conversation about a document that goes on after its first question) | `snapkv` |
 //! | `SNAPKV_MIN_PROMPT` | prompts shorter than this many tokens are left alone | 0 |
 //! | `SNAPKV_LOG` | `0` silences the compression lines, `debug` adds why a prompt was not compressed | `1` |
 
 use crate::snapkv::config::{Budget, Preset, SnapKvConfig};
+
+/// The methods a host's prompts can be compressed with: SnapKV, and the two
+/// that need no question at the prompt's end.
+pub(crate) const METHODS: [&str; 3] = ["snapkv", "keydiff", "reconstruct"];
+
+/// `name` as one of [`METHODS`].
+pub(crate) fn method(name: &str) -> Result<&'static str, String> {
+    METHODS
+        .iter()
+        .find(|m| m.eq_ignore_ascii_case(name))
+        .copied()
+        .ok_or_else(|| format!("expected {}", METHODS.join(", ")))
+}
 
 /// How much the interposer logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -22,6 +36,8 @@ pub(crate) enum LogLevel {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Settings {
     pub config: SnapKvConfig,
+    /// The selection method ([`METHODS`]).
+    pub method: &'static str,
     pub min_prompt: usize,
     pub log: LogLevel,
 }
@@ -50,6 +66,10 @@ pub(crate) fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Se
     config
         .validate()
         .map_err(|e| format!("SNAPKV_BUDGET/SNAPKV_WINDOW: {e}"))?;
+    let method = match get("SNAPKV_METHOD") {
+        Some(m) => method(&m).map_err(|why| format!("SNAPKV_METHOD={m:?}: {why}"))?,
+        None => METHODS[0],
+    };
     let min_prompt = match get("SNAPKV_MIN_PROMPT") {
         Some(v) => parse_count(&v).map_err(|why| format!("SNAPKV_MIN_PROMPT={v:?}: {why}"))?,
         None => 0,
@@ -62,6 +82,7 @@ pub(crate) fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Se
     };
     Ok(Some(Settings {
         config,
+        method,
         min_prompt,
         log,
     }))
@@ -108,7 +129,10 @@ mod tests {
     fn budgets_read_as_cells_fractions_and_percentages() {
         let cells = read(&[("SNAPKV_BUDGET", "256")]).unwrap().unwrap();
         assert_eq!(cells.config.budget, Budget::Cells(256));
-        assert_eq!((cells.min_prompt, cells.log), (0, LogLevel::Compressions));
+        assert_eq!(
+            (cells.min_prompt, cells.log, cells.method),
+            (0, LogLevel::Compressions, "snapkv")
+        );
         let fraction = read(&[("SNAPKV_BUDGET", "0.25")]).unwrap().unwrap();
         assert_eq!(fraction.config.budget, Budget::Fraction(0.25));
         let percent = read(&[("SNAPKV_BUDGET", "10%")]).unwrap().unwrap();
@@ -123,9 +147,11 @@ mod tests {
             ("SNAPKV_PRESET", "facts"),
             ("SNAPKV_MIN_PROMPT", "2000"),
             ("SNAPKV_LOG", "debug"),
+            ("SNAPKV_METHOD", "Reconstruct"),
         ])
         .unwrap()
         .unwrap();
+        assert_eq!(s.method, "reconstruct");
         let mut facts = Preset::Facts.config();
         facts.window = 16;
         facts.budget = Budget::Cells(512);
@@ -147,6 +173,10 @@ mod tests {
             (
                 vec![("SNAPKV_BUDGET", "256"), ("SNAPKV_MIN_PROMPT", "x")],
                 "SNAPKV_MIN_PROMPT",
+            ),
+            (
+                vec![("SNAPKV_BUDGET", "256"), ("SNAPKV_METHOD", "streaming")],
+                "SNAPKV_METHOD",
             ),
             (vec![("SNAPKV_BUDGET", "256"), ("SNAPKV_LOG", "loud")], "SNAPKV_LOG"),
         ] {

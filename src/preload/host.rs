@@ -35,6 +35,7 @@ use super::track::{Removal, Tracks};
 use crate::compress::{check_supported, CompressionStats, Compressor};
 use crate::llama::observer::Capture;
 use crate::llama::{ContextRef, ModelRef, WindowObserver};
+use crate::snapkv::ScoreBasis;
 use crate::sys::{llama_pos, llama_seq_id};
 
 /// The settings and the compressor built from them.
@@ -164,7 +165,11 @@ impl Engine {
             HostContext {
                 observer,
                 memory: ctx.memory() as usize,
-                tracks: Tracks::new(self.settings.config.window),
+                tracks: if self.whole_sequence() {
+                    Tracks::keeping_every_token(self.settings.config.window)
+                } else {
+                    Tracks::new(self.settings.config.window)
+                },
                 pending: Vec::new(),
                 saved: Vec::new(),
             },
@@ -219,7 +224,8 @@ impl Engine {
                 self.debug(|| format!("snapkv: seq {}: {end} tokens fit the budget", run.seq));
                 continue;
             }
-            if armed.is_none() && run.at_batch_end && run.tokens.len() >= window {
+            // A method that repeats the whole sequence observes nothing.
+            if armed.is_none() && run.at_batch_end && run.tokens.len() >= window && !self.whole_sequence() {
                 armed = Some(Armed { seq: run.seq, end });
             } else {
                 hc.pending.push(Pending {
@@ -267,6 +273,9 @@ impl Engine {
             self.debug(|| format!("snapkv: seq {}: changed since its prompt ended; not compressed", p.seq));
             return;
         }
+        if self.whole_sequence() {
+            return self.compress_whole(ctx, hc, p);
+        }
         if let Some(capture) = p.capture {
             match as_library(|| self.compressor.compress_from_capture(ctx, &hc.observer, p.seq, capture)) {
                 Ok(stats) => return self.compressed(hc, p.seq, p.end, &stats, "window observed"),
@@ -292,6 +301,43 @@ impl Engine {
         }
     }
 
+    /// Whether the method reads the whole sequence (reconstruct), so that
+    /// every token of a prompt must be tracked and none is observed.
+    fn whole_sequence(&self) -> bool {
+        self.compressor.score_basis() == Some(ScoreBasis::Reconstruction)
+    }
+
+    /// Compresses a sequence whose prompt has ended with a method that
+    /// reads the whole sequence: once per prompt evaluated from position 0
+    /// (a follow-up turn after a compressed prompt is left as it is).
+    fn compress_whole(&self, ctx: &mut ContextRef, hc: &mut HostContext, p: Pending) {
+        if hc.tracks.get(p.seq).is_some_and(|t| t.compressed_end.is_some()) {
+            self.debug(|| {
+                format!(
+                    "snapkv: seq {}: compressed before; {} compresses a prompt once",
+                    p.seq, self.settings.method
+                )
+            });
+            return;
+        }
+        let Some(all) = hc.tracks.whole_sequence(p.seq) else {
+            self.debug(|| {
+                format!(
+                    "snapkv: seq {}: not every token since position 0 was seen; not compressed",
+                    p.seq
+                )
+            });
+            return;
+        };
+        match as_library(|| {
+            self.compressor
+                .compress_after_prefill_with(ctx, &hc.observer, p.seq, &all)
+        }) {
+            Ok(stats) => self.compressed(hc, p.seq, p.end, &stats, "the prompt repeated"),
+            Err(e) => log(Level::Warn, &format!("snapkv: seq {}: not compressed: {e}", p.seq)),
+        }
+    }
+
     fn compressed(&self, hc: &mut HostContext, seq: llama_seq_id, end: llama_pos, s: &CompressionStats, how: &str) {
         if !s.compressed {
             return;
@@ -301,7 +347,7 @@ impl Engine {
             log(
                 Level::Info,
                 &format!(
-                    "snapkv: seq {seq}: {} -> {} cells per KV head, {:.1} -> {:.1} MiB, {:.3} s ({how}, state transfer {:.3} s)",
+                    "snapkv: seq {seq}: {} -> {} cells per KV head, {:.1} -> {:.1} MiB, {:.3} s ({}, {how}, state transfer {:.3} s)",
                     s.cells_before,
                     s.cells_after,
                     s.bytes_before as f64 / (1 << 20) as f64,
@@ -311,6 +357,7 @@ impl Engine {
                     // RPC) the callback's reads also wait for the prompt's
                     // own computation.
                     s.overhead_seconds() - s.observe_seconds + s.window_seconds,
+                    self.settings.method,
                     s.compact_seconds,
                 ),
             );

@@ -82,15 +82,16 @@ pub(crate) fn engine() -> Option<&'static Engine> {
                 eprintln!("snapkv: {why}; passing through (no compression)");
                 return None;
             }
-            match crate::Compressor::new(settings.config.clone()) {
+            match crate::Compressor::with_method(settings.config.clone(), settings.method) {
                 Ok(compressor) => {
                     if settings.log >= config::LogLevel::Compressions {
                         eprintln!(
-                            "snapkv: compressing prompts to {} per KV head (window {}, from {} tokens)",
+                            "snapkv: compressing prompts to {} per KV head ({}, window {}, from {} tokens)",
                             match settings.config.budget {
                                 crate::Budget::Cells(c) => format!("{c} cells"),
                                 crate::Budget::Fraction(f) => format!("{:.1}% of their cells", f * 100.0),
                             },
+                            settings.method,
                             settings.config.window,
                             settings.min_prompt
                         );

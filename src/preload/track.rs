@@ -45,8 +45,11 @@ pub(crate) enum Removal {
 #[derive(Debug, Default)]
 pub(crate) struct Tracks {
     seqs: HashMap<llama_seq_id, SeqTrack>,
-    /// How many tokens each tail keeps.
+    /// The window: the tokens [`window_tokens`](Self::window_tokens) gives.
     window: usize,
+    /// How many tokens each tail keeps: the window, or every token for a
+    /// method that reads the whole sequence.
+    keep: usize,
 }
 
 fn end_of(p1: llama_pos) -> llama_pos {
@@ -58,10 +61,22 @@ fn end_of(p1: llama_pos) -> llama_pos {
 }
 
 impl Tracks {
+    /// Tails of the last `window` tokens.
     pub fn new(window: usize) -> Self {
         Self {
             seqs: HashMap::new(),
             window,
+            keep: window,
+        }
+    }
+
+    /// Tails of every token since position 0 as well
+    /// ([`whole_sequence`](Self::whole_sequence)), for a method that reads
+    /// the whole sequence.
+    pub fn keeping_every_token(window: usize) -> Self {
+        Self {
+            keep: usize::MAX,
+            ..Self::new(window)
         }
     }
 
@@ -84,7 +99,7 @@ impl Tracks {
             }
         }
         for &tok in tokens {
-            if t.tail.len() == self.window {
+            if t.tail.len() == self.keep {
                 t.tail.pop_front();
             }
             t.tail.push_back(tok);
@@ -104,7 +119,14 @@ impl Tracks {
     /// The last `window` tokens of `seq`, when they were all seen.
     pub fn window_tokens(&self, seq: llama_seq_id) -> Option<Vec<llama_token>> {
         let t = self.seqs.get(&seq)?;
-        (t.tail.len() == self.window).then(|| t.tail.iter().copied().collect())
+        (t.tail.len() >= self.window).then(|| t.tail.iter().skip(t.tail.len() - self.window).copied().collect())
+    }
+
+    /// Every token of `seq`, when its tail holds them all from position 0
+    /// (only with [`keeping_every_token`](Self::keeping_every_token)).
+    pub fn whole_sequence(&self, seq: llama_seq_id) -> Option<Vec<llama_token>> {
+        let t = self.seqs.get(&seq)?;
+        (t.next_pos > 0 && t.tail.len() == t.next_pos as usize).then(|| t.tail.iter().copied().collect())
     }
 
     /// `seq` was compressed; its prompt ended before `end`.
@@ -237,6 +259,26 @@ mod tests {
         t.decoded(0, 0, &tokens[..len as usize / 2]);
         t.decoded(0, len / 2, &tokens[len as usize / 2..]);
         t
+    }
+
+    #[test]
+    fn a_tail_of_every_token_gives_the_whole_sequence_while_it_starts_at_zero() {
+        let mut t = Tracks::keeping_every_token(4);
+        let tokens: Vec<i32> = (0..10).collect();
+        t.decoded(0, 0, &tokens[..5]);
+        t.decoded(0, 5, &tokens[5..]);
+        assert_eq!(t.window_tokens(0), Some(vec![6, 7, 8, 9]));
+        assert_eq!(t.whole_sequence(0), Some(tokens.clone()));
+        // A removed suffix, then the sequence goes on.
+        t.removed(0, 8, -1);
+        t.decoded(0, 8, &[20, 21]);
+        assert_eq!(t.whole_sequence(0), Some(vec![0, 1, 2, 3, 4, 5, 6, 7, 20, 21]));
+        // A context shift leaves no tokens from position 0.
+        t.removed(0, 2, 4);
+        assert_eq!(t.whole_sequence(0), None);
+        // A window tracker never has the whole sequence past its window.
+        assert_eq!(prompt(10).whole_sequence(0), None);
+        assert_eq!(prompt(4).whole_sequence(0), Some(vec![0, 1, 2, 3]));
     }
 
     #[test]
