@@ -669,3 +669,96 @@ fn capacity_refuses_a_lookahead() {
     let err = fail("capacity", &["--method", "snapkv:lookahead=8"]);
     assert!(err.contains("lookahead"), "{err}");
 }
+
+/// `snapkv grid` draws both protocols of two runs: a row per method and
+/// budget whose ratio and accuracy are the records' (recomputed here from
+/// eval.json), and a chart per protocol.
+#[test]
+fn grid_reports_accuracy_against_ratio_per_protocol_from_the_runs() {
+    let runs = out_dir("grid-runs");
+    let (agnostic, aware, out) = (runs.join("agnostic"), runs.join("aware"), runs.join("grid"));
+    for (dir, protocol) in [(&agnostic, "question-agnostic"), (&aware, "query-aware")] {
+        succeed(
+            "eval",
+            &[
+                "--protocol",
+                protocol,
+                "--tasks",
+                "passkey,multikey",
+                "--lengths",
+                "300",
+                "--depths",
+                "0.5",
+                "--methods",
+                "full,snapkv,random",
+                "--budgets",
+                "64,128",
+                "--out",
+                dir.to_str().unwrap(),
+            ],
+        );
+    }
+    let runs_arg = format!("{},{}", agnostic.display(), aware.display());
+    // `grid` reads reports: it takes no model.
+    let grid = |runs: &str| {
+        Command::new(env!("CARGO_BIN_EXE_snapkv"))
+            .args(["grid", "--runs", runs, "--out", out.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let done = grid(&runs_arg);
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    let table = std::fs::read_to_string(out.join("grid.txt")).unwrap();
+    for (dir, protocol) in [(&agnostic, "question-agnostic"), (&aware, "query-aware")] {
+        for ext in ["svg", "png"] {
+            assert!(
+                out.join(format!("grid-{protocol}.{ext}")).is_file(),
+                "grid-{protocol}.{ext}"
+            );
+        }
+        let section: Vec<&str> = table
+            .split("\n\n")
+            .find(|s| s.starts_with(&format!("{protocol}:")))
+            .unwrap_or_else(|| panic!("no {protocol} section in\n{table}"))
+            .lines()
+            .skip(2)
+            .collect();
+        // full, then snapkv and random at two budgets each.
+        assert_eq!(section.len(), 5, "{section:#?}");
+        let report = json(&dir.join("eval.json"));
+        let records = report["records"].as_array().unwrap();
+        for row in &section {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            let (method, budget) = (cols[0], cols[1].parse::<u64>().ok());
+            let of: Vec<&Value> = records
+                .iter()
+                .filter(|r| r["method"] == method && r["budget"].as_u64() == budget)
+                .collect();
+            let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+            let ratio = mean(
+                of.iter()
+                    .map(|r| budget.map_or(0.0, |b| 1.0 - b as f64 / float(r, "prompt_tokens")))
+                    .collect(),
+            );
+            let accuracy = mean(
+                ["passkey", "multikey"]
+                    .iter()
+                    .map(|t| {
+                        mean(
+                            of.iter()
+                                .filter(|r| r["task"] == *t)
+                                .map(|r| 100.0 * float(r, "score"))
+                                .collect(),
+                        )
+                    })
+                    .collect(),
+            );
+            assert_eq!(cols[2], format!("{ratio:.3}"), "{row}");
+            assert_eq!(cols[3], format!("{accuracy:.1}%"), "{row}");
+        }
+    }
+    let refused = grid(out.to_str().unwrap());
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("eval.json"), "{err}");
+}

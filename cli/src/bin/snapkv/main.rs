@@ -42,6 +42,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run the synthetic long-context suite (passkey, multi-key, multi-value, variable tracking).
     Eval(eval::EvalArgs),
+    /// Draw the standard grid (accuracy against compression ratio, one chart per protocol) from finished eval runs.
+    Grid(eval::grid::GridArgs),
     /// Compare next-token distributions with the full cache (KL divergence, top-1), beside quantized KV caches.
     Fidelity(fidelity::FidelityArgs),
     /// Measure prefill, compression and decode speed and KV memory, full vs compressed.
@@ -71,6 +73,7 @@ fn main() {
         Command::Generate(args) => generate::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Eval(args) => eval::run(&args),
+        Command::Grid(args) => eval::grid::run(&args),
         Command::Fidelity(args) => fidelity::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Capacity(args) => capacity::run(&args),

@@ -171,12 +171,14 @@ pub struct LineChart<'a> {
     pub y_max: Option<f64>,
 }
 
-const PALETTE: [RGBColor; 5] = [
+const PALETTE: [RGBColor; 7] = [
     RGBColor(200, 60, 50),
     RGBColor(40, 110, 200),
     RGBColor(40, 160, 80),
     RGBColor(150, 80, 180),
     RGBColor(220, 140, 30),
+    RGBColor(30, 160, 170),
+    RGBColor(90, 90, 90),
 ];
 
 /// Width in pixels of a line chart's plot (axes included).
@@ -189,7 +191,7 @@ fn legend_width(c: &LineChart<'_>) -> u32 {
         return 0;
     }
     let longest = c.series.iter().map(|s| s.name.chars().count()).max().unwrap_or(0) as u32;
-    (longest * 7 + 50).min(PLOT_WIDTH / 2)
+    (longest * 7 + 50).min(PLOT_WIDTH * 3 / 5)
 }
 
 fn draw_lines<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, c: &LineChart<'_>) -> DrawResult<()>
@@ -233,6 +235,8 @@ where
     }
     let y_top = c.y_max.unwrap_or((y1 * 1.1).max(1.0));
     let mut chart = builder.build_cartesian_2d((x0 - pad)..(x1 + pad), 0.0..y_top)?;
+    // Fractions (a ratio axis) need decimals; counts do not.
+    let decimals = if x1 - x0 < 5.0 { 2 } else { 0 };
     if text {
         chart
             .configure_mesh()
@@ -246,7 +250,7 @@ where
             })
             .x_label_formatter(&|&x| {
                 if !c.log2_x {
-                    format!("{x:.0}")
+                    format!("{x:.decimals$}")
                 } else if (x - x.round()).abs() < 1e-6 {
                     // Label the powers of two only.
                     format!("{:.0}", x.round().exp2())

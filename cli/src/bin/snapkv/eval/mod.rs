@@ -12,6 +12,7 @@
 //! seen and every question about it is then asked of that one cache.
 
 mod agnostic;
+pub mod grid;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -50,7 +51,8 @@ pub struct EvalArgs {
     /// Seeds, comma-separated (one prompt per task, length, depth and seed).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     seeds: Vec<u64>,
-    /// Methods, comma-separated: full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random, keydiff;
+    /// Methods, comma-separated: full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random, keydiff,
+    /// reconstruct;
     /// a method may override options, e.g. snapkv:kernel=15:pool=avg:value=norm, and may compress after
     /// the answer's first N tokens (written on the full cache) with lookahead=N, e.g. snapkv:lookahead=8.
     #[arg(long, value_delimiter = ',', default_value = "full,snapkv,streaming,random")]
