@@ -115,7 +115,7 @@ pub struct SnapkvParams {
     /// default, 0 (no draft), which is also this field's zero. 64 bits wide
     /// so that the struct has no padding.
     pub draft_tokens: u64,
-    /// `enum snapkv_method`: the selector ([`SnapkvParams::method_name`]).
+    /// `enum snapkv_method`: the selection method (snapkv, keydiff, reconstruct).
     /// Appended after the 56-byte layout: a caller compiled against that
     /// header gets the default, SnapKV, which is also this field's zero.
     pub method: i32,
