@@ -267,51 +267,19 @@ impl Engine {
         }
     }
 
-    /// Compresses a sequence whose prompt has ended.
+    /// Compresses a sequence whose prompt has ended: from the rows the
+    /// observer recorded when there are any, else by evaluating the window
+    /// again; or, with a method that reads the whole sequence
+    /// (reconstruct), from every token of the prompt, once per prompt
+    /// evaluated from position 0 (a follow-up turn after a compressed
+    /// prompt is left as it is).
     fn compress_ended(&self, ctx: &mut ContextRef, hc: &mut HostContext, p: Pending) {
         if ctx.seq_pos_max(p.seq) != Some(p.end - 1) {
             self.debug(|| format!("snapkv: seq {}: changed since its prompt ended; not compressed", p.seq));
             return;
         }
-        if self.whole_sequence() {
-            return self.compress_whole(ctx, hc, p);
-        }
-        if let Some(capture) = p.capture {
-            match as_library(|| self.compressor.compress_from_capture(ctx, &hc.observer, p.seq, capture)) {
-                Ok(stats) => return self.compressed(hc, p.seq, p.end, &stats, "window observed"),
-                // The sequence is as it was; evaluate the window again.
-                Err(e) => self.debug(|| format!("snapkv: seq {}: not compressed from the observed rows ({e})", p.seq)),
-            }
-        }
-        let Some(window) = hc.tracks.window_tokens(p.seq) else {
-            self.debug(|| {
-                format!(
-                    "snapkv: seq {}: its last tokens were not all seen; not compressed",
-                    p.seq
-                )
-            });
-            return;
-        };
-        match as_library(|| {
-            self.compressor
-                .compress_after_prefill_with(ctx, &hc.observer, p.seq, &window)
-        }) {
-            Ok(stats) => self.compressed(hc, p.seq, p.end, &stats, "window evaluated again"),
-            Err(e) => log(Level::Warn, &format!("snapkv: seq {}: not compressed: {e}", p.seq)),
-        }
-    }
-
-    /// Whether the method reads the whole sequence (reconstruct), so that
-    /// every token of a prompt must be tracked and none is observed.
-    fn whole_sequence(&self) -> bool {
-        self.compressor.score_basis() == Some(ScoreBasis::Reconstruction)
-    }
-
-    /// Compresses a sequence whose prompt has ended with a method that
-    /// reads the whole sequence: once per prompt evaluated from position 0
-    /// (a follow-up turn after a compressed prompt is left as it is).
-    fn compress_whole(&self, ctx: &mut ContextRef, hc: &mut HostContext, p: Pending) {
-        if hc.tracks.get(p.seq).is_some_and(|t| t.compressed_end.is_some()) {
+        let whole = self.whole_sequence();
+        if whole && hc.tracks.get(p.seq).is_some_and(|t| t.compressed_end.is_some()) {
             self.debug(|| {
                 format!(
                     "snapkv: seq {}: compressed before; {} compresses a prompt once",
@@ -320,22 +288,43 @@ impl Engine {
             });
             return;
         }
-        let Some(all) = hc.tracks.whole_sequence(p.seq) else {
-            self.debug(|| {
-                format!(
-                    "snapkv: seq {}: not every token since position 0 was seen; not compressed",
-                    p.seq
-                )
-            });
+        if let Some(capture) = p.capture {
+            match as_library(|| self.compressor.compress_from_capture(ctx, &hc.observer, p.seq, capture)) {
+                Ok(stats) => return self.compressed(hc, p.seq, p.end, &stats, "window observed"),
+                // The sequence is as it was; evaluate the window again.
+                Err(e) => self.debug(|| format!("snapkv: seq {}: not compressed from the observed rows ({e})", p.seq)),
+            }
+        }
+        let (tokens, how, unseen) = if whole {
+            (
+                hc.tracks.whole_sequence(p.seq),
+                "the prompt repeated",
+                "not every token since position 0 was seen",
+            )
+        } else {
+            (
+                hc.tracks.window_tokens(p.seq),
+                "window evaluated again",
+                "its last tokens were not all seen",
+            )
+        };
+        let Some(tokens) = tokens else {
+            self.debug(|| format!("snapkv: seq {}: {unseen}; not compressed", p.seq));
             return;
         };
         match as_library(|| {
             self.compressor
-                .compress_after_prefill_with(ctx, &hc.observer, p.seq, &all)
+                .compress_after_prefill_with(ctx, &hc.observer, p.seq, &tokens)
         }) {
-            Ok(stats) => self.compressed(hc, p.seq, p.end, &stats, "the prompt repeated"),
+            Ok(stats) => self.compressed(hc, p.seq, p.end, &stats, how),
             Err(e) => log(Level::Warn, &format!("snapkv: seq {}: not compressed: {e}", p.seq)),
         }
+    }
+
+    /// Whether the method reads the whole sequence (reconstruct), so that
+    /// every token of a prompt must be tracked and none is observed.
+    fn whole_sequence(&self) -> bool {
+        self.compressor.score_basis() == Some(ScoreBasis::Reconstruction)
     }
 
     fn compressed(&self, hc: &mut HostContext, seq: llama_seq_id, end: llama_pos, s: &CompressionStats, how: &str) {
