@@ -81,9 +81,11 @@ const WRAPPED: &[&str] = &[
 /// ggml's own defaults would turn on SSE4.2, AVX, AVX2, BMI2, FMA and F16C
 /// whatever the target. So a default build (the x86-64 baseline target)
 /// gives a llama.cpp that runs on any x86-64 machine, and
-/// `-C target-cpu=x86-64-v3` (or the repository's .cargo/config.toml, or
-/// any `target-feature` list) gives the matching faster one. Rust's own
-/// scoring kernels choose their SIMD width at run time either way.
+/// `-C target-cpu=x86-64-v3` (or any `target-feature` list) gives the
+/// matching faster one; `SNAPKV_CMAKE_ARGS`, applied after these, can
+/// raise llama.cpp's level alone (the repository's .cargo/config.toml
+/// does). Rust's own scoring kernels choose their SIMD width at run time
+/// either way.
 const X86_OPTIONS: &[(&str, &str)] = &[
     ("GGML_SSE42", "sse4.2"),
     ("GGML_AVX", "avx"),

@@ -45,8 +45,9 @@
 //! - `LLAMA_CPP_DIR`: build against your own llama.cpp tree instead of
 //!   `vendor/llama.cpp` (fetched by `vendor/fetch-llama-cpp.sh`).
 //! - `SNAPKV_CMAKE_ARGS`: extra `-DNAME=VALUE` options for llama.cpp's cmake.
-//! - `.cargo/config.toml` compiles this repository's own builds for AVX2/FMA
-//!   on x86-64 (as llama.cpp is built); `RUSTFLAGS` replaces that.
+//! - This repository's `.cargo/config.toml` sets no Rust flags; it builds
+//!   llama.cpp with AVX2/FMA through `SNAPKV_CMAKE_ARGS` (an environment
+//!   value, even empty, wins).
 //!
 //! The llama.cpp pin lives in `vendor/pin.env`; `vendor/README.md` says how
 //! to bump it.
