@@ -213,8 +213,8 @@ fn grid_table(protocols: &[String], methods: &[String], cells: &BTreeMap<CellKey
         };
         let _ = writeln!(
             out,
-            "{protocol}: accuracy (%), the mean over tasks ({}) and fillers ({}); ratio = fraction of the prompt's \
-             cells removed",
+            "{protocol}: accuracy (%), the mean over tasks ({}) of each task's questions pooled over fillers ({}) \
+             and seeds; ratio = fraction of the prompt's cells removed",
             tasks.join(", "),
             fillers.join(", ")
         );
