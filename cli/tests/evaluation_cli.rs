@@ -397,6 +397,36 @@ fn eval_refuses_bad_settings() {
     assert!(err.contains("`default` or `facts`"), "{err}");
     let err = fail("eval", &["--methods", "snapkv:preset=fast"]);
     assert!(err.contains("preset") && err.contains("`facts`"), "{err}");
+    // A method's options that only the whole configuration can refuse (no
+    // pooling with the default forward reach) are refused before the first
+    // prompt is evaluated, in both protocols, not after minutes of work.
+    for protocol in ["query-aware", "question-agnostic"] {
+        let dir = out_dir(&format!("eval-refused-{protocol}"));
+        let err = fail(
+            "eval",
+            &[
+                "--protocol",
+                protocol,
+                "--tasks",
+                "passkey",
+                "--lengths",
+                "300",
+                "--depths",
+                "0.5",
+                "--methods",
+                "full,snapkv,reconstruct:kernel=1",
+                "--budgets",
+                "64",
+                "--out",
+                dir.to_str().unwrap(),
+            ],
+        );
+        assert!(err.contains("pool_align") && err.contains("kernel is 1"), "{err}");
+        assert!(
+            !err.contains("prefill"),
+            "refused only after evaluating a prompt:\n{err}"
+        );
+    }
 }
 
 #[test]

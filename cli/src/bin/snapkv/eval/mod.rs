@@ -274,6 +274,12 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
     let w = args.snap.window;
     for &b in &args.budgets {
         args.snap.config(b).validate()?;
+        // Each method's own options too, so that a combination only the
+        // whole configuration refuses stops the run before the first
+        // prompt is evaluated rather than after minutes of work.
+        for spec in args.methods.iter().filter(|m| !m.is_full()) {
+            spec.method(&args.snap, b)?;
+        }
     }
     if args.tasks.is_empty() || args.lengths.is_empty() || args.depths.is_empty() || args.seeds.is_empty() {
         return Err(snapkv::Error::InvalidArgument {
