@@ -183,7 +183,8 @@ impl Compressor {
     }
 
     /// A compressor for a method by name: `snapkv`, `snapkv-shared-layer`,
-    /// `snapkv-shared-all`, `streaming`, `random`, `keydiff`, `reconstruct`
+    /// `snapkv-shared-all`, `streaming`, `random`, `keydiff`, `reconstruct`,
+    /// `reconstruct-shared`
     /// ([`SELECTOR_NAMES`](crate::snapkv::SELECTOR_NAMES)).
     ///
     /// # Errors
