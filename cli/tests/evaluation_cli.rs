@@ -787,6 +787,36 @@ fn grid_reports_accuracy_against_ratio_per_protocol_from_the_runs() {
             assert_eq!(cols[3], format!("{accuracy:.1}%"), "{row}");
         }
     }
+    // A run that repeats the question-agnostic run's answers (scored 0
+    // here, so that counting them would move every accuracy) adds nothing:
+    // each answer counts once, as the first run scored it.
+    let repeat = runs.join("repeat");
+    std::fs::create_dir_all(&repeat).unwrap();
+    let mut report = json(&agnostic.join("eval.json"));
+    let n_records = report["records"].as_array().unwrap().len();
+    for r in report["records"].as_array_mut().unwrap() {
+        r["score"] = Value::from(0.0);
+    }
+    std::fs::write(repeat.join("eval.json"), serde_json::to_vec(&report).unwrap()).unwrap();
+    let with_repeat = grid(&format!(
+        "{},{},{}",
+        agnostic.display(),
+        repeat.display(),
+        aware.display()
+    ));
+    assert!(
+        with_repeat.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with_repeat.stderr)
+    );
+    let said = String::from_utf8_lossy(&with_repeat.stdout);
+    assert!(
+        said.contains(&format!(
+            "{n_records} records answer a question an earlier run already answered"
+        )),
+        "{said}"
+    );
+    assert_eq!(std::fs::read_to_string(out.join("grid.txt")).unwrap(), table);
     let refused = grid(out.to_str().unwrap());
     assert!(!refused.status.success());
     let err = String::from_utf8_lossy(&refused.stderr);

@@ -3,7 +3,10 @@
 //! against the compression ratio (the fraction of the prompt's cells
 //! removed), one chart per protocol with a line per method, and a table of
 //! the same numbers per task and filler. Reads each run's `eval.json`;
-//! nothing is evaluated again.
+//! nothing is evaluated again. An answer that several runs hold (the same
+//! question of the same document, method and budget: a run that adds a
+//! method beside the full cache and SnapKV again) counts once, as the first
+//! of them scored it.
 //!
 //! A point is the mean over tasks of each task's mean score (a task's
 //! questions, fillers and seeds pooled), so a task with four questions per
@@ -11,7 +14,8 @@
 //! mean of `1 - budget / prompt tokens` over the records behind it (0 for
 //! the full cache).
 
-use std::collections::BTreeMap;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -115,6 +119,14 @@ pub fn run(args: &GridArgs) -> snapkv::Result<()> {
     // Look-ahead variants answer after part of the answer is known: not
     // points of this grid.
     records.retain(|r| r.lookahead == 0);
+    let (repeated, disagreeing) = drop_repeated_answers(&mut records);
+    if repeated > 0 {
+        println!(
+            "{repeated} records answer a question an earlier run already answered (same protocol, document, \
+             question, method and budget): counted once, as the earlier run scored them ({disagreeing} scored \
+             differently)"
+        );
+    }
     let mut methods: Vec<String> = Vec::new();
     let mut cells: BTreeMap<CellKey, Cell> = BTreeMap::new();
     for r in &records {
@@ -184,6 +196,33 @@ pub fn run(args: &GridArgs) -> snapkv::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Keeps the first of the records that answer the same question of the same
+/// document with the same method and budget (runs that share their full
+/// cache or baselines would otherwise weigh twice), in order. Returns how
+/// many were dropped and how many of those scored differently from the one
+/// kept.
+fn drop_repeated_answers(records: &mut Vec<Record>) -> (usize, usize) {
+    let key = |r: &Record| {
+        format!(
+            "{}|{}|{}|{}|{}|{}|{}|{}|{:?}|{}",
+            r.protocol, r.task, r.haystack, r.length, r.depth, r.seed, r.question, r.method, r.budget, r.lookahead
+        )
+    };
+    let mut first_score: HashMap<String, f64> = HashMap::new();
+    let (before, mut disagreeing) = (records.len(), 0);
+    records.retain(|r| match first_score.entry(key(r)) {
+        Entry::Occupied(kept) => {
+            disagreeing += usize::from(*kept.get() != r.score);
+            false
+        }
+        Entry::Vacant(slot) => {
+            slot.insert(r.score);
+            true
+        }
+    });
+    (before - records.len(), disagreeing)
 }
 
 /// The grid as text: per protocol, the mean accuracy of every method at
