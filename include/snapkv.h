@@ -163,7 +163,7 @@ enum snapkv_method {
     SNAPKV_METHOD_KEYDIFF = 1,    /* query-free: the keys that differ most
                                      from their head's mean key. No question
                                      needed; costs almost nothing. */
-    SNAPKV_METHOD_RECONSTRUCT = 2, /* question-agnostic: what the model
+    SNAPKV_METHOD_RECONSTRUCT = 2 /* question-agnostic: what the model
                                      attends to while repeating the sequence
                                      (KVzip-style). For a cache compressed
                                      before its questions are known (a shared
@@ -175,12 +175,6 @@ enum snapkv_method {
                                      snapkv_compress_after_prefill given all
                                      of them; otherwise
                                      SNAPKV_ERR_INVALID_ARGUMENT. */
-    SNAPKV_METHOD_RECONSTRUCT_SHARED = 3 /* the same scores; each KV head
-                                     keeps its own top quarter and fills the
-                                     rest with what its layer's heads rank
-                                     highest together. Kept more answers
-                                     than _RECONSTRUCT on held-out documents
-                                     (docs/usage.md). Same needs and cost. */
 };
 
 typedef struct snapkv_params {

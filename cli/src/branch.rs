@@ -27,13 +27,18 @@ pub enum Method {
     Compress(Compressor),
 }
 
-/// Every method name [`Method::by_name`] accepts: `full` and the selectors.
+/// Every method name [`Method::by_name`] accepts: `full`, the library's
+/// selectors and the methods under trial ([`crate::trial`]).
 pub fn method_names() -> Vec<&'static str> {
-    std::iter::once("full").chain(SELECTOR_NAMES).collect()
+    std::iter::once("full")
+        .chain(SELECTOR_NAMES)
+        .chain(crate::trial::TRIAL_NAMES)
+        .collect()
 }
 
 impl Method {
-    /// The method called `name` (`full` or a selector name) with `config`.
+    /// The method called `name` (`full`, a library selector's name or a
+    /// method under trial's) with `config`.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] for an unknown name; [`Error::Algo`] for an
@@ -41,6 +46,9 @@ impl Method {
     pub fn by_name(name: &str, config: SnapKvConfig) -> Result<Self> {
         if name == "full" {
             return Ok(Method::Full);
+        }
+        if let Some(selector) = crate::trial::trial_selector(name) {
+            return Compressor::with_selector(config, selector).map(Method::Compress);
         }
         Compressor::with_method(config, name).map(Method::Compress)
     }

@@ -10,6 +10,7 @@
 pub mod branch;
 pub mod metrics;
 pub mod tasks;
+pub mod trial;
 
 pub use branch::{
     agreement, branch, branch_after_answer_start, continuation_distributions, forced_distributions, method_names,

@@ -71,8 +71,6 @@ pub const METHOD_SNAPKV: i32 = 0;
 pub const METHOD_KEYDIFF: i32 = 1;
 /// `SNAPKV_METHOD_RECONSTRUCT`.
 pub const METHOD_RECONSTRUCT: i32 = 2;
-/// `SNAPKV_METHOD_RECONSTRUCT_SHARED`.
-pub const METHOD_RECONSTRUCT_SHARED: i32 = 3;
 
 /// Sizes above this are refused as uninitialised structs rather than read.
 const MAX_STRUCT_SIZE: u32 = 4096;
@@ -117,7 +115,7 @@ pub struct SnapkvParams {
     /// default, 0 (no draft), which is also this field's zero. 64 bits wide
     /// so that the struct has no padding.
     pub draft_tokens: u64,
-    /// `enum snapkv_method`: the selection method (snapkv, keydiff, reconstruct, reconstruct-shared).
+    /// `enum snapkv_method`: the selection method (snapkv, keydiff, reconstruct).
     /// Appended after the 56-byte layout: a caller compiled against that
     /// header gets the default, SnapKV, which is also this field's zero.
     pub method: i32,
@@ -239,9 +237,8 @@ impl SnapkvParams {
             METHOD_SNAPKV => Ok("snapkv"),
             METHOD_KEYDIFF => Ok("keydiff"),
             METHOD_RECONSTRUCT => Ok("reconstruct"),
-            METHOD_RECONSTRUCT_SHARED => Ok("reconstruct-shared"),
             other => Err(invalid(format!(
-                "method: unknown value {other} (SNAPKV_METHOD_SNAPKV, _KEYDIFF, _RECONSTRUCT or _RECONSTRUCT_SHARED)"
+                "method: unknown value {other} (SNAPKV_METHOD_SNAPKV, _KEYDIFF or _RECONSTRUCT)"
             ))),
         }
     }
@@ -493,7 +490,6 @@ pub fn abi_items() -> Vec<AbiItem> {
         abi_const!("SNAPKV_METHOD_SNAPKV", METHOD_SNAPKV),
         abi_const!("SNAPKV_METHOD_KEYDIFF", METHOD_KEYDIFF),
         abi_const!("SNAPKV_METHOD_RECONSTRUCT", METHOD_RECONSTRUCT),
-        abi_const!("SNAPKV_METHOD_RECONSTRUCT_SHARED", METHOD_RECONSTRUCT_SHARED),
         abi_const!(
             "SNAPKV_VERSION_MAJOR",
             env!("CARGO_PKG_VERSION_MAJOR").parse::<i64>().unwrap_or(-1)
@@ -691,14 +687,13 @@ mod tests {
             (METHOD_SNAPKV, "snapkv"),
             (METHOD_KEYDIFF, "keydiff"),
             (METHOD_RECONSTRUCT, "reconstruct"),
-            (METHOD_RECONSTRUCT_SHARED, "reconstruct-shared"),
         ] {
             assert_eq!(SnapkvParams { method, ..p }.method_name().unwrap(), name);
         }
-        let err = SnapkvParams { method: 4, ..p }.method_name().unwrap_err();
+        let err = SnapkvParams { method: 3, ..p }.method_name().unwrap_err();
         assert_eq!(err.status, Status::InvalidParams);
         assert!(
-            err.message.starts_with("method: unknown value 4 (SNAPKV_METHOD_SNAPKV"),
+            err.message.starts_with("method: unknown value 3 (SNAPKV_METHOD_SNAPKV"),
             "{}",
             err.message
         );

@@ -183,8 +183,7 @@ impl Compressor {
     }
 
     /// A compressor for a method by name: `snapkv`, `snapkv-shared-layer`,
-    /// `snapkv-shared-all`, `streaming`, `random`, `keydiff`, `reconstruct`,
-    /// `reconstruct-shared`
+    /// `snapkv-shared-all`, `streaming`, `random`, `keydiff`, `reconstruct`
     /// ([`SELECTOR_NAMES`](crate::snapkv::SELECTOR_NAMES)).
     ///
     /// # Errors

@@ -5,15 +5,15 @@
 //! | `SNAPKV_BUDGET` | cells kept per KV head (`1024`), or a fraction of the prompt (`0.1`, `10%`); unset: pass-through | unset |
 //! | `SNAPKV_WINDOW` | observation window (tokens) | 32 |
 //! | `SNAPKV_PRESET` | `default` or `facts` ([`Preset`]) | `default` |
-//! | `SNAPKV_METHOD` | `snapkv`, `keydiff`, `reconstruct` or `reconstruct-shared` (question-agnostic: for a conversation about a document that goes on after its first question) | `snapkv` |
+//! | `SNAPKV_METHOD` | `snapkv`, `keydiff` or `reconstruct` (question-agnostic: for a conversation about a document that goes on after its first question) | `snapkv` |
 //! | `SNAPKV_MIN_PROMPT` | prompts shorter than this many tokens are left alone | 0 |
 //! | `SNAPKV_LOG` | `0` silences the compression lines, `debug` adds why a prompt was not compressed | `1` |
 
 use crate::snapkv::config::{Budget, Preset, SnapKvConfig};
 
-/// The methods a host's prompts can be compressed with: SnapKV, and the
-/// three that need no question at the prompt's end.
-pub(crate) const METHODS: [&str; 4] = ["snapkv", "keydiff", "reconstruct", "reconstruct-shared"];
+/// The methods a host's prompts can be compressed with: SnapKV, and the two
+/// that need no question at the prompt's end.
+pub(crate) const METHODS: [&str; 3] = ["snapkv", "keydiff", "reconstruct"];
 
 /// `name` as one of [`METHODS`].
 pub(crate) fn method(name: &str) -> Result<&'static str, String> {

@@ -37,8 +37,8 @@ pub use scores::{
     weight_votes_by_value_norms, CellOrder, HeadScores, QueryScorer, Votes,
 };
 pub use select::{
-    selector_by_name, KeptPositions, KeyDiffSelector, RandomSelector, ReconstructSelector, ReconstructSharedSelector,
-    ScoreBasis, Selection, SelectionShape, Selector, SharedAllLayersSelector, SharedPerLayerSelector, SnapKvSelector,
-    StreamingSelector, RECONSTRUCT_OWN_SHARE, SELECTOR_NAMES,
+    selector_by_name, KeptPositions, KeyDiffSelector, RandomSelector, ReconstructSelector, ScoreBasis, Selection,
+    SelectionShape, Selector, SharedAllLayersSelector, SharedPerLayerSelector, SnapKvSelector, StreamingSelector,
+    SELECTOR_NAMES,
 };
 pub use state_blob::{ModelShape, SeqState, StateFormat, VLayout, STATE_SEQ_MAGIC};

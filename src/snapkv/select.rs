@@ -322,17 +322,11 @@ fn require_scores<'s>(
 fn top_k(row: &[f32], n_keep: usize, scratch: &mut Vec<u32>, out: &mut Vec<u32>) {
     scratch.clear();
     scratch.extend(0..row.len() as u32);
-    top_k_of(row, scratch, n_keep, out);
-}
-
-/// The `n_keep` of `candidates` (indices into `row`, reordered in place)
-/// with the highest scores, ascending; ties go to the lower index.
-fn top_k_of(row: &[f32], candidates: &mut [u32], n_keep: usize, out: &mut Vec<u32>) {
-    if n_keep < candidates.len() && n_keep > 0 {
+    if n_keep < row.len() && n_keep > 0 {
         let better = |a: &u32, b: &u32| -> Ordering { row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b)) };
-        candidates.select_nth_unstable_by(n_keep - 1, better);
+        scratch.select_nth_unstable_by(n_keep - 1, better);
     }
-    let kept = &mut candidates[..n_keep];
+    let kept = &mut scratch[..n_keep];
     kept.sort_unstable();
     out.extend_from_slice(kept);
 }
@@ -429,91 +423,6 @@ per_head_selector!(
     "reconstruct",
     Reconstruction
 );
-
-/// The share of each KV head's cells that [`ReconstructSharedSelector`]
-/// chooses by the head's own scores (the rest by its layer's): chosen on
-/// the tuning seed against a half and three quarters (docs/evaluation.md).
-pub const RECONSTRUCT_OWN_SHARE: f64 = 0.25;
-
-/// Reconstruction scoring ([`ScoreBasis::Reconstruction`]) with most of each
-/// KV head's cells chosen by its layer: every head keeps its own top
-/// quarter ([`RECONSTRUCT_OWN_SHARE`] of `n_keep`, rounded down), then
-/// fills the rest by the layer's ranking, the sum over the layer's KV heads
-/// of each head's scores divided by its largest (a head whose largest
-/// score is not a positive finite number counts unscaled).
-///
-/// A position that one head of the layer repeats from strongly (a needle's
-/// digits, a variable's name) is then kept by every head of the layer,
-/// where [`ReconstructSelector`] keeps it only in the heads that attended
-/// to it. KVzip gets a similar effect by ranking all heads' scores together
-/// and giving each head a different number of cells; llama.cpp's cache
-/// holds the same number of cells for every head, so the sharing here is of
-/// positions instead. Ties go to the lower prefix index at both steps.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ReconstructSharedSelector;
-
-impl Selector for ReconstructSharedSelector {
-    fn name(&self) -> &'static str {
-        "reconstruct-shared"
-    }
-
-    fn needs_scores(&self) -> bool {
-        true
-    }
-
-    fn score_basis(&self) -> ScoreBasis {
-        ScoreBasis::Reconstruction
-    }
-
-    fn select(
-        &self,
-        scores: Option<&HeadScores>,
-        shape: &SelectionShape,
-        n_keep: usize,
-    ) -> Result<Selection, AlgoError> {
-        check_keep(shape, n_keep)?;
-        let scores = require_scores(scores, shape, self.name())?;
-        let n = shape.prefix_len;
-        let n_own = (RECONSTRUCT_OWN_SHARE * n_keep as f64) as usize;
-        let mut kept = Vec::with_capacity(shape.n_layer * shape.n_head_kv * n_keep);
-        let (mut layer_rank, mut taken) = (vec![0f32; n], vec![false; n]);
-        let (mut scratch, mut own, mut shared) = (Vec::new(), Vec::new(), Vec::new());
-        for layer in 0..shape.n_layer {
-            layer_rank.fill(0.0);
-            for g in 0..shape.n_head_kv {
-                let row = scores.row(layer, g);
-                let largest = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let scale = if largest.is_finite() && largest > 0.0 {
-                    1.0 / largest
-                } else {
-                    1.0
-                };
-                for (r, &x) in layer_rank.iter_mut().zip(row) {
-                    *r += x * scale;
-                }
-            }
-            for g in 0..shape.n_head_kv {
-                own.clear();
-                top_k(scores.row(layer, g), n_own, &mut scratch, &mut own);
-                // The layer's ranking over the positions the head has not
-                // taken already.
-                taken.fill(false);
-                for &i in &own {
-                    taken[i as usize] = true;
-                }
-                scratch.clear();
-                scratch.extend((0..n as u32).filter(|&i| !taken[i as usize]));
-                shared.clear();
-                top_k_of(&layer_rank, &mut scratch, n_keep - own.len(), &mut shared);
-                let start = kept.len();
-                kept.extend_from_slice(&own);
-                kept.extend_from_slice(&shared);
-                kept[start..].sort_unstable();
-            }
-        }
-        Selection::new(shape.n_layer, shape.n_head_kv, n_keep, shape.prefix_len, kept)
-    }
-}
 
 /// SnapKV with one set per layer: the mean score over the layer's KV heads
 /// decides, and every head of the layer keeps the same cells.
@@ -694,8 +603,8 @@ impl Selector for RandomSelector {
 }
 
 /// The selector the CLI calls `name`: `snapkv`, `snapkv-shared-layer`,
-/// `snapkv-shared-all`, `streaming` (4 sinks), `random` (seed 0),
-/// `keydiff`, `reconstruct` or `reconstruct-shared`; `None` for other names.
+/// `snapkv-shared-all`, `streaming` (4 sinks) or `random` (seed 0);
+/// `None` for other names.
 pub fn selector_by_name(name: &str) -> Option<Box<dyn Selector>> {
     match name {
         "snapkv" => Some(Box::new(SnapKvSelector)),
@@ -705,13 +614,12 @@ pub fn selector_by_name(name: &str) -> Option<Box<dyn Selector>> {
         "random" => Some(Box::new(RandomSelector::default())),
         "keydiff" => Some(Box::new(KeyDiffSelector)),
         "reconstruct" => Some(Box::new(ReconstructSelector)),
-        "reconstruct-shared" => Some(Box::new(ReconstructSharedSelector)),
         _ => None,
     }
 }
 
 /// Names accepted by [`selector_by_name`].
-pub const SELECTOR_NAMES: [&str; 8] = [
+pub const SELECTOR_NAMES: [&str; 7] = [
     "snapkv",
     "snapkv-shared-layer",
     "snapkv-shared-all",
@@ -719,7 +627,6 @@ pub const SELECTOR_NAMES: [&str; 8] = [
     "random",
     "keydiff",
     "reconstruct",
-    "reconstruct-shared",
 ];
 
 #[cfg(test)]
@@ -795,90 +702,6 @@ mod tests {
                 }
             }
         }
-    }
-
-    /// The reconstruct-shared selection by its definition, in f64: a sort
-    /// of every index by the head's score, then of the rest by the layer's
-    /// ranking (each head's row divided by its largest, summed).
-    fn naive_reconstruct_shared(scores: &HeadScores, s: &SelectionShape, n_keep: usize) -> Vec<Vec<u32>> {
-        fn sort_by_rank(indices: &mut [u32], rank: &[f64]) {
-            indices.sort_by(|a, b| rank[*b as usize].total_cmp(&rank[*a as usize]).then(a.cmp(b)));
-        }
-        let n_own = n_keep / 4;
-        let mut rows = Vec::new();
-        for l in 0..s.n_layer {
-            let mut layer = vec![0f64; s.prefix_len];
-            for g in 0..s.n_head_kv {
-                let row = scores.row(l, g);
-                let largest = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(f64::from(x)));
-                for (r, &x) in layer.iter_mut().zip(row) {
-                    *r += f64::from(x) / largest;
-                }
-            }
-            for g in 0..s.n_head_kv {
-                let own_rank: Vec<f64> = scores.row(l, g).iter().map(|&x| f64::from(x)).collect();
-                let mut order: Vec<u32> = (0..s.prefix_len as u32).collect();
-                sort_by_rank(&mut order, &own_rank);
-                let mut kept: Vec<u32> = order[..n_own].to_vec();
-                let mut rest: Vec<u32> = order[n_own..].to_vec();
-                sort_by_rank(&mut rest, &layer);
-                kept.extend_from_slice(&rest[..n_keep - n_own]);
-                kept.sort_unstable();
-                rows.push(kept);
-            }
-        }
-        rows
-    }
-
-    proptest! {
-        #[test]
-        fn reconstruct_shared_matches_its_definition(
-            n_layer in 1usize..3,
-            n_head_kv in 1usize..4,
-            prefix_len in 1usize..60,
-            keep_frac in 0f64..=1.0,
-            seed in any::<u64>(),
-        ) {
-            let s = shape(n_layer, n_head_kv, prefix_len);
-            let n_keep = (keep_frac * prefix_len as f64) as usize;
-            // Positive scores, as attention is (the naive scaling assumes it).
-            let positive: Vec<f32> = random_values(seed, n_layer * n_head_kv * prefix_len)
-                .into_iter()
-                .map(|x| x + 1.5)
-                .collect();
-            let scores = HeadScores::from_vec(n_layer, n_head_kv, prefix_len, positive).unwrap();
-            let out = ReconstructSharedSelector.select(Some(&scores), &s, n_keep).unwrap();
-            let naive = naive_reconstruct_shared(&scores, &s, n_keep);
-            for l in 0..n_layer {
-                for g in 0..n_head_kv {
-                    prop_assert_eq!(out.row(l, g), naive[l * n_head_kv + g].as_slice());
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn reconstruct_shared_keeps_a_quarter_by_the_head_and_the_rest_by_the_layer() {
-        // One layer, two heads, 8 positions, 4 kept each: 1 by the head's own
-        // scores, 3 by the layer's ranking. Head 1's strong position 6 is
-        // one head 0 ignores; the layer's ranking brings it to head 0 too.
-        let s = shape(1, 2, 8);
-        #[rustfmt::skip]
-        let scores = HeadScores::from_vec(1, 2, 8, vec![
-            0.9, 0.8, 0.0, 0.0, 0.7, 0.0, 0.0, 0.1,
-            0.0, 0.0, 2.0, 0.2, 0.0, 0.0, 4.0, 0.0,
-        ]).unwrap();
-        // Layer ranking: head 0's row / 0.9 plus head 1's / 4.0:
-        // [1.0, 0.889, 0.5, 0.05, 0.778, 0, 1.0, 0.111].
-        let out = ReconstructSharedSelector.select(Some(&scores), &s, 4).unwrap();
-        assert_eq!(out.row(0, 0), &[0, 1, 4, 6], "own: 0; layer: 6, 1, 4");
-        assert_eq!(out.row(0, 1), &[0, 1, 4, 6], "own: 6; layer: 0, 1, 4");
-        let per_head = ReconstructSelector.select(Some(&scores), &s, 4).unwrap();
-        assert_eq!(per_head.row(0, 0), &[0, 1, 4, 7]);
-        assert_eq!(per_head.row(0, 1), &[0, 2, 3, 6], "zeros tie: the lowest index");
-        // With 5 kept the layer's fourth choice, 2, joins.
-        let five = ReconstructSharedSelector.select(Some(&scores), &s, 5).unwrap();
-        assert_eq!(five.row(0, 0), &[0, 1, 2, 4, 6]);
     }
 
     #[test]

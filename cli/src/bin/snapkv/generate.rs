@@ -55,7 +55,7 @@ pub struct GenerateArgs {
     #[arg(long, requires = "snapkv", default_value_t = 0)]
     lookahead: usize,
     /// Selection method with --snapkv: snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random,
-    /// keydiff, reconstruct, reconstruct-shared (question-agnostic: for a document saved before its questions, --save-state).
+    /// keydiff, reconstruct (question-agnostic: for a document saved before its questions, --save-state).
     #[arg(long, default_value = "snapkv")]
     method: String,
     /// Save the prompt's cache (compressed with --snapkv) to a file after

@@ -52,7 +52,7 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',', default_value = "1")]
     seeds: Vec<u64>,
     /// Methods, comma-separated: full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random, keydiff,
-    /// reconstruct, reconstruct-shared;
+    /// reconstruct, reconstruct-shared (under trial: snapkv_cli::trial);
     /// a method may override options, e.g. snapkv:kernel=15:pool=avg:value=norm, and may compress after
     /// the answer's first N tokens (written on the full cache) with lookahead=N, e.g. snapkv:lookahead=8.
     #[arg(long, value_delimiter = ',', default_value = "full,snapkv,streaming,random")]

@@ -1,0 +1,252 @@
+//! Selection methods under trial: measured by `snapkv eval`, not (yet) part
+//! of the library. A method moves into the library once it wins where it is
+//! measured; until then it lives here, beside the harness that measures it,
+//! and reaches the engine through the library's public [`Selector`] trait
+//! ([`Compressor::with_selector`](snapkv::Compressor::with_selector)).
+
+use std::cmp::Ordering;
+
+use snapkv::snapkv::{AlgoError, HeadScores, ScoreBasis, Selection, SelectionShape, Selector};
+
+/// The names of the methods under trial ([`trial_selector`]).
+pub const TRIAL_NAMES: [&str; 1] = ["reconstruct-shared"];
+
+/// The method under trial called `name`, if there is one.
+pub fn trial_selector(name: &str) -> Option<Box<dyn Selector>> {
+    match name {
+        "reconstruct-shared" => Some(Box::new(ReconstructSharedSelector)),
+        _ => None,
+    }
+}
+
+/// The share of each KV head's cells that [`ReconstructSharedSelector`]
+/// chooses by the head's own scores; the rest go by its layer's ranking.
+/// Chosen on the tuning seed (1) against a half and three quarters
+/// (docs/evaluation.md).
+pub const RECONSTRUCT_OWN_SHARE: f64 = 0.25;
+
+/// Reconstruction scores ([`ScoreBasis::Reconstruction`]) with most of each
+/// KV head's cells chosen by its layer: every head keeps its own top
+/// quarter ([`RECONSTRUCT_OWN_SHARE`] of `n_keep`, rounded down), then the
+/// rest by the layer's ranking, the sum over the layer's KV heads of each
+/// head's scores divided by its largest (a head whose largest score is not a
+/// positive finite number counts unscaled). A position one head repeats
+/// from strongly is then kept by every head of the layer, where the
+/// library's `reconstruct` keeps it only in the heads that attended to it.
+/// Ties go to the lower prefix index at both steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconstructSharedSelector;
+
+impl Selector for ReconstructSharedSelector {
+    fn name(&self) -> &'static str {
+        "reconstruct-shared"
+    }
+
+    fn needs_scores(&self) -> bool {
+        true
+    }
+
+    fn score_basis(&self) -> ScoreBasis {
+        ScoreBasis::Reconstruction
+    }
+
+    fn select(
+        &self,
+        scores: Option<&HeadScores>,
+        shape: &SelectionShape,
+        n_keep: usize,
+    ) -> Result<Selection, AlgoError> {
+        let n = shape.prefix_len;
+        if n_keep > n {
+            return Err(AlgoError::InvalidSelection(format!(
+                "cannot keep {n_keep} of {n} prefix cells"
+            )));
+        }
+        let scores = scores.ok_or_else(|| AlgoError::InvalidSelection(format!("{} needs scores", self.name())))?;
+        if (scores.n_layer, scores.n_head_kv, scores.prefix_len) != (shape.n_layer, shape.n_head_kv, n) {
+            return Err(AlgoError::ShapeMismatch(format!(
+                "scores are {} layers × {} KV heads × {} cells, the selection needs {} × {} × {n}",
+                scores.n_layer, scores.n_head_kv, scores.prefix_len, shape.n_layer, shape.n_head_kv
+            )));
+        }
+        if scores.as_slice().iter().any(|x| x.is_nan()) {
+            return Err(AlgoError::InvalidSelection("a score is NaN".into()));
+        }
+        let n_own = (RECONSTRUCT_OWN_SHARE * n_keep as f64) as usize;
+        let mut kept = Vec::with_capacity(shape.n_layer * shape.n_head_kv * n_keep);
+        let (mut layer_rank, mut taken) = (vec![0f32; n], vec![false; n]);
+        let mut candidates = Vec::with_capacity(n);
+        for layer in 0..shape.n_layer {
+            layer_rank.fill(0.0);
+            for g in 0..shape.n_head_kv {
+                let row = scores.row(layer, g);
+                let largest = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let scale = if largest.is_finite() && largest > 0.0 {
+                    1.0 / largest
+                } else {
+                    1.0
+                };
+                for (r, &x) in layer_rank.iter_mut().zip(row) {
+                    *r += x * scale;
+                }
+            }
+            for g in 0..shape.n_head_kv {
+                let start = kept.len();
+                candidates.clear();
+                candidates.extend(0..n as u32);
+                top_of(scores.row(layer, g), &mut candidates, n_own, &mut kept);
+                // The layer's ranking over the positions the head has not
+                // taken already.
+                taken.fill(false);
+                for &i in &kept[start..] {
+                    taken[i as usize] = true;
+                }
+                candidates.clear();
+                candidates.extend((0..n as u32).filter(|&i| !taken[i as usize]));
+                top_of(&layer_rank, &mut candidates, n_keep - n_own, &mut kept);
+                kept[start..].sort_unstable();
+            }
+        }
+        Selection::new(shape.n_layer, shape.n_head_kv, n_keep, n, kept)
+    }
+}
+
+/// Appends the `k` of `candidates` (indices into `row`, reordered in place)
+/// with the highest scores to `out`; ties go to the lower index.
+fn top_of(row: &[f32], candidates: &mut [u32], k: usize, out: &mut Vec<u32>) {
+    if k < candidates.len() && k > 0 {
+        let better = |a: &u32, b: &u32| -> Ordering { row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b)) };
+        candidates.select_nth_unstable_by(k - 1, better);
+    }
+    out.extend_from_slice(&candidates[..k]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random values in [0.5, 2.5) (splitmix64).
+    fn positive_values(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = s;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                // A few exact ties, so that the tie rule is exercised.
+                ((z >> 40) % 64) as f32 / 32.0 + 0.5
+            })
+            .collect()
+    }
+
+    fn sort_by_rank(indices: &mut [u32], rank: &[f64]) {
+        indices.sort_by(|a, b| rank[*b as usize].total_cmp(&rank[*a as usize]).then(a.cmp(b)));
+    }
+
+    /// The selection by its definition, with full sorts: each head's top
+    /// quarter, then the layer's ranking over the rest (summed in f32 as the
+    /// selector sums it, so that the values' exact ties stay ties).
+    fn naive(scores: &HeadScores, s: &SelectionShape, n_keep: usize) -> Vec<Vec<u32>> {
+        let n_own = n_keep / 4;
+        let mut rows = Vec::new();
+        for l in 0..s.n_layer {
+            let mut layer32 = vec![0f32; s.prefix_len];
+            for g in 0..s.n_head_kv {
+                let row = scores.row(l, g);
+                let largest = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                for (r, &x) in layer32.iter_mut().zip(row) {
+                    *r += x * (1.0 / largest);
+                }
+            }
+            let layer: Vec<f64> = layer32.iter().map(|&x| f64::from(x)).collect();
+            for g in 0..s.n_head_kv {
+                let own: Vec<f64> = scores.row(l, g).iter().map(|&x| f64::from(x)).collect();
+                let mut order: Vec<u32> = (0..s.prefix_len as u32).collect();
+                sort_by_rank(&mut order, &own);
+                let mut rest = order[n_own..].to_vec();
+                sort_by_rank(&mut rest, &layer);
+                let mut kept: Vec<u32> = order[..n_own].iter().chain(&rest[..n_keep - n_own]).copied().collect();
+                kept.sort_unstable();
+                rows.push(kept);
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn reconstruct_shared_matches_its_definition() {
+        let mut cases = 0;
+        for seed in 0..40u64 {
+            let (n_layer, n_head_kv, prefix_len) =
+                (1 + seed as usize % 3, 1 + seed as usize % 4, 1 + seed as usize * 7 % 60);
+            let s = SelectionShape {
+                n_layer,
+                n_head_kv,
+                prefix_len,
+            };
+            let scores = HeadScores::from_vec(
+                n_layer,
+                n_head_kv,
+                prefix_len,
+                positive_values(seed, n_layer * n_head_kv * prefix_len),
+            )
+            .unwrap();
+            for n_keep in [
+                0,
+                prefix_len / 3,
+                prefix_len / 2,
+                prefix_len.saturating_sub(1),
+                prefix_len,
+            ] {
+                let out = ReconstructSharedSelector.select(Some(&scores), &s, n_keep).unwrap();
+                let expected = naive(&scores, &s, n_keep);
+                for l in 0..n_layer {
+                    for g in 0..n_head_kv {
+                        assert_eq!(
+                            out.row(l, g),
+                            expected[l * n_head_kv + g].as_slice(),
+                            "seed {seed} keep {n_keep}"
+                        );
+                    }
+                }
+                cases += 1;
+            }
+        }
+        assert_eq!(cases, 200);
+    }
+
+    #[test]
+    fn a_quarter_by_the_head_and_the_rest_by_the_layer() {
+        // One layer, two heads, 8 positions, 4 kept each: 1 by the head's own
+        // scores, 3 by the layer's ranking, head 0's row / 0.9 plus head 1's
+        // / 4.0 = [1.0, 0.889, 0.5, 0.05, 0.778, 0, 1.0, 0.111]. Head 1's
+        // strong position 6, which head 0 ignores, reaches head 0 too.
+        let s = SelectionShape {
+            n_layer: 1,
+            n_head_kv: 2,
+            prefix_len: 8,
+        };
+        #[rustfmt::skip]
+        let scores = HeadScores::from_vec(1, 2, 8, vec![
+            0.9, 0.8, 0.0, 0.0, 0.7, 0.0, 0.0, 0.1,
+            0.0, 0.0, 2.0, 0.2, 0.0, 0.0, 4.0, 0.0,
+        ]).unwrap();
+        let out = ReconstructSharedSelector.select(Some(&scores), &s, 4).unwrap();
+        assert_eq!(out.row(0, 0), &[0, 1, 4, 6], "own: 0; layer: 6, 1, 4");
+        assert_eq!(out.row(0, 1), &[0, 1, 4, 6], "own: 6; layer: 0, 1, 4");
+        let five = ReconstructSharedSelector.select(Some(&scores), &s, 5).unwrap();
+        assert_eq!(five.row(0, 0), &[0, 1, 2, 4, 6], "the layer's fourth choice joins");
+        assert!(ReconstructSharedSelector.select(Some(&scores), &s, 9).is_err());
+        assert!(ReconstructSharedSelector.select(None, &s, 4).is_err());
+    }
+
+    #[test]
+    fn trial_names_resolve() {
+        for name in TRIAL_NAMES {
+            assert_eq!(trial_selector(name).unwrap().name(), name);
+        }
+        assert!(trial_selector("snapkv").is_none());
+    }
+}
