@@ -338,7 +338,9 @@ fn question_agnostic_eval_answers_every_question_from_one_compression() {
             "--depths",
             "0.5",
             "--methods",
-            "full,snapkv,keydiff",
+            // reconstruct-shared: a method under trial (snapkv_cli::trial),
+            // through the same engine.
+            "full,snapkv,keydiff,reconstruct-shared",
             "--budgets",
             "64",
             "--out",
@@ -349,10 +351,10 @@ fn question_agnostic_eval_answers_every_question_from_one_compression() {
     let report = json(&dir.join("eval.json"));
     assert_eq!(report["protocol"], "question-agnostic");
     let records = report["records"].as_array().unwrap();
-    // Passkey asks 1 question, multi-key 4: (1 + 4) × 3 methods.
-    assert_eq!(records.len(), 5 * 3);
+    // Passkey asks 1 question, multi-key 4: (1 + 4) × 4 methods.
+    assert_eq!(records.len(), 5 * 4);
     for (task, questions) in [("passkey", 1u64), ("multikey", 4)] {
-        for method in ["full", "snapkv", "keydiff"] {
+        for method in ["full", "snapkv", "keydiff", "reconstruct-shared"] {
             let rs: Vec<&Value> = records
                 .iter()
                 .filter(|r| r["task"] == task && r["method"] == method)
