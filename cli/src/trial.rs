@@ -125,18 +125,16 @@ fn top_of(row: &[f32], candidates: &mut [u32], k: usize, out: &mut Vec<u32>) {
 mod tests {
     use super::*;
 
-    /// Deterministic pseudo-random values in [0.5, 2.5) (splitmix64).
+    /// Deterministic pseudo-random values in [0.5, 2.5) on a grid of 64
+    /// (xorshift64), so that exact ties occur and the tie rule is exercised.
     fn positive_values(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed;
+        let mut x = seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1;
         (0..n)
             .map(|_| {
-                s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
-                let mut z = s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                z ^= z >> 31;
-                // A few exact ties, so that the tie rule is exercised.
-                ((z >> 40) % 64) as f32 / 32.0 + 0.5
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 64) as f32 / 32.0 + 0.5
             })
             .collect()
     }
