@@ -206,8 +206,8 @@ pub fn run(args: &GridArgs) -> snapkv::Result<()> {
 fn drop_repeated_answers(records: &mut Vec<Record>) -> (usize, usize) {
     let key = |r: &Record| {
         format!(
-            "{}|{}|{}|{}|{}|{}|{}|{}|{:?}|{}",
-            r.protocol, r.task, r.haystack, r.length, r.depth, r.seed, r.question, r.method, r.budget, r.lookahead
+            "{}|{}|{}|{}|{}|{}|{}|{}|{:?}",
+            r.protocol, r.task, r.haystack, r.length, r.depth, r.seed, r.question, r.method, r.budget
         )
     };
     let mut first_score: HashMap<String, f64> = HashMap::new();
