@@ -47,7 +47,7 @@ impl Method {
         if name == "full" {
             return Ok(Method::Full);
         }
-        if let Some(selector) = crate::trial::trial_selector(name) {
+        if let Some(selector) = crate::trial::trial_selector(name, None) {
             return Compressor::with_selector(config, selector).map(Method::Compress);
         }
         Compressor::with_method(config, name).map(Method::Compress)

@@ -326,35 +326,53 @@ fn eval_over_several_budgets_plots_accuracy_against_the_budget() {
 #[test]
 fn question_agnostic_eval_answers_every_question_from_one_compression() {
     let dir = out_dir("eval-agnostic");
-    let stdout = succeed(
-        "eval",
-        &[
-            "--protocol",
-            "question-agnostic",
-            "--tasks",
-            "passkey,multikey",
-            "--lengths",
-            "300",
-            "--depths",
-            "0.5",
-            "--methods",
-            // reconstruct-shared: a method under trial (snapkv_cli::trial),
-            // through the same engine.
-            "full,snapkv,keydiff,reconstruct-shared",
-            "--budgets",
-            "64",
-            "--out",
-            dir.to_str().unwrap(),
-        ],
+    const METHODS: [&str; 6] = [
+        "full",
+        "snapkv",
+        "keydiff",
+        "reconstruct",
+        // Methods under trial (snapkv_cli::trial), through the same engine:
+        // the last two select from the reconstruction scores the first
+        // recorded.
+        "reconstruct-shared",
+        "reconstruct-surprisal-half",
+    ];
+    let methods = METHODS.join(",");
+    let args = [
+        "--protocol",
+        "question-agnostic",
+        "--tasks",
+        "passkey,multikey",
+        "--lengths",
+        "300",
+        "--depths",
+        "0.5",
+        "--methods",
+        &methods,
+        "--budgets",
+        "64",
+        "--out",
+        dir.to_str().unwrap(),
+    ];
+    let out = snapkv("eval", &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Two documents, each scored once by reconstruction and twice reused.
+    assert_eq!(stderr.matches("token surprisal in").count(), 2, "{stderr}");
+    assert_eq!(
+        stderr.matches("scores of an earlier branch reused").count(),
+        4,
+        "{stderr}"
     );
     assert!(stdout.contains("accuracy (question-agnostic;"), "{stdout}");
     let report = json(&dir.join("eval.json"));
     assert_eq!(report["protocol"], "question-agnostic");
     let records = report["records"].as_array().unwrap();
-    // Passkey asks 1 question, multi-key 4: (1 + 4) × 4 methods.
-    assert_eq!(records.len(), 5 * 4);
+    // Passkey asks 1 question, multi-key 4: (1 + 4) × 6 methods.
+    assert_eq!(records.len(), 5 * METHODS.len());
     for (task, questions) in [("passkey", 1u64), ("multikey", 4)] {
-        for method in ["full", "snapkv", "keydiff", "reconstruct-shared"] {
+        for method in METHODS {
             let rs: Vec<&Value> = records
                 .iter()
                 .filter(|r| r["task"] == task && r["method"] == method)
@@ -395,6 +413,8 @@ fn eval_refuses_bad_settings() {
     assert!(err.contains("budget"), "{err}");
     let err = fail("eval", &["--methods", "snapkv:kernel=4"]);
     assert!(err.contains("kernel"), "{err}");
+    let err = fail("eval", &["--methods", "full,surprisal"]);
+    assert!(err.contains("question-agnostic"), "{err}");
     let err = fail("eval", &["--preset", "fast"]);
     assert!(err.contains("`default` or `facts`"), "{err}");
     let err = fail("eval", &["--methods", "snapkv:preset=fast"]);

@@ -210,7 +210,7 @@ impl MethodSpec {
 
     /// The configuration of this method for a budget of `cells` cells per
     /// KV head: the run's, then the spec's preset, then its overrides.
-    fn config(&self, opts: &MethodOptions, cells: usize) -> SnapKvConfig {
+    pub fn config(&self, opts: &MethodOptions, cells: usize) -> SnapKvConfig {
         let mut cfg = opts.config(cells);
         if let Some(preset) = self.preset {
             preset.apply(&mut cfg);

@@ -10,6 +10,9 @@ use std::time::Instant;
 
 use snapkv::llama::{Pos, SeqId, Token};
 use snapkv::{generate, Generation, Model, Sampler};
+use snapkv_cli::trial::memo::redo_last_token;
+use snapkv_cli::trial::surprisal::token_surprisal;
+use snapkv_cli::trial::{needs_surprisal, DocumentScores};
 use snapkv_cli::{
     agreement, branch, forced_distributions, log_softmax, Branch, Haystack, Method, Snapshot, TaskInstance,
 };
@@ -109,6 +112,18 @@ pub(super) fn evaluate_document<'m>(
     }
     let ctx = &mut ctx_slot.as_mut().expect("created above").1;
     let chunk = ctx.n_ubatch();
+    // The document's token surprisal, for the methods under trial that
+    // select by it: evaluated once more, with every token's logits.
+    let surprisal = if args.methods.iter().any(|m| needs_surprisal(&m.name)) {
+        ctx.clear();
+        let t0 = Instant::now();
+        let s = token_surprisal(ctx, 0, &document)?;
+        eprintln!("{label}: token surprisal in {:.1} s", t0.elapsed().as_secs_f64());
+        Some(s)
+    } else {
+        None
+    };
+    let scores = DocumentScores::new(surprisal);
     let snapshot = Snapshot::capture(ctx, 0, &document, w, chunk, |_| {})?;
     let seq = snapshot.seq();
     eprintln!(
@@ -154,15 +169,26 @@ pub(super) fn evaluate_document<'m>(
     }
     for spec in args.methods.iter().filter(|m| !m.is_full()) {
         for &budget in &args.budgets {
-            let method = spec.method(&args.snap, budget)?;
+            let (method, replays) = scores.method(&spec.name, spec.config(&args.snap, budget))?;
             let t0 = Instant::now();
             let compressed = branch(ctx, &snapshot, &method)?;
+            if replays {
+                redo_last_token(ctx, seq, document[doc_len - 1], doc_len as Pos - 1)?;
+            }
             let compress_seconds = t0.elapsed().as_secs_f64();
             for (q, (question, reference)) in questions.iter().zip(&references).enumerate() {
                 let run = ask(ctx, seq, doc_len, question, Some(&reference.answer.tokens))?;
                 add(&spec.label, Some(budget), &compressed, q, &run)?;
             }
-            eprintln!("    {} @ {budget}: compressed in {compress_seconds:.2} s", spec.label);
+            let reused = if replays {
+                " (the reconstruction scores of an earlier branch reused: not counted)"
+            } else {
+                ""
+            };
+            eprintln!(
+                "    {} @ {budget}: compressed in {compress_seconds:.2} s{reused}",
+                spec.label
+            );
         }
     }
     Ok(())

@@ -23,6 +23,7 @@ use clap::Args;
 use serde::{Deserialize, Deserializer, Serialize};
 use snapkv::llama::{Pos, Token};
 use snapkv::{generate, init_backend, Generation, Model, ModelParams, Sampler};
+use snapkv_cli::trial::needs_surprisal;
 use snapkv_cli::{
     agreement, branch_after_answer_start, forced_distributions, generate_task, log_softmax, Agreement, Branch,
     Haystack, Method, PromptLayout, Snapshot, TaskInstance, TaskKind, TaskSpec,
@@ -52,7 +53,8 @@ pub struct EvalArgs {
     #[arg(long, value_delimiter = ',', default_value = "1")]
     seeds: Vec<u64>,
     /// Methods, comma-separated: full, snapkv, snapkv-shared-layer, snapkv-shared-all, streaming, random, keydiff,
-    /// reconstruct, reconstruct-shared (under trial: snapkv_cli::trial);
+    /// reconstruct; under trial (snapkv_cli::trial): reconstruct-shared, and with --protocol question-agnostic
+    /// surprisal, reconstruct-surprisal-quarter, reconstruct-surprisal-half;
     /// a method may override options, e.g. snapkv:kernel=15:pool=avg:value=norm, and may compress after
     /// the answer's first N tokens (written on the full cache) with lookahead=N, e.g. snapkv:lookahead=8.
     #[arg(long, value_delimiter = ',', default_value = "full,snapkv,streaming,random")]
@@ -280,6 +282,19 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
         for spec in args.methods.iter().filter(|m| !m.is_full()) {
             spec.method(&args.snap, b)?;
         }
+    }
+    if let Some(spec) = args
+        .methods
+        .iter()
+        .find(|m| args.protocol != Protocol::QuestionAgnostic && needs_surprisal(&m.name))
+    {
+        return Err(snapkv::Error::InvalidArgument {
+            param: "method",
+            reason: format!(
+                "{} selects by the document's token surprisal, which only --protocol question-agnostic computes",
+                spec.label
+            ),
+        });
     }
     if args.tasks.is_empty() || args.lengths.is_empty() || args.depths.is_empty() || args.seeds.is_empty() {
         return Err(snapkv::Error::InvalidArgument {

@@ -1,23 +1,12 @@
-//! Selection methods under trial: measured by `snapkv eval`, not (yet) part
-//! of the library. A method moves into the library once it wins where it is
-//! measured; until then it lives here, beside the harness that measures it,
-//! and reaches the engine through the library's public [`Selector`] trait
-//! ([`Compressor::with_selector`](snapkv::Compressor::with_selector)).
+//! `reconstruct-shared` and `reconstruct-surprisal`: reconstruction scores
+//! with most of each KV head's cells chosen by its layer, optionally after
+//! a set of positions every head keeps (the document's most surprising
+//! tokens, [`super::surprisal`]).
 
 use std::cmp::Ordering;
+use std::sync::Arc;
 
 use snapkv::snapkv::{AlgoError, HeadScores, ScoreBasis, Selection, SelectionShape, Selector};
-
-/// The names of the methods under trial ([`trial_selector`]).
-pub const TRIAL_NAMES: [&str; 1] = ["reconstruct-shared"];
-
-/// The method under trial called `name`, if there is one.
-pub fn trial_selector(name: &str) -> Option<Box<dyn Selector>> {
-    match name {
-        "reconstruct-shared" => Some(Box::new(ReconstructSharedSelector)),
-        _ => None,
-    }
-}
 
 /// The share of each KV head's cells that [`ReconstructSharedSelector`]
 /// chooses by the head's own scores; the rest go by its layer's ranking.
@@ -34,12 +23,49 @@ pub const RECONSTRUCT_OWN_SHARE: f64 = 0.25;
 /// from strongly is then kept by every head of the layer, where the
 /// library's `reconstruct` keeps it only in the heads that attended to it.
 /// Ties go to the lower prefix index at both steps.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ReconstructSharedSelector;
+///
+/// With [`first`](Self::with_first) set, a share of the cells goes first to
+/// the positions that score highest there, the same for every head; the
+/// rest is chosen as above (a quarter by the head, then the layer) among the
+/// positions left.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReconstructSharedSelector {
+    first: Option<FirstShare>,
+    name: &'static str,
+}
+
+/// Positions every head keeps before its own choice: the highest `share`
+/// of the cells by `scores` (one per prefix index).
+#[derive(Debug, Clone, PartialEq)]
+struct FirstShare {
+    scores: Arc<[f32]>,
+    share: f64,
+}
+
+impl ReconstructSharedSelector {
+    /// `reconstruct-shared`: no positions are kept before each head's own.
+    pub fn new() -> Self {
+        ReconstructSharedSelector {
+            first: None,
+            name: "reconstruct-shared",
+        }
+    }
+
+    /// The selector called `name` that gives `share` (0 to 1) of every
+    /// head's cells first to the highest of `scores`, one score per prefix
+    /// index (selecting fails when there are fewer scores than prefix
+    /// cells).
+    pub fn with_first(name: &'static str, scores: Arc<[f32]>, share: f64) -> Self {
+        ReconstructSharedSelector {
+            first: Some(FirstShare { scores, share }),
+            name,
+        }
+    }
+}
 
 impl Selector for ReconstructSharedSelector {
     fn name(&self) -> &'static str {
-        "reconstruct-shared"
+        self.name
     }
 
     fn needs_scores(&self) -> bool {
@@ -72,7 +98,26 @@ impl Selector for ReconstructSharedSelector {
         if scores.as_slice().iter().any(|x| x.is_nan()) {
             return Err(AlgoError::InvalidSelection("a score is NaN".into()));
         }
-        let n_own = (RECONSTRUCT_OWN_SHARE * n_keep as f64) as usize;
+        let first = match &self.first {
+            Some(f) => {
+                if f.scores.len() < n {
+                    return Err(AlgoError::InvalidSelection(format!(
+                        "{} has {} token scores for {n} prefix cells: it needs the document's own \
+                         (snapkv eval --protocol question-agnostic computes them)",
+                        self.name,
+                        f.scores.len()
+                    )));
+                }
+                let n_first = (f.share.clamp(0.0, 1.0) * n_keep as f64) as usize;
+                let mut candidates: Vec<u32> = (0..n as u32).collect();
+                let mut first = Vec::with_capacity(n_first);
+                top_of(&f.scores, &mut candidates, n_first, &mut first);
+                first
+            }
+            None => Vec::new(),
+        };
+        let rest = n_keep - first.len();
+        let n_own = (RECONSTRUCT_OWN_SHARE * rest as f64) as usize;
         let mut kept = Vec::with_capacity(shape.n_layer * shape.n_head_kv * n_keep);
         let (mut layer_rank, mut taken) = (vec![0f32; n], vec![false; n]);
         let mut candidates = Vec::with_capacity(n);
@@ -92,18 +137,22 @@ impl Selector for ReconstructSharedSelector {
             }
             for g in 0..shape.n_head_kv {
                 let start = kept.len();
-                candidates.clear();
-                candidates.extend(0..n as u32);
-                top_of(scores.row(layer, g), &mut candidates, n_own, &mut kept);
-                // The layer's ranking over the positions the head has not
-                // taken already.
+                kept.extend_from_slice(&first);
+                // The head's own top among the positions not taken first,
+                // then the layer's ranking over those still left.
                 taken.fill(false);
+                for &i in &first {
+                    taken[i as usize] = true;
+                }
+                candidates.clear();
+                candidates.extend((0..n as u32).filter(|&i| !taken[i as usize]));
+                top_of(scores.row(layer, g), &mut candidates, n_own, &mut kept);
                 for &i in &kept[start..] {
                     taken[i as usize] = true;
                 }
                 candidates.clear();
                 candidates.extend((0..n as u32).filter(|&i| !taken[i as usize]));
-                top_of(&layer_rank, &mut candidates, n_keep - n_own, &mut kept);
+                top_of(&layer_rank, &mut candidates, rest - n_own, &mut kept);
                 kept[start..].sort_unstable();
             }
         }
@@ -143,11 +192,23 @@ mod tests {
         indices.sort_by(|a, b| rank[*b as usize].total_cmp(&rank[*a as usize]).then(a.cmp(b)));
     }
 
-    /// The selection by its definition, with full sorts: each head's top
-    /// quarter, then the layer's ranking over the rest (summed in f32 as the
-    /// selector sums it, so that the values' exact ties stay ties).
-    fn naive(scores: &HeadScores, s: &SelectionShape, n_keep: usize) -> Vec<Vec<u32>> {
-        let n_own = n_keep / 4;
+    /// The selection by its definition, with full sorts: the `first` set
+    /// (the highest `n_first` of `first_scores`), then each head's top
+    /// quarter of the rest, then the layer's ranking over what is left
+    /// (summed in f32 as the selector sums it, so that the values' exact
+    /// ties stay ties).
+    fn naive(
+        scores: &HeadScores,
+        s: &SelectionShape,
+        n_keep: usize,
+        first_scores: &[f32],
+        n_first: usize,
+    ) -> Vec<Vec<u32>> {
+        let first_rank: Vec<f64> = first_scores.iter().map(|&x| f64::from(x)).collect();
+        let mut first: Vec<u32> = (0..first_scores.len() as u32).collect();
+        sort_by_rank(&mut first, &first_rank);
+        first.truncate(n_first);
+        let n_own = (n_keep - n_first) / 4;
         let mut rows = Vec::new();
         for l in 0..s.n_layer {
             let mut layer32 = vec![0f32; s.prefix_len];
@@ -161,11 +222,16 @@ mod tests {
             let layer: Vec<f64> = layer32.iter().map(|&x| f64::from(x)).collect();
             for g in 0..s.n_head_kv {
                 let own: Vec<f64> = scores.row(l, g).iter().map(|&x| f64::from(x)).collect();
-                let mut order: Vec<u32> = (0..s.prefix_len as u32).collect();
+                let mut order: Vec<u32> = (0..s.prefix_len as u32).filter(|i| !first.contains(i)).collect();
                 sort_by_rank(&mut order, &own);
                 let mut rest = order[n_own..].to_vec();
                 sort_by_rank(&mut rest, &layer);
-                let mut kept: Vec<u32> = order[..n_own].iter().chain(&rest[..n_keep - n_own]).copied().collect();
+                let mut kept: Vec<u32> = first
+                    .iter()
+                    .chain(&order[..n_own])
+                    .chain(&rest[..n_keep - n_first - n_own])
+                    .copied()
+                    .collect();
                 kept.sort_unstable();
                 rows.push(kept);
             }
@@ -191,6 +257,7 @@ mod tests {
                 positive_values(seed, n_layer * n_head_kv * prefix_len),
             )
             .unwrap();
+            let first_scores: Arc<[f32]> = positive_values(seed + 1000, prefix_len).into();
             for n_keep in [
                 0,
                 prefix_len / 3,
@@ -198,21 +265,28 @@ mod tests {
                 prefix_len.saturating_sub(1),
                 prefix_len,
             ] {
-                let out = ReconstructSharedSelector.select(Some(&scores), &s, n_keep).unwrap();
-                let expected = naive(&scores, &s, n_keep);
-                for l in 0..n_layer {
-                    for g in 0..n_head_kv {
-                        assert_eq!(
-                            out.row(l, g),
-                            expected[l * n_head_kv + g].as_slice(),
-                            "seed {seed} keep {n_keep}"
-                        );
+                let plain = ReconstructSharedSelector::new()
+                    .select(Some(&scores), &s, n_keep)
+                    .unwrap();
+                let half = ReconstructSharedSelector::with_first("t", first_scores.clone(), 0.5)
+                    .select(Some(&scores), &s, n_keep)
+                    .unwrap();
+                for (out, n_first) in [(plain, 0), (half, n_keep / 2)] {
+                    let expected = naive(&scores, &s, n_keep, &first_scores, n_first);
+                    for l in 0..n_layer {
+                        for g in 0..n_head_kv {
+                            assert_eq!(
+                                out.row(l, g),
+                                expected[l * n_head_kv + g].as_slice(),
+                                "seed {seed} keep {n_keep} first {n_first}"
+                            );
+                        }
                     }
+                    cases += 1;
                 }
-                cases += 1;
             }
         }
-        assert_eq!(cases, 200);
+        assert_eq!(cases, 400);
     }
 
     #[test]
@@ -231,20 +305,22 @@ mod tests {
             0.9, 0.8, 0.0, 0.0, 0.7, 0.0, 0.0, 0.1,
             0.0, 0.0, 2.0, 0.2, 0.0, 0.0, 4.0, 0.0,
         ]).unwrap();
-        let out = ReconstructSharedSelector.select(Some(&scores), &s, 4).unwrap();
+        let out = ReconstructSharedSelector::new().select(Some(&scores), &s, 4).unwrap();
         assert_eq!(out.row(0, 0), &[0, 1, 4, 6], "own: 0; layer: 6, 1, 4");
         assert_eq!(out.row(0, 1), &[0, 1, 4, 6], "own: 6; layer: 0, 1, 4");
-        let five = ReconstructSharedSelector.select(Some(&scores), &s, 5).unwrap();
+        let five = ReconstructSharedSelector::new().select(Some(&scores), &s, 5).unwrap();
         assert_eq!(five.row(0, 0), &[0, 1, 2, 4, 6], "the layer's fourth choice joins");
-        assert!(ReconstructSharedSelector.select(Some(&scores), &s, 9).is_err());
-        assert!(ReconstructSharedSelector.select(None, &s, 4).is_err());
-    }
+        assert!(ReconstructSharedSelector::new().select(Some(&scores), &s, 9).is_err());
+        assert!(ReconstructSharedSelector::new().select(None, &s, 4).is_err());
 
-    #[test]
-    fn trial_names_resolve() {
-        for name in TRIAL_NAMES {
-            assert_eq!(trial_selector(name).unwrap().name(), name);
-        }
-        assert!(trial_selector("snapkv").is_none());
+        // Half first by other scores (every head keeps 3 and 5), then the
+        // rest as before among the positions left: own 0 (the quarter of 2
+        // is 0), layer: 6, 0.
+        let first: Arc<[f32]> = vec![0.0, 0.0, 0.0, 9.0, 0.0, 8.0, 0.0, 0.0].into();
+        let out = ReconstructSharedSelector::with_first("t", first, 0.5)
+            .select(Some(&scores), &s, 4)
+            .unwrap();
+        assert_eq!(out.row(0, 0), &[0, 3, 5, 6]);
+        assert_eq!(out.row(0, 1), &[0, 3, 5, 6]);
     }
 }
