@@ -248,10 +248,17 @@ snapkv_status snapkv_params_default(snapkv_params * params);
 enum snapkv_preset {
     SNAPKV_PRESET_DEFAULT = 0, /* snapkv_params_default's: for continuations
                                   that draw on the whole prompt */
-    SNAPKV_PRESET_FACTS = 1    /* for answers that copy facts out of the
+    SNAPKV_PRESET_FACTS = 1,   /* for answers that copy facts out of the
                                   prompt: QUERY_AGGREGATION_MAX, kernel 7,
                                   POOL_ALIGN_TRAILING, VALUE_WEIGHTING_NORM,
                                   POOLING_MAX */
+    SNAPKV_PRESET_RECONSTRUCT = 2 /* for SNAPKV_METHOD_RECONSTRUCT: POOLING_MAX
+                                  over kernel 7, POOL_ALIGN_CENTERED (a
+                                  number the repeat copies keeps all its
+                                  digits). Sets the pooling only: set
+                                  params->method too. Kept far more answers
+                                  than the default pooling with that method
+                                  on held-out documents (docs/usage.md) */
 };
 
 /* Fills *params like snapkv_params_default, with the selection parameters

@@ -416,7 +416,7 @@ fn eval_refuses_bad_settings() {
     let err = fail("eval", &["--methods", "full,surprisal"]);
     assert!(err.contains("question-agnostic"), "{err}");
     let err = fail("eval", &["--preset", "fast"]);
-    assert!(err.contains("`default` or `facts`"), "{err}");
+    assert!(err.contains("`default`, `facts` or `reconstruct`"), "{err}");
     let err = fail("eval", &["--methods", "snapkv:preset=fast"]);
     assert!(err.contains("preset") && err.contains("`facts`"), "{err}");
     // A method's options that only the whole configuration can refuse (no
@@ -436,7 +436,7 @@ fn eval_refuses_bad_settings() {
                 "--depths",
                 "0.5",
                 "--methods",
-                "full,snapkv,reconstruct:kernel=1",
+                "full,snapkv,snapkv:kernel=1",
                 "--budgets",
                 "64",
                 "--out",

@@ -54,6 +54,8 @@ pub const QUERY_AGGREGATION_MAX: i32 = 1;
 pub const PRESET_DEFAULT: i32 = 0;
 /// `SNAPKV_PRESET_FACTS`.
 pub const PRESET_FACTS: i32 = 1;
+/// `SNAPKV_PRESET_RECONSTRUCT`.
+pub const PRESET_RECONSTRUCT: i32 = 2;
 /// `SNAPKV_SCORE_NONE`.
 pub const SCORE_NONE: i32 = 0;
 /// `SNAPKV_SCORE_SOFTMAX`.
@@ -181,7 +183,11 @@ macro_rules! c_enum {
 c_enum!(Pooling { Max <=> POOLING_MAX, Avg <=> POOLING_AVG });
 c_enum!(ValueWeighting { Off <=> VALUE_WEIGHTING_OFF, Norm <=> VALUE_WEIGHTING_NORM });
 c_enum!(QueryAggregation { Sum <=> QUERY_AGGREGATION_SUM, Max <=> QUERY_AGGREGATION_MAX });
-c_enum!(Preset { Default <=> PRESET_DEFAULT, Facts <=> PRESET_FACTS });
+c_enum!(Preset {
+    Default <=> PRESET_DEFAULT,
+    Facts <=> PRESET_FACTS,
+    Reconstruct <=> PRESET_RECONSTRUCT,
+});
 
 /// The [`Preset`] an `enum snapkv_preset` value names.
 ///
@@ -482,6 +488,7 @@ pub fn abi_items() -> Vec<AbiItem> {
         abi_const!("SNAPKV_QUERY_AGGREGATION_MAX", QUERY_AGGREGATION_MAX),
         abi_const!("SNAPKV_PRESET_DEFAULT", PRESET_DEFAULT),
         abi_const!("SNAPKV_PRESET_FACTS", PRESET_FACTS),
+        abi_const!("SNAPKV_PRESET_RECONSTRUCT", PRESET_RECONSTRUCT),
         abi_const!("SNAPKV_SCORE_NONE", SCORE_NONE),
         abi_const!("SNAPKV_SCORE_SOFTMAX", SCORE_SOFTMAX),
         abi_const!("SNAPKV_SCORE_QUERY_KEY", SCORE_QUERY_KEY),
@@ -587,14 +594,14 @@ mod tests {
         for q in [QueryAggregation::Sum, QueryAggregation::Max] {
             assert_eq!(QueryAggregation::from_c("query_aggregation", q.to_c()).unwrap(), q);
         }
-        for preset in [Preset::Default, Preset::Facts] {
+        for preset in [Preset::Default, Preset::Facts, Preset::Reconstruct] {
             assert_eq!(preset_from_c(preset.to_c()).unwrap(), preset);
             let params = SnapkvParams::from_config(&preset.config());
             assert_eq!(params.to_config().unwrap(), preset.config());
         }
         assert_eq!(
-            preset_from_c(2).unwrap_err().message,
-            "preset: unknown value 2 (SNAPKV_PRESET_DEFAULT or SNAPKV_PRESET_FACTS)"
+            preset_from_c(3).unwrap_err().message,
+            "preset: unknown value 3 (SNAPKV_PRESET_DEFAULT or SNAPKV_PRESET_FACTS or SNAPKV_PRESET_RECONSTRUCT)"
         );
         let err = QueryAggregation::from_c("query_aggregation", 5).unwrap_err();
         assert_eq!(

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `SNAPKV_BUDGET` | cells kept per KV head (`1024`), or a fraction of the prompt (`0.1`, `10%`); unset: pass-through | unset |
 //! | `SNAPKV_WINDOW` | observation window (tokens) | 32 |
-//! | `SNAPKV_PRESET` | `default` or `facts` ([`Preset`]) | `default` |
+//! | `SNAPKV_PRESET` | `default`, `facts` or `reconstruct` ([`Preset`]) | `reconstruct` with `SNAPKV_METHOD=reconstruct`, `default` otherwise |
 //! | `SNAPKV_METHOD` | `snapkv`, `keydiff` or `reconstruct` (question-agnostic: for a conversation about a document that goes on after its first question) | `snapkv` |
 //! | `SNAPKV_MIN_PROMPT` | prompts shorter than this many tokens are left alone | 0 |
 //! | `SNAPKV_LOG` | `0` silences the compression lines, `debug` adds why a prompt was not compressed | `1` |
@@ -50,15 +50,18 @@ pub(crate) fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Se
     let Some(budget) = get("SNAPKV_BUDGET") else {
         return Ok(None);
     };
-    let mut config = SnapKvConfig::default();
-    if let Some(preset) = get("SNAPKV_PRESET") {
-        let preset = match preset.to_ascii_lowercase().as_str() {
-            "default" => Preset::Default,
-            "facts" => Preset::Facts,
-            _ => return Err(format!("SNAPKV_PRESET={preset:?}: expected `default` or `facts`")),
-        };
-        preset.apply(&mut config);
-    }
+    let method = match get("SNAPKV_METHOD") {
+        Some(m) => method(&m).map_err(|why| format!("SNAPKV_METHOD={m:?}: {why}"))?,
+        None => METHODS[0],
+    };
+    // Each method's measured best unless a preset is named.
+    let preset = match get("SNAPKV_PRESET") {
+        Some(p) => p
+            .parse::<Preset>()
+            .map_err(|_| format!("SNAPKV_PRESET={p:?}: expected `default`, `facts` or `reconstruct`"))?,
+        None => Preset::for_method(method),
+    };
+    let mut config = preset.config();
     config.budget = parse_budget(&budget).map_err(|why| format!("SNAPKV_BUDGET={budget:?}: {why}"))?;
     if let Some(window) = get("SNAPKV_WINDOW") {
         config.window = parse_count(&window).map_err(|why| format!("SNAPKV_WINDOW={window:?}: {why}"))?;
@@ -66,10 +69,6 @@ pub(crate) fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Se
     config
         .validate()
         .map_err(|e| format!("SNAPKV_BUDGET/SNAPKV_WINDOW: {e}"))?;
-    let method = match get("SNAPKV_METHOD") {
-        Some(m) => method(&m).map_err(|why| format!("SNAPKV_METHOD={m:?}: {why}"))?,
-        None => METHODS[0],
-    };
     let min_prompt = match get("SNAPKV_MIN_PROMPT") {
         Some(v) => parse_count(&v).map_err(|why| format!("SNAPKV_MIN_PROMPT={v:?}: {why}"))?,
         None => 0,
@@ -157,6 +156,32 @@ mod tests {
         facts.budget = Budget::Cells(512);
         assert_eq!(s.config, facts);
         assert_eq!((s.min_prompt, s.log), (2000, LogLevel::Debug));
+    }
+
+    #[test]
+    fn reconstruct_takes_its_own_preset_unless_one_is_named() {
+        let s = read(&[("SNAPKV_BUDGET", "512"), ("SNAPKV_METHOD", "reconstruct")])
+            .unwrap()
+            .unwrap();
+        let mut want = Preset::Reconstruct.config();
+        want.budget = Budget::Cells(512);
+        assert_eq!(s.config, want);
+        let named = read(&[
+            ("SNAPKV_BUDGET", "512"),
+            ("SNAPKV_METHOD", "reconstruct"),
+            ("SNAPKV_PRESET", "default"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(named.config.kernel, SnapKvConfig::default().kernel);
+        let keydiff = read(&[("SNAPKV_BUDGET", "512"), ("SNAPKV_METHOD", "keydiff")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(keydiff.config.pooling, SnapKvConfig::default().pooling);
+        let preset = read(&[("SNAPKV_BUDGET", "512"), ("SNAPKV_PRESET", "RECONSTRUCT")])
+            .unwrap()
+            .unwrap();
+        assert_eq!((preset.method, preset.config.kernel), ("snapkv", 7));
     }
 
     #[test]

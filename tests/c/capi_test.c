@@ -240,6 +240,13 @@ int main(int argc, char ** argv) {
                   facts.value_weighting == SNAPKV_VALUE_WEIGHTING_NORM &&
                   facts.query_aggregation == SNAPKV_QUERY_AGGREGATION_MAX && facts.reserved == 0,
               "the facts preset");
+        expect(snapkv_params_preset(&facts, SNAPKV_PRESET_RECONSTRUCT), SNAPKV_OK, "params_preset(RECONSTRUCT)",
+               NULL);
+        CHECK(facts.window == p.window && facts.budget == p.budget && facts.kernel == 7 &&
+                  facts.pooling == SNAPKV_POOLING_MAX && facts.pool_align == SNAPKV_POOL_ALIGN_CENTERED &&
+                  facts.value_weighting == SNAPKV_VALUE_WEIGHTING_OFF &&
+                  facts.query_aggregation == SNAPKV_QUERY_AGGREGATION_SUM && facts.method == SNAPKV_METHOD_SNAPKV,
+              "the reconstruct preset sets the pooling, not the method");
         expect(snapkv_params_preset(&facts, SNAPKV_PRESET_DEFAULT), SNAPKV_OK, "params_preset(DEFAULT)", NULL);
         CHECK(memcmp(&facts, &p, sizeof p) == 0, "the default preset is snapkv_params_default");
     }

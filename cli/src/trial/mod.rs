@@ -22,6 +22,7 @@ pub mod surprisal;
 use std::sync::Arc;
 
 use snapkv::snapkv::{selector_by_name, Selector, SnapKvConfig};
+use snapkv::Preset;
 use snapkv::{Compressor, Error, Result};
 
 use crate::Method;
@@ -63,6 +64,18 @@ pub fn trial_selector(name: &str, surprisal: Option<Arc<[f32]>>) -> Option<Box<d
         )),
         _ => return None,
     })
+}
+
+/// The preset a method starts from when none is named: the library's
+/// ([`Preset::for_method`]), and for the methods under trial that score by
+/// reconstruction `reconstruct`'s own.
+pub fn preset_for(name: &str) -> Preset {
+    match trial_selector(name, None) {
+        Some(s) if s.needs_scores() && s.score_basis() == snapkv::snapkv::ScoreBasis::Reconstruction => {
+            Preset::Reconstruct
+        }
+        _ => Preset::for_method(name),
+    }
 }
 
 /// What the methods of one document share: its token surprisal (when a
@@ -123,5 +136,10 @@ mod tests {
         }
         assert!(trial_selector("snapkv", None).is_none());
         assert!(needs_surprisal("reconstruct-surprisal-half") && !needs_surprisal("reconstruct-shared"));
+        assert_eq!(preset_for("reconstruct-shared"), Preset::Reconstruct);
+        assert_eq!(preset_for("reconstruct-surprisal-quarter"), Preset::Reconstruct);
+        assert_eq!(preset_for("reconstruct"), Preset::Reconstruct);
+        assert_eq!(preset_for("surprisal"), Preset::Default);
+        assert_eq!(preset_for("snapkv"), Preset::Default);
     }
 }

@@ -185,7 +185,7 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
         ctx.decode_tokens(0, &tokens, start as Pos, true)?;
         None
     } else if args.snapkv {
-        let compressor = Compressor::with_method(args.snap.config(), &args.method)?;
+        let compressor = Compressor::with_method(args.snap.config(&args.method), &args.method)?;
         if args.hook {
             let t0 = Instant::now();
             ctx.decode_tokens(0, &tokens, 0, true)?;

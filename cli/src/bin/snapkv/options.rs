@@ -61,9 +61,10 @@ pub struct SnapKvOptions {
 }
 
 impl SnapKvOptions {
-    /// The configuration these options describe (validated by the library).
-    pub fn config(&self) -> SnapKvConfig {
-        let mut cfg = self.method.config(self.budget);
+    /// The configuration these options describe for method `method`
+    /// (validated by the library).
+    pub fn config(&self, method: &str) -> SnapKvConfig {
+        let mut cfg = self.method.config(method, self.budget);
         if let Some(f) = self.budget_fraction {
             cfg.budget = Budget::Fraction(f);
         }
@@ -78,20 +79,27 @@ pub struct MethodOptions {
     /// Observation window: the last W prompt tokens (the same for every method).
     #[arg(long, default_value_t = 32)]
     pub window: usize,
-    /// Selection parameters to start from: default (for continuations that draw on the whole prompt) or facts
+    /// Selection parameters to start from: default (for continuations that draw on the whole prompt), facts
     /// (for answers that copy facts out of it: --query-aggregation max --kernel 7 --pool-align trailing
-    /// --value-weighting norm --pool max). The options below override it.
-    #[arg(long, default_value = "default")]
-    pub preset: Preset,
+    /// --value-weighting norm --pool max) or reconstruct (for --method reconstruct: --pool max --kernel 7
+    /// --pool-align centered). The options below override it. [default: reconstruct for the reconstruct
+    /// method, default for the others]
+    #[arg(long)]
+    pub preset: Option<Preset>,
     /// The selection options given one by one.
     #[command(flatten)]
     pub selection: SelectionOverrides,
 }
 
 impl MethodOptions {
-    /// The configuration for a budget of `cells` cells per KV head.
-    pub fn config(&self, cells: usize) -> SnapKvConfig {
-        let mut cfg = self.preset.config();
+    /// The configuration of method `method` for a budget of `cells` cells
+    /// per KV head: the preset named, or the method's own
+    /// ([`snapkv_cli::trial::preset_for`]), then the options given one by one.
+    pub fn config(&self, method: &str, cells: usize) -> SnapKvConfig {
+        let mut cfg = self
+            .preset
+            .unwrap_or_else(|| snapkv_cli::trial::preset_for(method))
+            .config();
         cfg.window = self.window;
         cfg.budget = Budget::Cells(cells);
         self.selection.apply(&mut cfg);
@@ -211,7 +219,7 @@ impl MethodSpec {
     /// The configuration of this method for a budget of `cells` cells per
     /// KV head: the run's, then the spec's preset, then its overrides.
     pub fn config(&self, opts: &MethodOptions, cells: usize) -> SnapKvConfig {
-        let mut cfg = opts.config(cells);
+        let mut cfg = opts.config(&self.name, cells);
         if let Some(preset) = self.preset {
             preset.apply(&mut cfg);
         }
@@ -347,15 +355,15 @@ mod tests {
     fn presets_start_the_selection_and_options_override_them() {
         let mut expected = SnapKvConfig::default();
         expected.budget = snapkv::Budget::Cells(256);
-        assert_eq!(run_options(&[]).config(256), expected);
+        assert_eq!(run_options(&[]).config("snapkv", 256), expected);
 
-        let facts = run_options(&["--preset", "facts", "--window", "16"]).config(256);
+        let facts = run_options(&["--preset", "facts", "--window", "16"]).config("snapkv", 256);
         expected = Preset::Facts.config();
         expected.window = 16;
         expected.budget = snapkv::Budget::Cells(256);
         assert_eq!(facts, expected);
 
-        let facts_kernel_9 = run_options(&["--preset", "facts", "--kernel", "9"]).config(256);
+        let facts_kernel_9 = run_options(&["--preset", "facts", "--kernel", "9"]).config("snapkv", 256);
         assert_eq!(facts_kernel_9.kernel, 9);
         assert_eq!(facts_kernel_9.queries, Preset::Facts.config().queries);
 
@@ -372,6 +380,22 @@ mod tests {
         let by_name: MethodSpec = "snapkv:preset=facts".parse().unwrap();
         let defaults = run_options(&[]);
         assert_eq!(spelled_out.config(&defaults, 256), by_name.config(&defaults, 256));
-        assert_eq!(run_options(&[]).preset, Preset::Default);
+        assert_eq!(run_options(&[]).preset, None);
+
+        // Without a preset a method starts from its own; a preset named for
+        // the run or the method replaces it.
+        let bare: MethodSpec = "reconstruct".parse().unwrap();
+        assert_eq!(bare.config(&defaults, 256).kernel, 7);
+        assert_eq!(bare.config(&defaults, 256).pool_align, snapkv::PoolAlign::Centered);
+        let named: MethodSpec = "reconstruct:preset=default".parse().unwrap();
+        assert_eq!(named.config(&defaults, 256).kernel, SnapKvConfig::default().kernel);
+        let run_default = run_options(&["--preset", "default"]);
+        assert_eq!(bare.config(&run_default, 256).kernel, SnapKvConfig::default().kernel);
+        let snap: MethodSpec = "snapkv".parse().unwrap();
+        assert_eq!(snap.config(&defaults, 256), {
+            let mut c = SnapKvConfig::default();
+            c.budget = snapkv::Budget::Cells(256);
+            c
+        });
     }
 }

@@ -275,7 +275,7 @@ pub fn run(args: &EvalArgs) -> snapkv::Result<()> {
     }
     let w = args.snap.window;
     for &b in &args.budgets {
-        args.snap.config(b).validate()?;
+        args.snap.config("snapkv", b).validate()?;
         // Each method's own options too, so that a combination only the
         // whole configuration refuses stops the run before the first
         // prompt is evaluated rather than after minutes of work.
