@@ -275,45 +275,61 @@ pub trait Selector: Send + Sync {
     ) -> Result<Selection, AlgoError>;
 }
 
-fn check_keep(shape: &SelectionShape, n_keep: usize) -> Result<(), AlgoError> {
-    if n_keep > shape.prefix_len {
-        return Err(AlgoError::InvalidSelection(format!(
-            "cannot keep {n_keep} of {} prefix cells",
-            shape.prefix_len
-        )));
+impl SelectionShape {
+    /// Checks that `n_keep` cells can be chosen from this shape's prefix: what
+    /// every selector checks first.
+    ///
+    /// # Errors
+    /// [`AlgoError::InvalidSelection`] when `n_keep > prefix_len` or the
+    /// prefix does not fit in `u32`.
+    pub fn check_keep(&self, n_keep: usize) -> Result<(), AlgoError> {
+        if n_keep > self.prefix_len {
+            return Err(AlgoError::InvalidSelection(format!(
+                "cannot keep {n_keep} of {} prefix cells",
+                self.prefix_len
+            )));
+        }
+        if self.prefix_len > u32::MAX as usize {
+            return Err(AlgoError::InvalidSelection(format!(
+                "prefix length {} does not fit in u32",
+                self.prefix_len
+            )));
+        }
+        Ok(())
     }
-    if shape.prefix_len > u32::MAX as usize {
-        return Err(AlgoError::InvalidSelection(format!(
-            "prefix length {} does not fit in u32",
-            shape.prefix_len
-        )));
-    }
-    Ok(())
-}
 
-fn require_scores<'s>(
-    scores: Option<&'s HeadScores>,
-    shape: &SelectionShape,
-    method: &str,
-) -> Result<&'s HeadScores, AlgoError> {
-    let scores =
-        scores.ok_or_else(|| AlgoError::InvalidSelection(format!("the {method} selector needs attention scores")))?;
-    scores.check()?;
-    if (scores.n_layer, scores.n_head_kv, scores.prefix_len) != (shape.n_layer, shape.n_head_kv, shape.prefix_len) {
-        return Err(AlgoError::ShapeMismatch(format!(
-            "scores are {} layers × {} KV heads × {} cells, the selection needs {} × {} × {}",
-            scores.n_layer, scores.n_head_kv, scores.prefix_len, shape.n_layer, shape.n_head_kv, shape.prefix_len
-        )));
+    /// The scores a selector called `method` was given, checked against this
+    /// shape: present, of this shape, and free of NaN (what a
+    /// [`Selector`] that needs scores checks before choosing).
+    ///
+    /// # Errors
+    /// [`AlgoError::InvalidSelection`] when `scores` is `None` or holds a
+    /// NaN; [`AlgoError::ShapeMismatch`] when its dimensions differ.
+    pub fn require_scores<'s>(
+        &self,
+        scores: Option<&'s HeadScores>,
+        method: &str,
+    ) -> Result<&'s HeadScores, AlgoError> {
+        let shape = self;
+        let scores = scores
+            .ok_or_else(|| AlgoError::InvalidSelection(format!("the {method} selector needs attention scores")))?;
+        scores.check()?;
+        if (scores.n_layer, scores.n_head_kv, scores.prefix_len) != (shape.n_layer, shape.n_head_kv, shape.prefix_len) {
+            return Err(AlgoError::ShapeMismatch(format!(
+                "scores are {} layers × {} KV heads × {} cells, the selection needs {} × {} × {}",
+                scores.n_layer, scores.n_head_kv, scores.prefix_len, shape.n_layer, shape.n_head_kv, shape.prefix_len
+            )));
+        }
+        if let Some(i) = scores.as_slice().iter().position(|x| x.is_nan()) {
+            return Err(AlgoError::InvalidSelection(format!(
+                "score {i} (layer {}, KV head {}, prefix index {}) is NaN",
+                i / (shape.n_head_kv * shape.prefix_len),
+                (i / shape.prefix_len) % shape.n_head_kv,
+                i % shape.prefix_len
+            )));
+        }
+        Ok(scores)
     }
-    if let Some(i) = scores.as_slice().iter().position(|x| x.is_nan()) {
-        return Err(AlgoError::InvalidSelection(format!(
-            "score {i} (layer {}, KV head {}, prefix index {}) is NaN",
-            i / (shape.n_head_kv * shape.prefix_len),
-            (i / shape.prefix_len) % shape.n_head_kv,
-            i % shape.prefix_len
-        )));
-    }
-    Ok(scores)
 }
 
 /// The `n_keep` highest-scoring indices of `row`, ascending. Ties go to the
@@ -351,8 +367,8 @@ impl Selector for SnapKvSelector {
         shape: &SelectionShape,
         n_keep: usize,
     ) -> Result<Selection, AlgoError> {
-        check_keep(shape, n_keep)?;
-        let scores = require_scores(scores, shape, self.name())?;
+        shape.check_keep(n_keep)?;
+        let scores = shape.require_scores(scores, self.name())?;
         let mut kept = Vec::with_capacity(shape.n_layer * shape.n_head_kv * n_keep);
         let mut scratch = Vec::new();
         for layer in 0..shape.n_layer {
@@ -444,8 +460,8 @@ impl Selector for SharedPerLayerSelector {
         shape: &SelectionShape,
         n_keep: usize,
     ) -> Result<Selection, AlgoError> {
-        check_keep(shape, n_keep)?;
-        let scores = require_scores(scores, shape, self.name())?;
+        shape.check_keep(n_keep)?;
+        let scores = shape.require_scores(scores, self.name())?;
         let mut kept = Vec::with_capacity(shape.n_layer * shape.n_head_kv * n_keep);
         let mut mean = vec![0f32; shape.prefix_len];
         let mut scratch = Vec::new();
@@ -489,8 +505,8 @@ impl Selector for SharedAllLayersSelector {
         shape: &SelectionShape,
         n_keep: usize,
     ) -> Result<Selection, AlgoError> {
-        check_keep(shape, n_keep)?;
-        let scores = require_scores(scores, shape, self.name())?;
+        shape.check_keep(n_keep)?;
+        let scores = shape.require_scores(scores, self.name())?;
         let mut sum = vec![0f64; shape.prefix_len];
         if shape.prefix_len > 0 {
             for row in scores.as_slice().chunks_exact(shape.prefix_len) {
@@ -537,7 +553,7 @@ impl Selector for StreamingSelector {
         shape: &SelectionShape,
         n_keep: usize,
     ) -> Result<Selection, AlgoError> {
-        check_keep(shape, n_keep)?;
+        shape.check_keep(n_keep)?;
         let sinks = self.sinks.min(n_keep);
         let recent = n_keep - sinks;
         let kept: Vec<u32> = (0..sinks)
@@ -580,7 +596,7 @@ impl Selector for RandomSelector {
         shape: &SelectionShape,
         n_keep: usize,
     ) -> Result<Selection, AlgoError> {
-        check_keep(shape, n_keep)?;
+        shape.check_keep(n_keep)?;
         let n = shape.prefix_len;
         let mut kept = Vec::with_capacity(shape.n_layer * shape.n_head_kv * n_keep);
         let mut perm: Vec<u32> = Vec::with_capacity(n);
@@ -805,6 +821,18 @@ mod tests {
         assert!(matches!(
             SharedPerLayerSelector.select(Some(&nan), &s, 2),
             Err(AlgoError::InvalidSelection(m)) if m.contains("prefix index 2")
+        ));
+        // The same checks, public for selectors written outside the crate.
+        assert!(s.check_keep(5).is_ok() && s.check_keep(6).is_err());
+        assert_eq!(s.require_scores(Some(&scores), "custom").unwrap(), &scores);
+        assert!(s
+            .require_scores(None, "custom")
+            .unwrap_err()
+            .to_string()
+            .contains("custom"));
+        assert!(matches!(
+            s.require_scores(Some(&other), "custom"),
+            Err(AlgoError::ShapeMismatch(_))
         ));
     }
 

@@ -82,22 +82,9 @@ impl Selector for ReconstructSharedSelector {
         shape: &SelectionShape,
         n_keep: usize,
     ) -> Result<Selection, AlgoError> {
+        shape.check_keep(n_keep)?;
+        let scores = shape.require_scores(scores, self.name())?;
         let n = shape.prefix_len;
-        if n_keep > n {
-            return Err(AlgoError::InvalidSelection(format!(
-                "cannot keep {n_keep} of {n} prefix cells"
-            )));
-        }
-        let scores = scores.ok_or_else(|| AlgoError::InvalidSelection(format!("{} needs scores", self.name())))?;
-        if (scores.n_layer, scores.n_head_kv, scores.prefix_len) != (shape.n_layer, shape.n_head_kv, n) {
-            return Err(AlgoError::ShapeMismatch(format!(
-                "scores are {} layers × {} KV heads × {} cells, the selection needs {} × {} × {n}",
-                scores.n_layer, scores.n_head_kv, scores.prefix_len, shape.n_layer, shape.n_head_kv
-            )));
-        }
-        if scores.as_slice().iter().any(|x| x.is_nan()) {
-            return Err(AlgoError::InvalidSelection("a score is NaN".into()));
-        }
         let first = match &self.first {
             Some(f) => {
                 if f.scores.len() < n {

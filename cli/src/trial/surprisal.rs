@@ -145,11 +145,7 @@ impl Selector for SurprisalSelector {
                 self.scores.len()
             )));
         }
-        if n_keep > n {
-            return Err(AlgoError::InvalidSelection(format!(
-                "cannot keep {n_keep} of {n} prefix cells"
-            )));
-        }
+        shape.check_keep(n_keep)?;
         let mut order: Vec<u32> = (0..n as u32).collect();
         order.sort_by(|a, b| {
             self.scores[*b as usize]
