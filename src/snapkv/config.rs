@@ -155,8 +155,8 @@ pub enum Preset {
     /// compressed cache) at 512 cells it kept 86%, 90% and 111% of the full
     /// cache's multi-key, multi-value and variable-tracking answers, against
     /// 57%, 30% and 33% with [`Preset::Default`]'s pooling; on real text
-    /// (the GPL-3 as filler, seeds 4 and 5) 43% to 60% of every task's but
-    /// the pass key's at 1,024 cells, against 0% to 14%.
+    /// (the GPL-3 as filler, seeds 4 and 5) 43% to 60% of each task's
+    /// score at 1,024 cells, against 0% to 14%.
     Reconstruct,
 }
 
