@@ -9,11 +9,12 @@
 //! record. A [`ScoreMemo`] belongs to one document: a new document needs a
 //! new memo.
 //!
-//! A replayed branch differs from a recomputed one in one place, which the
-//! caller must redo: the engine decodes the prompt's last token again over
-//! the compressed cache after a reconstruction (its repeat left other
-//! logits), so that token's cell holds K/V computed over the compressed
-//! cache; [`redo_last_token`] does the same after a replay.
+//! A replayed branch differs from a recomputed one in one place: the
+//! engine decodes the prompt's last token again over the compressed cache
+//! after a reconstruction (its repeat left other logits), so that token's
+//! cell holds K/V computed over the compressed cache; [`redo_last_token`]
+//! does the same after a replay, and
+//! [`DocumentScores::branch`](super::DocumentScores::branch) calls it.
 
 use std::sync::{Arc, Mutex};
 

@@ -21,11 +21,12 @@ pub mod surprisal;
 
 use std::sync::Arc;
 
+use snapkv::llama::Pos;
 use snapkv::snapkv::{selector_by_name, Selector, SnapKvConfig};
 use snapkv::Preset;
-use snapkv::{Compressor, Error, Result};
+use snapkv::{Compressor, Context, Error, Result};
 
-use crate::Method;
+use crate::{Branch, Method, Snapshot};
 use memo::ScoreMemo;
 use shared::ReconstructSharedSelector;
 use surprisal::{mean_pool_centred, SurprisalSelector};
@@ -101,12 +102,8 @@ impl DocumentScores {
     /// the document's surprisal (averaged over a centred window of the
     /// configuration's kernel) and its reconstruction scores recorded or
     /// replayed. Returns the method and whether it replays recorded scores
-    /// (the caller then redoes the last token, [`memo::redo_last_token`]).
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] for an unknown name; [`Error::Algo`] for an
-    /// invalid configuration.
-    pub fn method(&self, name: &str, config: SnapKvConfig) -> Result<(Method, bool)> {
+    /// (its branch must then redo the last token, as [`Self::branch`] does).
+    fn method(&self, name: &str, config: SnapKvConfig) -> Result<(Method, bool)> {
         if name == "full" {
             return Ok((Method::Full, false));
         }
@@ -122,6 +119,35 @@ impl DocumentScores {
             })?;
         let (selector, replays) = self.memo.wrap(selector, &config);
         Ok((Method::Compress(Compressor::with_selector(config, selector)?), replays))
+    }
+
+    /// [`branch()`](crate::branch()) with the method called `name` and `config`, given
+    /// the document's surprisal and its recorded reconstruction scores. A
+    /// branch that replays recorded scores decodes the prompt's last token
+    /// again over the compressed cache, as the engine does after a repeat,
+    /// so that its cache is the one a fresh reconstruction leaves. Returns
+    /// the branch and whether it replayed.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for an unknown name; [`Error::Algo`] for an
+    /// invalid configuration; branch and decode errors.
+    pub fn branch(
+        &self,
+        ctx: &mut Context<'_>,
+        snapshot: &Snapshot,
+        name: &str,
+        config: SnapKvConfig,
+    ) -> Result<(Branch, bool)> {
+        let (method, replays) = self.method(name, config)?;
+        let branch = crate::branch(ctx, snapshot, &method)?;
+        if replays {
+            let last = *snapshot
+                .window()
+                .last()
+                .ok_or(Error::EmptySequence { seq: snapshot.seq() })?;
+            memo::redo_last_token(ctx, snapshot.seq(), last, snapshot.n_prompt() as Pos - 1)?;
+        }
+        Ok((branch, replays))
     }
 }
 

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use snapkv::llama::{Pos, SeqId, Token};
 use snapkv::{generate, Generation, Model, Sampler};
-use snapkv_cli::trial::memo::redo_last_token;
 use snapkv_cli::trial::surprisal::token_surprisal;
 use snapkv_cli::trial::{needs_surprisal, DocumentScores};
 use snapkv_cli::{
@@ -169,12 +168,8 @@ pub(super) fn evaluate_document<'m>(
     }
     for spec in args.methods.iter().filter(|m| !m.is_full()) {
         for &budget in &args.budgets {
-            let (method, replays) = scores.method(&spec.name, spec.config(&args.snap, budget))?;
             let t0 = Instant::now();
-            let compressed = branch(ctx, &snapshot, &method)?;
-            if replays {
-                redo_last_token(ctx, seq, document[doc_len - 1], doc_len as Pos - 1)?;
-            }
+            let (compressed, replays) = scores.branch(ctx, &snapshot, &spec.name, spec.config(&args.snap, budget))?;
             let compress_seconds = t0.elapsed().as_secs_f64();
             for (q, (question, reference)) in questions.iter().zip(&references).enumerate() {
                 let run = ask(ctx, seq, doc_len, question, Some(&reference.answer.tokens))?;
