@@ -311,6 +311,24 @@ impl ModelRef {
         Err(Error::ChatTemplate("template output kept growing".into()))
     }
 
+    /// The chat framing of one user message, split around its content:
+    /// what comes before it (the template's opening, a default system
+    /// prompt if the template adds one, the user turn's header) and what
+    /// closes the user's turn and opens the assistant's. The model's
+    /// template, or ChatML when it has none.
+    ///
+    /// # Errors
+    /// [`Error::ChatTemplate`] when llama.cpp does not support the template
+    /// or it does not carry the message verbatim.
+    pub fn user_turn_framing(&self) -> Result<(String, String)> {
+        const SLOT: &str = "\u{1}snapkv-content\u{1}";
+        let framed = self.apply_chat_template(&[ChatMessage::user(SLOT)], true)?;
+        let (head, tail) = framed
+            .split_once(SLOT)
+            .ok_or_else(|| Error::ChatTemplate("the chat template does not contain the message verbatim".into()))?;
+        Ok((head.to_string(), tail.to_string()))
+    }
+
     /// Tokenizes `text`. `add_special` adds BOS/EOS as the model is configured
     /// to; `parse_special` turns special-token text (e.g. `<|im_start|>`) into
     /// those tokens.

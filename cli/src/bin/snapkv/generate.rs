@@ -75,17 +75,6 @@ pub struct GenerateArgs {
     snap: SnapKvOptions,
 }
 
-/// Splits the chat framing of one user message around its content: what
-/// comes before it and what closes the turn and opens the assistant's.
-fn chat_framing(model: &Model) -> snapkv::Result<(String, String)> {
-    const SLOT: &str = "\u{1}snapkv-content\u{1}";
-    let framed = model.apply_chat_template(&[ChatMessage::user(SLOT.to_string())], true)?;
-    let (head, tail) = framed
-        .split_once(SLOT)
-        .ok_or_else(|| Error::ChatTemplate("the chat template does not contain the message verbatim".into()))?;
-    Ok((head.to_string(), tail.to_string()))
-}
-
 /// The cells sequence 0 holds.
 fn seq_cells(ctx: &Context) -> snapkv::Result<usize> {
     let blob = ctx.state_seq_get(0)?;
@@ -136,8 +125,8 @@ pub fn run(args: &GenerateArgs) -> snapkv::Result<()> {
     // continues and closes it.
     let prompt = match (args.chat, &args.save_state, &args.load_state) {
         (false, ..) => text,
-        (true, Some(_), _) => chat_framing(&model)?.0 + &text,
-        (true, _, Some(_)) => format!("\n\n{text}{}", chat_framing(&model)?.1),
+        (true, Some(_), _) => model.user_turn_framing()?.0 + &text,
+        (true, _, Some(_)) => format!("\n\n{text}{}", model.user_turn_framing()?.1),
         (true, None, None) => model.apply_chat_template(&[ChatMessage::user(text)], true)?,
     };
     // After a loaded state the prompt continues it: no BOS.
