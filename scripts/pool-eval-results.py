@@ -14,6 +14,9 @@ seeds, e.g. the held-out sets of the README:
         results/lookahead/held-out-seeds-8-10/eval.json --budget 256
 
 `--length N` keeps the prompts of one length (runs over several lengths).
+A question-agnostic run's questions about one document count as prompts
+of their own. `--strict` adds, after "vs full", the strict share: the
+full cache's found values the method found too.
 
 A prompt is counted once per file it appears in; pass each run once.
 
@@ -166,6 +169,23 @@ def reproduced(records):
             print(f"  differs: {prompt[0]} depth {prompt[3]} seed {prompt[4]} {method} @ {budget}: {[a[:40] for a in v]!r}")
 
 
+def found_values(r):
+    """The expected values that the answer holds."""
+    expected = r["expected"] if isinstance(r["expected"], list) else str(r["expected"]).split()
+    return {v for v in expected if v in r["answer"]}
+
+
+def strict_share(mine, full_by_prompt):
+    """Per prompt, the share of the full cache's found values the method also
+    found, averaged over the prompts where the full cache found any."""
+    shares = []
+    for r in mine:
+        want = found_values(full_by_prompt[r["prompt"]])
+        if want:
+            shares.append(len(want & found_values(r)) / len(want))
+    return f"{100 * mean(shares):.0f}" if shares else "-"
+
+
 def fraction(num, den):
     if den != den or num != num or den == 0:
         return "-"
@@ -198,6 +218,13 @@ def main():
         metavar="M",
         help="also show how concentrated method M's per-position KL is (repeatable)",
     )
+    ap.add_argument(
+        "--strict",
+        action="store_true",
+        help="also give, in brackets after 'vs full', the strict share: per prompt the fraction of the values "
+        "the full cache's answer found that the method's answer found too, over the prompts where the full "
+        "cache found any",
+    )
     ap.add_argument("--numbers", action="store_true", help="also count the 7-digit numbers per answer")
     ap.add_argument(
         "--reproduced", action="store_true", help="also check that answers several files hold are identical"
@@ -210,7 +237,9 @@ def main():
             for r in json.load(f)["records"]:
                 if args.length is not None and r["length"] != args.length:
                     continue
-                r["prompt"] = (i, r["task"], r["haystack"], r["length"], r["depth"], r["seed"])
+                # A question-agnostic document is asked several questions:
+                # each is a prompt of its own.
+                r["prompt"] = (i, r["task"], r["haystack"], r["length"], r["depth"], r["seed"], r.get("question"))
                 records.append(r)
     tasks = [t for t in args.tasks.split(",") if t] or sorted({r["task"] for r in records})
     only = "" if args.length is None else f", prompts of length {args.length}"
@@ -238,6 +267,8 @@ def main():
             streaming_kl = pooled_kl([streaming_by_prompt[r["prompt"]] for r in mine if r["prompt"] in streaming_by_prompt])
             score = mean([r["score"] for r in mine])
             rel = f"{100 * score / full_score:.0f}%" if full_score > 0 else "-"
+            if args.strict:
+                rel += f" ({strict_share(mine, full_by_prompt)})"
             beyond = [r for r in mine if r.get("score_beyond_lookahead") is not None]
             if beyond:
                 b = mean([r["score_beyond_lookahead"] for r in beyond])
