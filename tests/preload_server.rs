@@ -514,7 +514,10 @@ fn llama_server_with_the_model_on_an_rpc_server() {
 
 /// The pinned tree with one field added at the end of
 /// `llama_context_params` in llama.h: a llama.cpp "built from other
-/// headers". Its libllama is built on first use (and reused).
+/// headers". Its libllama is built on first use (and reused), over the
+/// ggml libraries of [`tools`]'s build (installed into a prefix of its
+/// own): the header change does not reach ggml, and compiling ggml again
+/// took minutes of CI.
 fn altered_llama() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -538,12 +541,27 @@ fn altered_llama() -> &'static Path {
             );
             std::fs::write(&header, altered).unwrap();
         }
+        let ggml = dir.join("ggml");
+        if !ggml.join("lib/cmake/ggml/ggml-config.cmake").is_file() {
+            let tools_ggml = tools().parent().unwrap().join("ggml");
+            let installed = Command::new("cmake")
+                .arg("--install")
+                .arg(&tools_ggml)
+                .arg("--prefix")
+                .arg(&ggml)
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            assert!(installed.success(), "install the tools' ggml into {}", ggml.display());
+        }
         let build = dir.join("build");
         let mut configure = Command::new("cmake");
         configure.arg("-S").arg(&tree).arg("-B").arg(&build);
+        configure.arg(format!("-DCMAKE_PREFIX_PATH={}", ggml.display()));
         configure.args([
             "-DCMAKE_BUILD_TYPE=Release",
             "-DBUILD_SHARED_LIBS=ON",
+            "-DLLAMA_USE_SYSTEM_GGML=ON",
             "-DLLAMA_BUILD_COMMON=OFF",
             "-DLLAMA_BUILD_TOOLS=OFF",
             "-DLLAMA_BUILD_TESTS=OFF",
@@ -551,12 +569,7 @@ fn altered_llama() -> &'static Path {
             "-DLLAMA_BUILD_SERVER=OFF",
             "-DLLAMA_BUILD_APP=OFF",
             "-DLLAMA_OPENSSL=OFF",
-            "-DGGML_OPENMP=OFF",
-            "-DGGML_NATIVE=OFF",
         ]);
-        if cfg!(target_arch = "x86_64") {
-            configure.args(["-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_BMI2=ON"]);
-        }
         assert!(configure.stdout(Stdio::null()).status().unwrap().success(), "configure the altered tree");
         let built = Command::new("cmake")
             .arg("--build")
@@ -571,16 +584,23 @@ fn altered_llama() -> &'static Path {
 }
 
 /// Compiles tests/c/guard_host.c against `include` and links it to the
-/// libllama in `lib`.
-fn guard_host(name: &str, tree: &Path, lib: &Path) -> PathBuf {
+/// libllama in the first of `libs` (the others: the libraries it needs,
+/// found there at link and run time).
+fn guard_host(name: &str, tree: &Path, libs: &[&Path]) -> PathBuf {
     let exe = repo_path(&format!("target/guard-host/{name}"));
     std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
     let status = Command::new("cc")
         .arg(repo_path("tests/c/guard_host.c"))
         .arg(format!("-I{}", tree.join("include").display()))
         .arg(format!("-I{}", tree.join("ggml/include").display()))
-        .arg(format!("-L{}", lib.display()))
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .args(
+            libs.iter()
+                .flat_map(|lib| [format!("-L{}", lib.display()), format!("-Wl,-rpath,{}", lib.display())]),
+        )
+        // DT_RPATH, which (unlike DT_RUNPATH) also serves the libraries'
+        // own dependencies: the installed libggml has no path to its
+        // backends.
+        .arg("-Wl,--disable-new-dtags")
         .args(["-lllama", "-o"])
         .arg(&exe)
         .status()
@@ -622,7 +642,7 @@ fn run_host(exe: &Path, preloaded: bool) -> (String, String) {
 /// evaluated in one batch, from the observed window.
 #[test]
 fn a_program_that_calls_llama_decode_is_compressed() {
-    let host = guard_host("pinned-decode", &repo_path("vendor/llama.cpp"), tools());
+    let host = guard_host("pinned-decode", &repo_path("vendor/llama.cpp"), &[tools()]);
     let key = 40983u32;
     let prompt = format!(
         "<|im_start|>user\n{}\n\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\n",
@@ -651,7 +671,7 @@ fn the_version_guard_refuses_a_host_built_from_other_headers() {
             .filter(|l| l.starts_with("snapkv: ") && l.ends_with("passing through (no compression)"))
             .count()
     };
-    let pinned = guard_host("pinned", &repo_path("vendor/llama.cpp"), tools());
+    let pinned = guard_host("pinned", &repo_path("vendor/llama.cpp"), &[tools()]);
     let (plain, _) = run_host(&pinned, false);
     let (out, err) = run_host(&pinned, true);
     assert_eq!(refusal(&err), 0, "{err}");
@@ -659,7 +679,11 @@ fn the_version_guard_refuses_a_host_built_from_other_headers() {
     assert_eq!(out, plain);
 
     let dir = altered_llama();
-    let altered = guard_host("altered", &dir.join("llama.cpp"), &dir.join("build/bin"));
+    let altered = guard_host(
+        "altered",
+        &dir.join("llama.cpp"),
+        &[&dir.join("build/bin"), &dir.join("ggml/lib")],
+    );
     let (plain, _) = run_host(&altered, false);
     let (out, err) = run_host(&altered, true);
     assert_eq!(refusal(&err), 1, "{err}");
