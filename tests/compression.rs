@@ -779,7 +779,9 @@ fn passkey_answers_survive_compression_on_the_default_model() {
     let cfg = config(256);
     let comp = Compressor::new(cfg.clone()).unwrap();
     let mut failures = Vec::new();
-    for (i, depth) in [0.0, 0.25, 0.5, 0.75, 1.0].into_iter().enumerate() {
+    // Three depths (start, middle, late), each compressed twice: the test
+    // evaluates 12,000 tokens of the 0.5B model (five depths took 6.5 min of CI).
+    for (i, depth) in [0.0, 0.5, 0.9].into_iter().enumerate() {
         let key = 10_000 + (i as u32 * 17_389 + 4_711) % 89_999;
         let tokens = passkey_prompt(m, 2000, depth, key);
         let p = tokens.len();
