@@ -20,6 +20,11 @@
 //! - `SNAPKV_CMAKE_JOBS`: parallel compile jobs (defaults to cargo's `NUM_JOBS`).
 //! - `DOCS_RS`: set by docs.rs; the bindings are generated but llama.cpp is
 //!   neither built nor linked.
+//! - `SNAPKV_LLAMA_PREFIX` (feature `dynamic-link` only): an installed
+//!   llama.cpp (`cmake --install`, shared libraries) to link instead of
+//!   building one: the host's own libllama. The bindings come from its
+//!   headers (`PREFIX/include`), the libraries from `PREFIX/lib` or
+//!   `PREFIX/lib64`, and nothing is compiled here.
 //!
 //! With the `preload` feature llama.cpp is not built or linked either: the
 //! interposition library resolves llama.cpp's functions in the host process
@@ -103,8 +108,8 @@ const X86_OPTIONS: &[(&str, &str)] = &[
     ("GGML_AMX_BF16", "amx-bf16"),
 ];
 
-/// The llama.cpp whose headers we bind: a source tree, or the install
-/// prefix of llama-cpp-sys-2's build.
+/// The llama.cpp whose headers we bind: a source tree, or an install
+/// prefix (llama-cpp-sys-2's build, or `SNAPKV_LLAMA_PREFIX`).
 struct Headers {
     /// Where the tree or prefix is (reported by the library).
     root: PathBuf,
@@ -124,7 +129,27 @@ fn main() {
         );
     }
     let headers = if shared {
-        shared_headers()
+        let Some(prefix) = env("DEP_LLAMA_ROOT") else {
+            panic!(
+                "feature `llama-cpp-sys-2`: llama-cpp-sys-2 published no DEP_LLAMA_ROOT \
+                 (the prefix its CMake build installs llama.cpp into); is it the pinned version?"
+            );
+        };
+        installed_headers(Path::new(&prefix), "feature `llama-cpp-sys-2`")
+    } else if let Some(prefix) = env("SNAPKV_LLAMA_PREFIX") {
+        if !feature("dynamic-link") {
+            panic!(
+                "SNAPKV_LLAMA_PREFIX={prefix}: linking an installed llama.cpp needs the feature \
+                 `dynamic-link` (libsnapkv.so then imports llama.cpp from that shared libllama); \
+                 unset it to build the vendored llama.cpp"
+            );
+        }
+        let prefix = PathBuf::from(prefix);
+        let headers = installed_headers(&prefix, "SNAPKV_LLAMA_PREFIX");
+        if env("DOCS_RS").is_none() {
+            link_llama_cpp(&prefix);
+        }
+        headers
     } else {
         let src = locate_llama_cpp();
         watch_tree(&src);
@@ -153,21 +178,16 @@ fn source_headers(src: &Path) -> Headers {
     }
 }
 
-/// The headers llama-cpp-sys-2 installed with the llama.cpp it built.
-fn shared_headers() -> Headers {
-    // The cmake crate's install prefix (its `root`), which llama-cpp-sys-2's
-    // `links = "llama"` publishes to us as DEP_LLAMA_ROOT.
-    let Some(prefix) = env("DEP_LLAMA_ROOT") else {
-        panic!(
-            "feature `llama-cpp-sys-2`: llama-cpp-sys-2 published no DEP_LLAMA_ROOT \
-             (the prefix its CMake build installs llama.cpp into); is it the pinned version?"
-        );
-    };
-    let prefix = PathBuf::from(prefix);
+/// The headers of an installed llama.cpp: the prefix llama-cpp-sys-2's
+/// CMake build installs into (the cmake crate's `root`, which its `links =
+/// "llama"` publishes to us as DEP_LLAMA_ROOT), or `SNAPKV_LLAMA_PREFIX`.
+/// `origin` names where the prefix came from, in the errors.
+fn installed_headers(prefix: &Path, origin: &str) -> Headers {
+    let prefix = prefix.to_path_buf();
     let include = prefix.join("include");
     for header in ["llama.h", "gguf.h"] {
         if !include.join(header).is_file() {
-            panic!("feature `llama-cpp-sys-2`: {} has no {header}", include.display());
+            panic!("{origin}: {} has no {header}", include.display());
         }
     }
     let version_file = ["lib", "lib64"]
@@ -176,7 +196,7 @@ fn shared_headers() -> Headers {
         .find(|f| f.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "feature `llama-cpp-sys-2`: no ggml-config.cmake under {}",
+                "{origin}: no lib/cmake/ggml/ggml-config.cmake under {}",
                 prefix.display()
             )
         });
@@ -321,7 +341,13 @@ fn on_off(b: bool) -> &'static str {
 }
 
 fn link_llama_cpp(prefix: &Path) {
-    let lib = prefix.join("lib");
+    // Our own build installs into `lib` (CMAKE_INSTALL_LIBDIR); an installed
+    // llama.cpp may use `lib64`.
+    let lib = ["lib", "lib64"]
+        .iter()
+        .map(|dir| prefix.join(dir))
+        .find(|dir| dir.join("cmake/ggml/ggml-config.cmake").is_file())
+        .unwrap_or_else(|| prefix.join("lib"));
     println!("cargo:rustc-link-search=native={}", lib.display());
     // Exposed to dependents (links = "llama") and to our own tests.
     println!("cargo:lib_dir={}", lib.display());

@@ -6,8 +6,11 @@
 #
 #   scripts/build-llama-tools.sh [BUILD_DIR]     (default target/llama-tools)
 #
-# The programs land in BUILD_DIR/bin. A second run rebuilds only what
-# changed. The instruction set is the explicit one build.rs uses, never
+# The programs land in BUILD_DIR/bin. Their shared libllama and libggml*,
+# with the headers, are installed under BUILD_DIR/install, as `cmake
+# --install` lays out a llama.cpp for the programs linked to it: the prefix
+# a plugin build of snapkv links (SNAPKV_LLAMA_PREFIX, feature
+# `dynamic-link`). A second run rebuilds only what changed. The instruction set is the explicit one build.rs uses, never
 # -march=native (see README: some VMs advertise instructions they refuse).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,4 +32,9 @@ cmake -S "$src" -B "$build" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_ALL_WARNINGS=OFF "${isa[@]}" >/dev/null
 cmake --build "$build" --config Release -j "${SNAPKV_CMAKE_JOBS:-$(nproc)}" \
     --target llama-server llama-completion llama-cli ggml-rpc-server
+# ggml's install rules, then the top directory's alone (libllama, llama.h,
+# libllama-common): the tools' rules would ask for programs not built here.
+cmake --install "$build/ggml" --prefix "$build/install" >/dev/null
+cmake -DCMAKE_INSTALL_PREFIX="$build/install" -DCMAKE_INSTALL_LOCAL_ONLY=ON \
+    -P "$build/cmake_install.cmake" >/dev/null
 echo "$build/bin"

@@ -10,7 +10,9 @@
 //!   model, linked through the pkg-config file, against the Rust API's answer
 //!   on the same prompt.
 //! - `plugin_*`: the `dynamic-link` build (built here into
-//!   `<target>/plugin`): no llama_* symbol defined in libsnapkv.so, and a host
+//!   `<target>/plugin`, linked to the shared libllama that
+//!   scripts/build-llama-tools.sh installs with `SNAPKV_LLAMA_PREFIX`): no
+//!   llama_* symbol defined in libsnapkv.so, and a host
 //!   that links only libllama, dlopen()s the plugin and retrieves the passkey
 //!   with the same tokens as the Rust API.
 
@@ -315,7 +317,10 @@ fn c_passkey_example_matches_rust_api() {
 }
 
 /// The `dynamic-link` build of the library (plugin mode), built on first use
-/// into `<target>/plugin` so it does not disturb the main build.
+/// into `<target>/plugin` so it does not disturb the main build, against
+/// the libllama that llama.cpp's own CMake built and installed for its
+/// programs ([`llama_tools`], `SNAPKV_LLAMA_PREFIX`): a host's llama.cpp,
+/// and no second llama.cpp build in the test suite.
 struct Plugin {
     library: PathBuf,
     pc_dir: PathBuf,
@@ -337,6 +342,7 @@ fn plugin() -> &'static Plugin {
             ])
             .arg(repo().join("Cargo.toml"))
             .env("CARGO_TARGET_DIR", &target)
+            .env("SNAPKV_LLAMA_PREFIX", llama_tools().join("install"))
             .output()
             .expect("run cargo");
         assert!(out.status.success(), "plugin build failed\n{}", output_text(&out));

@@ -7,6 +7,10 @@
 //! Each check reads what the host itself reports: the answer, the server's
 //! `timings`/`usage` (prompt tokens taken from its cache), and the
 //! interposer's lines on the host's stderr.
+//!
+//! The tests run one at a time (`heavy()`): each host runs the model on two
+//! threads, and two of them side by side on a two-core machine took 81 s
+//! where one after the other took 68 s (llama-cli and llama-completion).
 
 mod common;
 
@@ -19,21 +23,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use common::{passkey_document, repo_path, QWEN};
+use common::{heavy, llama_tools, passkey_document, repo_path, QWEN};
 
 /// The pinned tree's programs, built on first use.
-fn tools() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let status = Command::new("bash")
-            .arg(repo_path("scripts/build-llama-tools.sh"))
-            .arg(repo_path("target/llama-tools"))
-            .stdout(Stdio::null())
-            .status()
-            .expect("run scripts/build-llama-tools.sh");
-        assert!(status.success(), "scripts/build-llama-tools.sh failed");
-        repo_path("target/llama-tools/bin")
-    })
+fn tools() -> PathBuf {
+    llama_tools().join("bin")
 }
 
 /// `libsnapkv_preload.so`, built on first use into its own target
@@ -268,11 +262,13 @@ fn serve_two_slots(name: &str, extra: &[&str]) {
 
 #[test]
 fn llama_server_with_per_slot_caches() {
+    let _one_at_a_time = heavy();
     serve_two_slots("per-slot", &[]);
 }
 
 #[test]
 fn llama_server_with_a_unified_cache() {
+    let _one_at_a_time = heavy();
     serve_two_slots("unified", &["--kv-unified"]);
 }
 
@@ -284,6 +280,7 @@ fn llama_server_with_a_unified_cache() {
 /// answered from them.
 #[test]
 fn llama_server_with_the_question_agnostic_method() {
+    let _one_at_a_time = heavy();
     let server = Server::start(
         "reconstruct",
         true,
@@ -319,6 +316,7 @@ fn llama_server_with_the_question_agnostic_method() {
 
 #[test]
 fn without_variables_or_with_invalid_ones_the_preload_changes_nothing() {
+    let _one_at_a_time = heavy();
     let messages = json!([user(format!("{}\n\nWhat is the pass key?", passkey_document(12, 4417)))]);
     // (name, preloaded, environment)
     type Run<'a> = (&'a str, bool, &'a [(&'a str, &'a str)]);
@@ -364,6 +362,7 @@ fn without_variables_or_with_invalid_ones_the_preload_changes_nothing() {
 /// rather than reusing the restored compressed cells as its prefix.
 #[test]
 fn a_compressed_prompt_restored_from_the_ram_cache_is_not_reused_as_a_prefix() {
+    let _one_at_a_time = heavy();
     let server = Server::start(
         "cache-ram",
         true,
@@ -400,6 +399,7 @@ fn a_compressed_prompt_restored_from_the_ram_cache_is_not_reused_as_a_prefix() {
 /// compression line.
 #[test]
 fn llama_completion_compresses_a_long_file() {
+    let _one_at_a_time = heavy();
     let key = 52961u32;
     let file = repo_path("target/preload-test-long.txt");
     // The default model's chat format, written out: llama-completion
@@ -468,6 +468,7 @@ impl Drop for RpcServer {
 /// reduced, the state transfer's cost in the line.
 #[test]
 fn llama_server_with_the_model_on_an_rpc_server() {
+    let _one_at_a_time = heavy();
     let port = free_port();
     let child = Command::new(tools().join("ggml-rpc-server"))
         .args(["-H", "127.0.0.1", "-p", &port.to_string(), "-t", "1"])
@@ -515,9 +516,8 @@ fn llama_server_with_the_model_on_an_rpc_server() {
 /// The pinned tree with one field added at the end of
 /// `llama_context_params` in llama.h: a llama.cpp "built from other
 /// headers". Its libllama is built on first use (and reused), over the
-/// ggml libraries of [`tools`]'s build (installed into a prefix of its
-/// own): the header change does not reach ggml, and compiling ggml again
-/// took minutes of CI.
+/// ggml libraries [`llama_tools`] installed: the header change does not
+/// reach ggml, and compiling ggml again took minutes of CI.
 fn altered_llama() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -541,19 +541,7 @@ fn altered_llama() -> &'static Path {
             );
             std::fs::write(&header, altered).unwrap();
         }
-        let ggml = dir.join("ggml");
-        if !ggml.join("lib/cmake/ggml/ggml-config.cmake").is_file() {
-            let tools_ggml = tools().parent().unwrap().join("ggml");
-            let installed = Command::new("cmake")
-                .arg("--install")
-                .arg(&tools_ggml)
-                .arg("--prefix")
-                .arg(&ggml)
-                .stdout(Stdio::null())
-                .status()
-                .unwrap();
-            assert!(installed.success(), "install the tools' ggml into {}", ggml.display());
-        }
+        let ggml = llama_tools().join("install");
         let build = dir.join("build");
         let mut configure = Command::new("cmake");
         configure.arg("-S").arg(&tree).arg("-B").arg(&build);
@@ -642,7 +630,8 @@ fn run_host(exe: &Path, preloaded: bool) -> (String, String) {
 /// evaluated in one batch, from the observed window.
 #[test]
 fn a_program_that_calls_llama_decode_is_compressed() {
-    let host = guard_host("pinned-decode", &repo_path("vendor/llama.cpp"), &[tools()]);
+    let _one_at_a_time = heavy();
+    let host = guard_host("pinned-decode", &repo_path("vendor/llama.cpp"), &[&tools()]);
     let key = 40983u32;
     let prompt = format!(
         "<|im_start|>user\n{}\n\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\n",
@@ -665,13 +654,14 @@ fn a_program_that_calls_llama_decode_is_compressed() {
 /// in one line and only forwards, and the host's output is unchanged.
 #[test]
 fn the_version_guard_refuses_a_host_built_from_other_headers() {
+    let _one_at_a_time = heavy();
     let refusal = |stderr: &str| {
         stderr
             .lines()
             .filter(|l| l.starts_with("snapkv: ") && l.ends_with("passing through (no compression)"))
             .count()
     };
-    let pinned = guard_host("pinned", &repo_path("vendor/llama.cpp"), &[tools()]);
+    let pinned = guard_host("pinned", &repo_path("vendor/llama.cpp"), &[&tools()]);
     let (plain, _) = run_host(&pinned, false);
     let (out, err) = run_host(&pinned, true);
     assert_eq!(refusal(&err), 0, "{err}");
@@ -682,7 +672,7 @@ fn the_version_guard_refuses_a_host_built_from_other_headers() {
     let altered = guard_host(
         "altered",
         &dir.join("llama.cpp"),
-        &[&dir.join("build/bin"), &dir.join("ggml/lib")],
+        &[&dir.join("build/bin"), &llama_tools().join("install/lib")],
     );
     let (plain, _) = run_host(&altered, false);
     let (out, err) = run_host(&altered, true);
@@ -700,6 +690,7 @@ fn the_version_guard_refuses_a_host_built_from_other_headers() {
 /// positions of the compressed sequence), and keeps serving to the end.
 #[test]
 fn context_shift_on_a_compressed_slot_keeps_serving() {
+    let _one_at_a_time = heavy();
     let server = Server::start(
         "context-shift",
         true,
@@ -728,6 +719,7 @@ fn context_shift_on_a_compressed_slot_keeps_serving() {
 /// for one turn with `-f long.txt`: the compressed answer and the line.
 #[test]
 fn llama_cli_compresses_a_long_file() {
+    let _one_at_a_time = heavy();
     let key = 36158u32;
     let file = repo_path("target/preload-test-cli.txt");
     std::fs::write(

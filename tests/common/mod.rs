@@ -1,7 +1,7 @@
 //! Shared helpers for the integration tests: models and contexts.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use snapkv::compress::model_shape;
@@ -53,6 +53,27 @@ pub fn qwen() -> &'static Model {
 pub fn smollm2() -> &'static Model {
     static M: OnceLock<Model> = OnceLock::new();
     M.get_or_init(|| load(repo_path(SMOLLM2)))
+}
+
+/// The pinned tree built by llama.cpp's own CMake with shared libraries
+/// (scripts/build-llama-tools.sh, into target/llama-tools; a later call
+/// rebuilds only what changed): its programs in `bin/` (llama-server,
+/// llama-completion, llama-cli, ggml-rpc-server), and in `install/` the
+/// libllama and libggml* they run on with their headers, installed as a
+/// host's llama.cpp is. Built once per test binary, on first use.
+pub fn llama_tools() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = repo_path("target/llama-tools");
+        let status = std::process::Command::new("bash")
+            .arg(repo_path("scripts/build-llama-tools.sh"))
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("run scripts/build-llama-tools.sh");
+        assert!(status.success(), "scripts/build-llama-tools.sh failed");
+        dir
+    })
 }
 
 /// Serialises tests that run a real model, so that they do not fight over
