@@ -20,11 +20,13 @@
 //! - `SNAPKV_CMAKE_JOBS`: parallel compile jobs (defaults to cargo's `NUM_JOBS`).
 //! - `DOCS_RS`: set by docs.rs; the bindings are generated but llama.cpp is
 //!   neither built nor linked.
-//! - `SNAPKV_LLAMA_PREFIX` (feature `dynamic-link` only): an installed
-//!   llama.cpp (`cmake --install`, shared libraries) to link instead of
-//!   building one: the host's own libllama. The bindings come from its
+//! - `SNAPKV_LLAMA_PREFIX`: an installed llama.cpp (what `cmake --install`
+//!   writes) to link instead of building one: the bindings come from its
 //!   headers (`PREFIX/include`), the libraries from `PREFIX/lib` or
-//!   `PREFIX/lib64`, and nothing is compiled here.
+//!   `PREFIX/lib64`, and nothing is compiled here. The static libraries
+//!   by default (`libllama.a`, `libggml*.a`; OpenMP's runtime too when
+//!   its ggml-config.cmake says ggml was built with it), the shared ones
+//!   with `dynamic-link` (a host's own libllama, for plugin mode).
 //!
 //! With the `preload` feature llama.cpp is not built or linked either: the
 //! interposition library resolves llama.cpp's functions in the host process
@@ -137,16 +139,11 @@ fn main() {
         };
         installed_headers(Path::new(&prefix), "feature `llama-cpp-sys-2`")
     } else if let Some(prefix) = env("SNAPKV_LLAMA_PREFIX") {
-        if !feature("dynamic-link") {
-            panic!(
-                "SNAPKV_LLAMA_PREFIX={prefix}: linking an installed llama.cpp needs the feature \
-                 `dynamic-link` (libsnapkv.so then imports llama.cpp from that shared libllama); \
-                 unset it to build the vendored llama.cpp"
-            );
-        }
         let prefix = PathBuf::from(prefix);
         let headers = installed_headers(&prefix, "SNAPKV_LLAMA_PREFIX");
-        if env("DOCS_RS").is_none() {
+        println!("cargo:rerun-if-changed={}", headers.llama_h.display());
+        if env("DOCS_RS").is_none() && !feature("preload") {
+            check_installed_libraries(&prefix);
             link_llama_cpp(&prefix);
         }
         headers
@@ -190,25 +187,15 @@ fn installed_headers(prefix: &Path, origin: &str) -> Headers {
             panic!("{origin}: {} has no {header}", include.display());
         }
     }
-    let version_file = ["lib", "lib64"]
-        .iter()
-        .map(|lib| prefix.join(lib).join("cmake/ggml/ggml-config.cmake"))
-        .find(|f| f.is_file())
+    let version_file = installed_lib_dir(&prefix)
+        .map(|lib| lib.join("cmake/ggml/ggml-config.cmake"))
         .unwrap_or_else(|| {
             panic!(
                 "{origin}: no lib/cmake/ggml/ggml-config.cmake under {}",
                 prefix.display()
             )
         });
-    let ggml_version = fs::read_to_string(&version_file)
-        .ok()
-        .and_then(|text| {
-            text.lines().find_map(|l| {
-                l.trim()
-                    .strip_prefix("set(GGML_VERSION ")
-                    .map(|v| v.trim_end_matches(')').trim().trim_matches('"').to_string())
-            })
-        })
+    let ggml_version = ggml_setting(&version_file, "GGML_VERSION")
         .unwrap_or_else(|| panic!("no GGML_VERSION in {}", version_file.display()));
     Headers {
         root: prefix,
@@ -216,6 +203,51 @@ fn installed_headers(prefix: &Path, origin: &str) -> Headers {
         gguf_h: include.join("gguf.h"),
         include_dirs: vec![include],
         ggml_version,
+    }
+}
+
+/// The library directory of an install prefix (`lib`, or `lib64` where
+/// GNUInstallDirs chose it): the one holding ggml's CMake package.
+fn installed_lib_dir(prefix: &Path) -> Option<PathBuf> {
+    ["lib", "lib64"]
+        .iter()
+        .map(|dir| prefix.join(dir))
+        .find(|dir| dir.join("cmake/ggml/ggml-config.cmake").is_file())
+}
+
+/// A `set(NAME "value")` line of an installed ggml-config.cmake.
+fn ggml_setting(config: &Path, name: &str) -> Option<String> {
+    let text = fs::read_to_string(config).ok()?;
+    let head = format!("set({name} ");
+    text.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix(&head)
+            .map(|v| v.trim_end_matches(')').trim().trim_matches('"').to_string())
+    })
+}
+
+/// Refuses, in one clear line, an install prefix without the libraries
+/// this build links: `libllama.a` by default, `libllama.so` with
+/// `dynamic-link`.
+fn check_installed_libraries(prefix: &Path) {
+    let lib = installed_lib_dir(prefix).unwrap_or_else(|| prefix.join("lib"));
+    let (file, kind) = if feature("dynamic-link") {
+        ("libllama.so", "shared")
+    } else {
+        ("libllama.a", "static")
+    };
+    if !lib.join(file).exists() {
+        let other = if feature("dynamic-link") {
+            "without the feature `dynamic-link` for static libraries"
+        } else {
+            "with the feature `dynamic-link` for shared libraries"
+        };
+        panic!(
+            "SNAPKV_LLAMA_PREFIX={}: no {file} in {} (this build links llama.cpp's {kind} libraries; build {other}, \
+             or unset the variable to build the vendored llama.cpp)",
+            prefix.display(),
+            lib.display()
+        );
     }
 }
 
@@ -343,11 +375,7 @@ fn on_off(b: bool) -> &'static str {
 fn link_llama_cpp(prefix: &Path) {
     // Our own build installs into `lib` (CMAKE_INSTALL_LIBDIR); an installed
     // llama.cpp may use `lib64`.
-    let lib = ["lib", "lib64"]
-        .iter()
-        .map(|dir| prefix.join(dir))
-        .find(|dir| dir.join("cmake/ggml/ggml-config.cmake").is_file())
-        .unwrap_or_else(|| prefix.join("lib"));
+    let lib = installed_lib_dir(prefix).unwrap_or_else(|| prefix.join("lib"));
     println!("cargo:rustc-link-search=native={}", lib.display());
     // Exposed to dependents (links = "llama") and to our own tests.
     println!("cargo:lib_dir={}", lib.display());
@@ -378,6 +406,11 @@ fn link_llama_cpp(prefix: &Path) {
             Ok("macos") | Ok("ios") => println!("cargo:rustc-link-lib=dylib=c++"),
             Ok("windows") => {}
             _ => println!("cargo:rustc-link-lib=dylib=stdc++"),
+        }
+        // Our own build turns OpenMP off; an installed ggml may use it.
+        let config = lib.join("cmake/ggml/ggml-config.cmake");
+        if ggml_setting(&config, "GGML_OPENMP_ENABLED").as_deref() == Some("ON") {
+            println!("cargo:rustc-link-lib=dylib=gomp");
         }
     }
     if feature("cuda") {
